@@ -1,0 +1,103 @@
+"""Branch-level cache variants (FORA-style): *record* and *reuse* graphs from one graph.
+
+* record: the original computation, plus ``cache_i.copy_(g_i.detach())`` right after each
+  branch's cached value ``g_i`` (its output, or the output before its gate).  The
+  caches are runtime-owned inputs written in place, so a full
+  step costs one copy per branch and no extra outputs.
+* reuse: each branch's consumer (the gate mul, or the residual add) reads ``cache_i``
+  instead of ``g_i``; dead-code elimination then drops the branch bodies (norms,
+  projections, attention, MLP) while the cheap gates stay live.
+
+Both variants take the original inputs followed by the caches in the same order, so the
+runtime can hand the same buffer list to either.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+
+from .graph_copy import add_static_input, copy_graph_module, find_node, recompile
+from .graph_queries import tensor_meta
+from .residual_branches import ResidualBranch
+
+RECORD_TAG = "branch_record"
+REUSE_TAG = "branch_reuse"
+CACHE_INPUT_TAG = "branch_cache_input"
+
+
+@dataclass(frozen=True)
+class CacheSpec:
+    """A runtime-owned buffer a variant expects as an extra input."""
+
+    input_name: str
+    branch: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    device: torch.device
+
+    @property
+    def nbytes(self) -> int:
+        numel = 1
+        for s in self.shape:
+            numel *= int(s)
+        return numel * torch.empty((), dtype=self.dtype).element_size()
+
+
+def _cache_specs(gm: fx.GraphModule, branches: list[ResidualBranch]) -> list[CacheSpec]:
+    specs = []
+    for i, br in enumerate(branches):
+        meta = tensor_meta(find_node(gm, br.cached))
+        if meta is None:
+            raise ValueError(f"branch {br.name}: value {br.cached!r} has no tensor metadata")
+        specs.append(
+            CacheSpec(
+                input_name=f"specdiff_cache_{i}",
+                branch=br.name,
+                shape=tuple(int(s) for s in meta.shape),
+                dtype=meta.dtype,
+                device=meta.device,
+            )
+        )
+    return specs
+
+
+def _tag(node: fx.Node, kind: str, like: fx.Node) -> fx.Node:
+    node.meta["specdiff"] = kind
+    if "nn_module_stack" in like.meta:
+        node.meta["nn_module_stack"] = dict(like.meta["nn_module_stack"])
+    return node
+
+
+def build_branch_record_variant(
+    gm: fx.GraphModule, branches: list[ResidualBranch]
+) -> tuple[fx.GraphModule, list[CacheSpec]]:
+    """Copy of ``gm`` that also writes every branch output into its cache input."""
+    specs = _cache_specs(gm, branches)
+    out = copy_graph_module(gm)
+    for spec, br in zip(specs, branches):
+        cache = add_static_input(out, spec.input_name, kind=CACHE_INPUT_TAG)
+        value = find_node(out, br.cached)
+        add = find_node(out, br.add)
+        with out.graph.inserting_after(value):
+            detached = _tag(out.graph.call_method("detach", (value,)), RECORD_TAG, add)
+        with out.graph.inserting_after(detached):
+            _tag(out.graph.call_method("copy_", (cache, detached)), RECORD_TAG, add)
+    return recompile(out), specs
+
+
+def build_branch_reuse_variant(
+    gm: fx.GraphModule, branches: list[ResidualBranch]
+) -> tuple[fx.GraphModule, list[CacheSpec]]:
+    """Copy of ``gm`` where every residual add reads its branch from the cache input."""
+    specs = _cache_specs(gm, branches)
+    out = copy_graph_module(gm)
+    for spec, br in zip(specs, branches):
+        cache = add_static_input(out, spec.input_name, kind=CACHE_INPUT_TAG)
+        consumer = find_node(out, br.add if br.cached == br.output else br.output)
+        consumer.replace_input_with(find_node(out, br.cached), cache)
+        consumer.meta["specdiff"] = REUSE_TAG
+    out.graph.eliminate_dead_code()
+    return recompile(out), specs

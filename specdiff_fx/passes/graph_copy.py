@@ -1,0 +1,67 @@
+"""Copy a dynamo GraphModule so rewrites never touch the graph dynamo still owns.
+
+Dynamo re-reads its own graph's placeholders after the backend returns, so every
+variant is built on a fresh copy.  Node names, ``meta`` and each placeholder's
+``_dynamo_source`` survive the copy: names keep diffs readable, and AOTAutograd uses the
+sources (with ``_param_name_to_source``) to mark parameters static for CUDA graphs.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch.fx as fx
+
+_CARRIED_ATTRS = ("_param_name_to_source",)
+
+
+def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
+    """A structurally identical GraphModule sharing ``gm``'s submodules and attributes."""
+    graph = fx.Graph()
+    value_map: dict[fx.Node, fx.Node] = {}
+    output = graph.graph_copy(gm.graph, value_map)
+    graph.output(output)
+    for old, new in value_map.items():
+        if hasattr(old, "_dynamo_source"):
+            new._dynamo_source = old._dynamo_source
+    # graph_copy does not carry the output node's meta; keep it for tools that read it.
+    old_out = next(iter(gm.graph.find_nodes(op="output")))
+    new_out = next(iter(graph.find_nodes(op="output")))
+    new_out.meta = copy.copy(old_out.meta)
+    graph._codegen = copy.deepcopy(gm.graph._codegen)
+    new_gm = fx.GraphModule(gm, graph, class_name=type(gm).__name__)
+    new_gm.meta = copy.copy(getattr(gm, "meta", {}))
+    for attr in _CARRIED_ATTRS:
+        if hasattr(gm, attr):
+            setattr(new_gm, attr, getattr(gm, attr))
+    return new_gm
+
+
+def add_static_input(gm: fx.GraphModule, name: str, *, kind: str) -> fx.Node:
+    """Append a placeholder for a runtime-owned buffer after the existing inputs.
+
+    The buffer is the same tensor on every call, so it is tagged as an unguarded static
+    input: Inductor may then keep it in CUDA graphs instead of copying it each call.
+    """
+    existing = list(gm.graph.find_nodes(op="placeholder"))
+    anchor = existing[-1] if existing else None
+    ctx = gm.graph.inserting_after(anchor) if anchor is not None else gm.graph.inserting_before(None)
+    with ctx:
+        node = gm.graph.placeholder(name)
+    node.meta["tensor_dict"] = {"_dynamo_static_input_type": "unguarded"}
+    node.meta["specdiff"] = kind
+    node._dynamo_source = None
+    return node
+
+
+def find_node(gm: fx.GraphModule, name: str) -> fx.Node:
+    for node in gm.graph.nodes:
+        if node.name == name:
+            return node
+    raise KeyError(f"node {name!r} not found in graph")
+
+
+def recompile(gm: fx.GraphModule) -> fx.GraphModule:
+    gm.graph.lint()
+    gm.recompile()
+    return gm

@@ -1,0 +1,170 @@
+"""The callable handed back to dynamo: picks a compiled variant per call and owns the caches.
+
+All step state lives here, in plain Python around the compiled graphs, never on the
+module: dynamo would guard on it and recompile every step.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, Callable, Sequence
+
+import torch
+
+from .cache_slots import BufferSpec, CacheSlots
+from .schedule import AlwaysFull
+from .step_tracker import StepTracker
+
+FULL = "full"
+REUSE = "reuse"
+
+
+def _signature(args: Sequence[Any], indices: Sequence[int]) -> tuple:
+    sig = []
+    for i in indices:
+        a = args[i]
+        if isinstance(a, torch.Tensor):
+            sig.append((tuple(a.shape), a.dtype, a.device))
+        else:
+            sig.append((type(a), a))
+    return tuple(sig)
+
+
+class SpecDiffRuntime:
+    """Runs one dynamo graph's variants across denoising steps.
+
+    ``variants`` maps ``"full"`` (and, for caching policies, ``"reuse"``) to compiled
+    callables taking the graph inputs followed by the cache buffers of ``buffer_specs``.
+    """
+
+    def __init__(
+        self,
+        *,
+        policy: str,
+        variants: dict[str, Callable],
+        buffer_specs: Sequence[BufferSpec] = (),
+        schedule: Any = None,
+        timestep_index: int | None = None,
+        signature_indices: Sequence[int] = (),
+        example_inputs: Sequence[Any] = (),
+        fallback: str | None = None,
+        info: dict | None = None,
+    ) -> None:
+        if FULL not in variants:
+            raise ValueError("a runtime needs a 'full' variant")
+        self.policy = policy
+        self.variants = dict(variants)
+        self.schedule = schedule if schedule is not None else AlwaysFull()
+        self.timestep_index = timestep_index
+        self.signature_indices = list(signature_indices)
+        self.fallback = fallback
+        self.info = dict(info or {})
+        self.slots = CacheSlots(list(buffer_specs))
+        self.tracker = StepTracker()
+        self._signature = _signature(example_inputs, self.signature_indices) if example_inputs else None
+        self._reset_stats()
+
+    # ------------------------------------------------------------------ calls
+    def __call__(self, *args: Any) -> Any:
+        if self.fallback is not None or self.timestep_index is None:
+            return self.variants[FULL](*args)
+        sig = _signature(args, self.signature_indices)
+        if sig != self._signature:
+            # Dynamo guards make this rare; with dynamic shapes it is the last line of defence.
+            self._signature = sig
+            self.slots.clear()
+            self.tracker.invalidate()
+            self._invalidations += 1
+        event = self.tracker.observe(self._read_timestep(args))
+        slot = self.slots[event.slot]
+        use_cache = (
+            REUSE in self.variants
+            and not self.schedule.is_full(event.step)
+            and slot.valid_for(event.trajectory)
+        )
+        kind = REUSE if use_cache else FULL
+        out = self.variants[kind](*args, *slot.buffers)
+        if kind == FULL:
+            slot.stamp(event.trajectory, event.step)
+        self._record(event, kind)
+        return out
+
+    def _read_timestep(self, args: Sequence[Any]) -> float:
+        t = args[self.timestep_index]
+        if isinstance(t, torch.Tensor):
+            return float(t.detach().reshape(-1)[0])
+        return float(t)
+
+    # ------------------------------------------------------------------ state
+    def reset(self) -> None:
+        """Forget every cache and all step state; the next call starts a new trajectory."""
+        self.slots.clear()
+        self.tracker.reset()
+        self._reset_stats()
+
+    def _reset_stats(self) -> None:
+        self._calls = 0
+        self._steps = 0
+        self._trajectories = 0
+        self._cached_steps = 0
+        self._invalidations = 0
+        self._plan: list[dict] = []
+
+    def _record(self, event, kind: str) -> None:
+        self._calls += 1
+        if event.new_trajectory:
+            self._trajectories += 1
+            self._plan = []
+        if event.new_step:
+            self._steps += 1
+            self._plan.append({"step": event.step, "timestep": event.timestep, "calls": []})
+        entry = self._plan[-1]
+        if kind == REUSE and REUSE not in entry["calls"]:
+            self._cached_steps += 1
+        entry["calls"].append(kind)
+
+    # ------------------------------------------------------------------ reporting
+    def stats(self) -> dict:
+        return {
+            "policy": self.policy,
+            "fallback": self.fallback,
+            "calls": self._calls,
+            "steps": self._steps,
+            "trajectories": self._trajectories,
+            "full_steps": self._steps - self._cached_steps,
+            "cached_steps": self._cached_steps,
+            "invalidations": self._invalidations,
+            "cache_slots": len(self.slots._slots),
+            "cache_bytes": self.slots.allocated_bytes,
+            "plan": [dict(e, calls=list(e["calls"])) for e in self._plan],
+            **self.info,
+        }
+
+    def report(self) -> str:
+        from tabulate import tabulate
+
+        s = self.stats()
+        head = [
+            ["policy", s["policy"]],
+            ["fallback", s["fallback"] or "-"],
+            ["trajectories", s["trajectories"]],
+            ["steps (full / cached)", f"{s['steps']} ({s['full_steps']} / {s['cached_steps']})"],
+            ["calls", s["calls"]],
+            ["cache memory", f"{s['cache_bytes'] / 2**20:.2f} MiB in {s['cache_slots']} slot(s)"],
+        ]
+        for key in ("branches", "branch_kinds"):
+            if key in s:
+                head.append([key, s[key]])
+        plan = [[e["step"], f"{e['timestep']:.2f}", " ".join(e["calls"])] for e in s["plan"]]
+        text = tabulate(head, tablefmt="simple")
+        if plan:
+            text += "\n\nlatest trajectory\n" + tabulate(plan, headers=["step", "timestep", "calls"])
+        return text
+
+
+def warn_fallback(reason: str) -> None:
+    warnings.warn(
+        f"specdiff: compiling this graph without caching (plain compile): {reason}",
+        RuntimeWarning,
+        stacklevel=3,
+    )

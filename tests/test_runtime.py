@@ -1,0 +1,124 @@
+import pytest
+import torch
+
+from specdiff_fx.runtime import (
+    FULL,
+    REUSE,
+    AlwaysFull,
+    BufferSpec,
+    CacheSlots,
+    FullStepSchedule,
+    SpecDiffRuntime,
+    StepTracker,
+)
+
+
+def observe_all(tracker, ts):
+    return [(e.trajectory, e.step, e.slot) for e in map(tracker.observe, ts)]
+
+
+def test_tracker_steps_and_new_trajectories():
+    tr = StepTracker()
+    assert observe_all(tr, [1000, 900, 800, 1000, 950]) == [
+        (0, 0, 0), (0, 1, 0), (0, 2, 0), (1, 0, 0), (1, 1, 0)]
+
+
+def test_tracker_slots_for_separate_cond_uncond_calls():
+    tr = StepTracker()
+    assert observe_all(tr, [1000, 1000, 900, 900, 800, 800]) == [
+        (0, 0, 0), (0, 0, 1), (0, 1, 0), (0, 1, 1), (0, 2, 0), (0, 2, 1)]
+
+
+def test_tracker_restart_at_same_timestep_after_slot_count_is_known():
+    tr = StepTracker()
+    # two calls per step are learned at the first step change; a third equal call restarts
+    events = observe_all(tr, [1000, 1000, 900, 900, 900])
+    assert events[-1] == (1, 0, 0)
+
+
+def test_tracker_invalidate_starts_new_trajectory():
+    tr = StepTracker()
+    tr.observe(1000)
+    tr.observe(900)
+    tr.invalidate()
+    assert tr.observe(800).new_trajectory
+
+
+def test_schedule():
+    s = FullStepSchedule(warmup_steps=2, interval=3, reset_steps=(6,))
+    assert [s.is_full(i) for i in range(9)] == [True, True, True, False, False, True, True, False, True]
+    assert all(AlwaysFull().is_full(i) for i in range(5))
+
+
+def test_cache_slots_are_separate_and_stamped():
+    spec = BufferSpec("c0", (2, 3), torch.float32, torch.device("cpu"))
+    slots = CacheSlots([spec])
+    assert slots[0].buffers[0] is not slots[1].buffers[0]
+    assert not slots[0].valid_for(0)
+    slots[0].stamp(0, 0)
+    assert slots[0].valid_for(0) and not slots[0].valid_for(1)
+    assert slots.allocated_bytes == 2 * 2 * 3 * 4
+
+
+class Recorder:
+    """Fake compiled variants: write the timestep into the cache on full, read it on reuse."""
+
+    def __init__(self):
+        self.calls = []
+
+    def full(self, x, t, cache):
+        self.calls.append(FULL)
+        cache.copy_(x * t)
+        return x * t
+
+    def reuse(self, x, t, cache):
+        self.calls.append(REUSE)
+        return cache.clone()
+
+
+def make_runtime(**kw):
+    rec = Recorder()
+    spec = BufferSpec("c0", (2,), torch.float32, torch.device("cpu"))
+    rt = SpecDiffRuntime(
+        policy="fora", variants={FULL: rec.full, REUSE: rec.reuse}, buffer_specs=[spec],
+        schedule=FullStepSchedule(1, 2), timestep_index=1, signature_indices=[0],
+        example_inputs=[torch.ones(2), torch.tensor(1.0)], **kw,
+    )
+    return rt, rec
+
+
+def test_runtime_follows_schedule_and_counts():
+    rt, rec = make_runtime()
+    x = torch.ones(2)
+    outs = [rt(x, torch.tensor(t)) for t in (4.0, 3.0, 2.0, 1.0)]
+    assert rec.calls == [FULL, FULL, REUSE, FULL]
+    assert torch.equal(outs[2], torch.full((2,), 3.0))  # the value stored at step 1
+    s = rt.stats()
+    assert (s["steps"], s["full_steps"], s["cached_steps"], s["trajectories"]) == (4, 3, 1, 1)
+    assert [e["calls"] for e in s["plan"]] == [[FULL], [FULL], [REUSE], [FULL]]
+    assert "latest trajectory" in rt.report()
+
+
+def test_runtime_never_reads_a_cache_from_another_signature():
+    rt, rec = make_runtime()
+    rt(torch.ones(2), torch.tensor(4.0))
+    rt(torch.ones(2), torch.tensor(3.0))
+    # a new input signature mid-trajectory (here: dtype) must not read the old caches
+    rt(torch.ones(2, dtype=torch.float64), torch.tensor(2.0))
+    assert rec.calls[-1] == FULL
+    assert rt.stats()["invalidations"] == 1
+
+
+def test_runtime_reset():
+    rt, rec = make_runtime()
+    for t in (4.0, 3.0):
+        rt(torch.ones(2), torch.tensor(t))
+    rt.reset()
+    assert rt.stats()["steps"] == 0
+    rt(torch.ones(2), torch.tensor(2.0))
+    assert rec.calls[-1] == FULL
+
+
+def test_runtime_needs_a_full_variant():
+    with pytest.raises(ValueError, match="full"):
+        SpecDiffRuntime(policy="fora", variants={REUSE: lambda *a: None})
