@@ -9,6 +9,8 @@ never an exception inside dynamo, never a silently wrong result.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import weakref
 from typing import Any, Callable, Sequence
 
@@ -32,6 +34,19 @@ from .runtime import (
     SpecDiffRuntime,
     warn_fallback,
 )
+
+
+def trace_artifacts(graphs: dict[str, fx.GraphModule], analysis: dict) -> None:
+    """Emit the rewritten graphs (and the analysis) as structured-trace artifacts, so
+    ``TORCH_TRACE`` + tlparse show them next to dynamo's own graphs."""
+    from torch._logging._internal import trace_structured_artifact
+
+    trace_structured_artifact("specdiff_analysis", "json", lambda: json.dumps(analysis, default=str))
+    for name, graph in graphs.items():
+        trace_structured_artifact(
+            f"specdiff_{name}_graph", "string",
+            lambda graph=graph: graph.print_readable(print_output=False, include_stride=True),
+        )
 
 
 class UnsupportedGraph(Exception):
@@ -92,6 +107,8 @@ class SpecDiffBackend:
             raise UnsupportedGraph("no residual branches found in the graph")
         record, specs = build_branch_record_variant(gm, branches)
         reuse, _ = build_branch_reuse_variant(gm, branches)
+        trace_artifacts({"branch_record": record, "branch_reuse": reuse},
+                        {"branches": [dataclasses.asdict(b) for b in branches]})
         buffers = [BufferSpec(s.input_name, s.shape, s.dtype, s.device) for s in specs]
         examples = list(example_inputs) + [
             torch.zeros(b.shape, dtype=b.dtype, device=b.device) for b in buffers
@@ -102,6 +119,7 @@ class SpecDiffBackend:
             buffer_specs=buffers,
             schedule=FullStepSchedule(cfg.warmup_steps, cfg.interval, cfg.reset_steps),
             info={"branches": len(branches), "branch_kinds": count_kinds(branches)},
+            graphs={"original": gm, FULL: record, REUSE: reuse},
             **common,
         )
 

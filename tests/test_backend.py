@@ -8,7 +8,7 @@ import torch
 from specdiff_fx import SpecDiffConfig, get_runtime, make_backend, specdiff_backend
 from specdiff_fx.tiny_models import build_tiny
 
-from helpers import TIMESTEPS_10, assert_all_close, compile_with, run_steps
+from helpers import HOOKED_MODULES, TIMESTEPS_10, assert_all_close, compile_with, hook_reference, run_steps
 
 FAMILIES = ["dit", "pixart", "sd3", "flux", "unet"]
 
@@ -64,44 +64,6 @@ def test_fora_with_interval_one_is_all_full_and_exact(family):
 
 
 # ----------------------------------------------------------------------------- reuse == hook reference
-HOOKED_MODULES = {
-    "dit": ("attn1", "ff"),
-    "pixart": ("attn1", "attn2", "ff"),
-    "sd3": ("attn", "ff", "ff_context"),
-}
-
-
-class BranchOutputReplay:
-    """Eager reference built with forward hooks, independent of the graph rewrite:
-    at full steps it records each branch module's output, at cached steps it returns
-    the recorded output instead of the freshly computed one."""
-
-    def __init__(self, model, names):
-        self.replay = False
-        self.store = {}
-        self.handles = []
-        for block_name, block in model.named_children():
-            if block_name != "transformer_blocks":
-                continue
-            for i, blk in enumerate(block):
-                for name in names:
-                    mod = getattr(blk, name, None)
-                    if mod is not None:
-                        self.handles.append(mod.register_forward_hook(self._hook(f"{i}.{name}")))
-
-    def _hook(self, key):
-        def hook(module, args, output):
-            if self.replay:
-                return self.store[key]
-            self.store[key] = output
-            return None
-        return hook
-
-    def remove(self):
-        for h in self.handles:
-            h.remove()
-
-
 @pytest.mark.parametrize("family", sorted(HOOKED_MODULES))
 def test_reuse_steps_match_hook_reference(family):
     case = build_tiny(family)
@@ -112,16 +74,7 @@ def test_reuse_steps_match_hook_reference(family):
     plan = [e["calls"][0] for e in get_runtime(compiled).stats()["plan"]]
     assert plan == ["full", "full", "reuse", "full", "reuse", "full"]
 
-    ref_hooks = BranchOutputReplay(case.model, HOOKED_MODULES[family])
-    try:
-        reference = []
-        with torch.no_grad():
-            for t, kind in zip(ts, plan):
-                ref_hooks.replay = kind == "reuse"
-                reference.append(case.output(case.model(**case.make_inputs(timestep=t))).clone())
-    finally:
-        ref_hooks.remove()
-    assert_all_close(ours, reference)
+    assert_all_close(ours, hook_reference(case, HOOKED_MODULES[family], ts, plan))
     # and the cached steps really differ from an uncached run (the test can fail)
     uncached = run_steps(case, case.model, ts)
     assert not torch.allclose(ours[2], uncached[2], atol=1e-4)

@@ -49,6 +49,7 @@ class SpecDiffRuntime:
         example_inputs: Sequence[Any] = (),
         fallback: str | None = None,
         info: dict | None = None,
+        graphs: dict | None = None,
     ) -> None:
         if FULL not in variants:
             raise ValueError("a runtime needs a 'full' variant")
@@ -59,6 +60,7 @@ class SpecDiffRuntime:
         self.signature_indices = list(signature_indices)
         self.fallback = fallback
         self.info = dict(info or {})
+        self.graphs = dict(graphs or {})  # the FX graphs behind each variant, for inspection
         self.slots = CacheSlots(list(buffer_specs))
         self.tracker = StepTracker()
         self._signature = _signature(example_inputs, self.signature_indices) if example_inputs else None

@@ -1,0 +1,38 @@
+"""Command line: ``specdiff-fx <command>``, also ``python -m specdiff_fx <command>``.
+
+Each command lives in its own module exposing ``add_arguments(parser)`` and
+``run(args) -> int``; this file only wires them up, so commands stay independent.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+COMMANDS = {
+    "demo": ("specdiff_fx.demo", "compile a tiny diffusers model with specdiff and compare with plain Inductor"),
+    "inspect": ("specdiff_fx.inspect.command", "show what the rewrite did to a model's graph, and what it costs"),
+    "bench": ("specdiff_fx.bench.command", "benchmark caching policies on the reference model"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="specdiff-fx", description="specdiff-fx command line")
+    sub = parser.add_subparsers(dest="command", required=True)
+    modules = {}
+    for name, (module_name, help_text) in COMMANDS.items():
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            if exc.name is None or not module_name.startswith(exc.name):
+                raise
+            continue  # command not available in this version
+        modules[name] = module
+        module.add_arguments(sub.add_parser(name, help=help_text, description=help_text))
+    args = parser.parse_args(argv)
+    return int(modules[args.command].run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
