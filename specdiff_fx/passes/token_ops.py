@@ -1,0 +1,83 @@
+"""Tensor helpers that token-level rewrites insert into graphs as ``call_function`` nodes.
+
+They are plain torch code, so the eager compiler runs them as they are and Inductor
+traces through them.  Batch element ``b`` may use its own token subset: every index
+tensor is ``(batch, count)``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def gather_tokens(x: torch.Tensor, index: torch.Tensor, axis: int) -> torch.Tensor:
+    """``x[b, ..., index[b], ...]`` along ``axis`` for each batch element ``b``."""
+    batch, count = index.shape
+    if x.shape[0] != batch:
+        x = x.expand(batch, *x.shape[1:])
+    shape = [1] * x.dim()
+    shape[0], shape[axis] = batch, count
+    full = list(x.shape)
+    full[axis] = count
+    return torch.gather(x, axis, index.reshape(shape).expand(full))
+
+
+def gather_positions(x: torch.Tensor, positions: torch.Tensor, axis: int, ndim: int) -> torch.Tensor:
+    """Gather a broadcast operand (a RoPE table, say) at token ``positions``.
+
+    ``x`` broadcasts against an ``ndim``-dimensional token tensor; ``axis`` is its own
+    token axis.  Leading dims are added so each batch element gets its own rows.
+    """
+    lead = ndim - x.dim()
+    x = x.reshape((1,) * lead + tuple(x.shape))
+    return gather_tokens(x, positions, axis + lead)
+
+
+def layout_positions(index: torch.Tensor, segments: tuple[tuple[str, int], ...]) -> torch.Tensor:
+    """Positions in the full sequence of each computed token of a joint layout.
+
+    ``segments`` are the full layout's ``(kind, size)`` in order; image tokens come from
+    ``index`` (positions within the image segment), every other segment is kept whole.
+    """
+    batch = index.shape[0]
+    parts, offset = [], 0
+    for kind, size in segments:
+        if kind == "image":
+            parts.append(index + offset)
+        else:
+            parts.append(torch.arange(offset, offset + size, device=index.device).expand(batch, size))
+        offset += size
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+
+def complete_kv(cache: torch.Tensor, fresh: torch.Tensor, positions: torch.Tensor, axis: int) -> torch.Tensor:
+    """Write the freshly computed keys/values into the per-layer cache, in place, and
+    return the whole cache: the other tokens keep the values of the last full step."""
+    batch = positions.shape[0]
+    rows = torch.arange(batch, device=positions.device).unsqueeze(1)
+    cache.movedim(axis, 1).index_put_((rows, positions), fresh.movedim(axis, 1).to(cache.dtype))
+    return cache
+
+
+def attention_received(query: torch.Tensor, key: torch.Tensor, scale: float | None,
+                       offset: int, count: int) -> torch.Tensor:
+    """Attention each key token in ``[offset, offset + count)`` receives, summed over heads
+    and queries: ``(batch, count)``.  Exact softmax(QK^T) - run only at full steps."""
+    scale = key.shape[-1] ** -0.5 if scale is None else scale
+    logits = torch.matmul(query.float(), key.float().transpose(-1, -2)) * scale
+    received = torch.softmax(logits, dim=-1).sum(dim=(1, 2))
+    return received[:, offset: offset + count]
+
+
+def compose_tokens(fresh: torch.Tensor, index: torch.Tensor, hist0: torch.Tensor, hist1: torch.Tensor,
+                   hist2: torch.Tensor, mix_weights: torch.Tensor, reuse_mask: torch.Tensor) -> torch.Tensor:
+    """Full image-token features from the computed subset and the history.
+
+    C1 (``index``): the fresh values.  C2 (``reuse_mask``): the last value ``hist0``.
+    C3 (the rest): ``w0*hist0 + w1*hist1 + w2*hist2`` with the runtime's weights.
+    """
+    w = mix_weights.to(hist0.dtype)
+    mixed = w[0] * hist0 + w[1] * hist1 + w[2] * hist2
+    base = torch.where(reuse_mask.unsqueeze(-1), hist0, mixed)
+    rows = torch.arange(index.shape[0], device=index.device).unsqueeze(1)
+    return base.index_put((rows, index), fresh.to(base.dtype))

@@ -1,0 +1,258 @@
+"""Token-level variants of one graph for SpecDiff: *full+record*, *partial* and *draft*.
+
+* full+record: all tokens.  Writes every attention site's keys/values (image + text) into
+  per-layer caches, the exit features into a history buffer, and the exact attention
+  each image token receives (summed over self/joint attention sites) into an importance
+  buffer.
+* partial: a static-size subset of k image tokens per batch element (``index``) flows
+  through the blocks; constants that depended on N are re-evaluated at k; RoPE tables
+  are gathered; each attention site writes the fresh keys/values of the subset into its
+  cache and attends over the whole cache; at the exit, computed tokens are composed with
+  reused (C2) and history-mixed (C3) tokens, and the model's own exit runs on all tokens.
+* draft: the full computation plus importance recording, and no cache writes, so a
+  speculative draft trajectory never touches the main trajectory's caches.
+
+All runtime-owned buffers are extra static inputs described by :class:`TokenBufferSpec`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import sympy
+import torch
+import torch.fx as fx
+
+from . import token_ops
+from .graph_copy import add_static_input, copy_graph_module, recompile
+from .graph_queries import tensor_meta
+from .token_axis import IMAGE, N, TokenAxis, TokenRegion
+
+INDEX, REUSE_MASK, MIX_WEIGHTS = "index", "reuse_mask", "mix_weights"
+HISTORY, KV, IMPORTANCE = "history", "kv", "importance"
+
+TAG_GATHER, TAG_SCATTER, TAG_KV, TAG_SCORE, TAG_CONST = (
+    "token_gather", "token_compose", "kv_completion", "importance_score", "token_count")
+TAG_WRITE, TAG_INPUT = "cache_write", "token_cache_input"
+
+
+@dataclass(frozen=True)
+class TokenBufferSpec:
+    input_name: str
+    role: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    device: torch.device
+
+    @property
+    def nbytes(self) -> int:
+        numel = 1
+        for s in self.shape:
+            numel *= int(s)
+        return numel * torch.empty((), dtype=self.dtype).element_size()
+
+
+def _meta(node: fx.Node):
+    meta = tensor_meta(node)
+    if meta is None:
+        raise ValueError(f"{node.name} has no tensor metadata")
+    return meta
+
+
+def _spec(gm: fx.GraphModule, name: str, role: str, shape, dtype, device) -> tuple[TokenBufferSpec, fx.Node]:
+    node = add_static_input(gm, name, kind=TAG_INPUT)
+    return TokenBufferSpec(name, role, tuple(int(s) for s in shape), dtype, device), node
+
+
+def _tag(node: fx.Node, kind: str, like: fx.Node, writes: bool = False) -> fx.Node:
+    node.meta["specdiff"] = kind
+    if writes:
+        node.meta["specdiff_writes"] = True
+    if "nn_module_stack" in like.meta:
+        node.meta["nn_module_stack"] = dict(like.meta["nn_module_stack"])
+    return node
+
+
+def _finish(gm: fx.GraphModule) -> fx.GraphModule:
+    gm.graph.eliminate_dead_code(is_impure_node=lambda n: n.is_impure() or n.meta.get("specdiff_writes", False))
+    return recompile(gm)
+
+
+def _image_segment(layout: TokenAxis, n: int) -> tuple[int, int]:
+    offset = 0
+    for kind, size in layout.segments:
+        if kind == IMAGE:
+            return offset, n
+        offset += int(sympy.sympify(size).subs(N, n))
+    raise ValueError("layout has no image segment")
+
+
+def _record_sites(out: fx.GraphModule, region: TokenRegion, write_kv: bool):
+    """Insert K/V cache writes (optionally) and importance recording at attention sites."""
+    nodes = {n.name: n for n in out.graph.nodes}
+    specs, received = [], []
+    for i, site in enumerate(s for s in region.sites if s.key_layout is not None):
+        sdpa = nodes[site.node]
+        key, value, query = nodes[site.key], nodes[site.value], nodes[site.query]
+        if write_kv:
+            for role_name, value_node in (("k", key), ("v", value)):
+                meta = _meta(value_node)
+                spec, cache = _spec(out, f"specdiff_{role_name}cache_{i}", KV, meta.shape, meta.dtype, meta.device)
+                specs.append(spec)
+                with out.graph.inserting_before(sdpa):
+                    det = _tag(out.graph.call_method("detach", (value_node,)), TAG_WRITE, sdpa)
+                    _tag(out.graph.call_method("copy_", (cache, det)), TAG_WRITE, sdpa, writes=True)
+        if site.query_layout.axis == 2 and site.key_layout.axis == 2:
+            offset, count = _image_segment(site.key_layout, region.num_tokens)
+            with out.graph.inserting_before(sdpa):
+                received.append(_tag(out.graph.call_function(
+                    token_ops.attention_received, (query, key, site.scale, offset, count)), TAG_SCORE, sdpa))
+    return specs, received
+
+
+def _record_importance(out: fx.GraphModule, region: TokenRegion, received: list[fx.Node]):
+    if not received:
+        raise ValueError("no self/joint attention site to score tokens with")
+    exit_node = next(n for n in out.graph.nodes if n.name == region.exit)
+    batch = _meta(exit_node).shape[0]
+    spec, buf = _spec(out, "specdiff_importance", IMPORTANCE, (batch, region.num_tokens), torch.float32,
+                      _meta(exit_node).device)
+    with out.graph.inserting_after(received[-1]):
+        total = received[0]
+        for r in received[1:]:
+            total = _tag(out.graph.call_function(torch.add, (total, r)), TAG_SCORE, r)
+    with out.graph.inserting_after(total):
+        _tag(out.graph.call_method("copy_", (buf, total)), TAG_SCORE, received[-1], writes=True)
+    return spec
+
+
+def build_token_record_variant(gm: fx.GraphModule, region: TokenRegion):
+    """Full computation that refreshes K/V caches and history and records importance."""
+    out = copy_graph_module(gm)
+    specs, received = _record_sites(out, region, write_kv=True)
+    specs.append(_record_importance(out, region, received))
+    exit_node = next(n for n in out.graph.nodes if n.name == region.exit)
+    meta = _meta(exit_node)
+    spec, hist = _spec(out, "specdiff_history_out", HISTORY, meta.shape, meta.dtype, meta.device)
+    specs.append(spec)
+    with out.graph.inserting_after(exit_node):
+        det = _tag(out.graph.call_method("detach", (exit_node,)), TAG_WRITE, exit_node)
+    with out.graph.inserting_after(det):
+        _tag(out.graph.call_method("copy_", (hist, det)), TAG_WRITE, exit_node, writes=True)
+    return _finish(out), specs
+
+
+def build_token_draft_variant(gm: fx.GraphModule, region: TokenRegion):
+    """Full computation that only records importance (no cache is touched)."""
+    out = copy_graph_module(gm)
+    _, received = _record_sites(out, region, write_kv=False)
+    spec = _record_importance(out, region, received)
+    return _finish(out), [spec]
+
+
+def _instantiate(template: Any, k: int, nodes: dict[str, fx.Node]) -> Any:
+    if isinstance(template, fx.Node):
+        return nodes[template.name]
+    if isinstance(template, sympy.Basic):
+        return int(template.subs(N, k))
+    if isinstance(template, slice):
+        return slice(*(_instantiate(x, k, nodes) for x in (template.start, template.stop, template.step)))
+    if isinstance(template, (list, tuple)):
+        items = [_instantiate(x, k, nodes) for x in template]
+        return type(template)(items) if isinstance(template, tuple) else items
+    if isinstance(template, dict):
+        return {key: _instantiate(v, k, nodes) for key, v in template.items()}
+    return template
+
+
+def build_token_partial_variant(gm: fx.GraphModule, region: TokenRegion, k: int):
+    """Partial computation over a static subset of ``k`` image tokens per batch element."""
+    if not 2 <= k <= region.num_tokens:
+        raise ValueError(f"subset size k={k} must be in [2, {region.num_tokens}]")
+    out = copy_graph_module(gm)
+    nodes = {n.name: n for n in out.graph.nodes}
+    entry, exit_node = nodes[region.entry], nodes[region.exit]
+    in_region = {nodes[name] for name in region.region}
+    meta_exit = _meta(exit_node)
+    batch, device = int(meta_exit.shape[0]), meta_exit.device
+
+    specs = []
+    spec, index = _spec(out, "specdiff_index", INDEX, (batch, k), torch.long, device)
+    specs.append(spec)
+    spec, reuse_mask = _spec(out, "specdiff_reuse_mask", REUSE_MASK, (batch, region.num_tokens), torch.bool, device)
+    specs.append(spec)
+    spec, weights = _spec(out, "specdiff_mix_weights", MIX_WEIGHTS, (3,), torch.float32, device)
+    specs.append(spec)
+    hist = []
+    for i in range(3):
+        spec, h = _spec(out, f"specdiff_history_{i}", HISTORY, meta_exit.shape, meta_exit.dtype, device)
+        specs.append(spec)
+        hist.append(h)
+
+    # 1. constants that depended on N
+    for name, (args, kwargs) in region.templates.items():
+        node = nodes[name]
+        node.args = _instantiate(args, k, nodes)
+        node.kwargs = _instantiate(kwargs, k, nodes)
+        node.meta["specdiff"] = TAG_CONST
+
+    # 2. the subset enters the blocks
+    with out.graph.inserting_after(entry):
+        subset = _tag(out.graph.call_function(token_ops.gather_tokens, (entry, index, 1)), TAG_GATHER, entry)
+    for user in list(entry.users):
+        if user in in_region:
+            user.replace_input_with(entry, subset)
+
+    # 3. full-sequence positions of the computed tokens, one per layout
+    positions: dict[tuple, fx.Node] = {}
+
+    def positions_for(layout: TokenAxis) -> fx.Node:
+        segs = tuple((kind, int(sympy.sympify(s).subs(N, region.num_tokens))) for kind, s in layout.segments)
+        if segs not in positions:
+            with out.graph.inserting_after(weights):
+                positions[segs] = _tag(out.graph.call_function(token_ops.layout_positions, (index, segs)),
+                                       TAG_GATHER, entry)
+        return positions[segs]
+
+    # 4. position tables (RoPE) are gathered where they meet token tensors
+    for consumer_name, arg_index, axis, layout in region.position_operands:
+        consumer = nodes[consumer_name]
+        operand = consumer.args[arg_index]
+        with out.graph.inserting_before(consumer):
+            gathered = _tag(out.graph.call_function(
+                token_ops.gather_positions, (operand, positions_for(layout), axis, _meta(consumer).dim())),
+                TAG_GATHER, consumer)
+        consumer.update_arg(arg_index, gathered)
+
+    # 5. keys/values completed from the per-layer caches
+    for i, site in enumerate(s for s in region.sites if s.key_layout is not None):
+        sdpa = nodes[site.node]
+        for role_name, name in (("k", site.key), ("v", site.value)):
+            fresh = nodes[name]
+            full_meta = _meta(fresh)
+            spec, cache = _spec(out, f"specdiff_{role_name}cache_{i}", KV, full_meta.shape, full_meta.dtype, device)
+            specs.append(spec)
+            with out.graph.inserting_before(sdpa):
+                completed = _tag(out.graph.call_function(
+                    token_ops.complete_kv, (cache, fresh, positions_for(site.key_layout), site.key_layout.axis)),
+                    TAG_KV, sdpa)
+            if fresh in sdpa.args:
+                sdpa.update_arg(sdpa.args.index(fresh), completed)
+            else:
+                key = "key" if role_name == "k" else "value"
+                sdpa.update_kwarg(key, completed)
+
+    # 6. exit: compose C1/C2/C3 and run the model's own exit on all tokens
+    users = [u for u in exit_node.users]
+    with out.graph.inserting_after(exit_node):
+        composed = _tag(out.graph.call_function(
+            token_ops.compose_tokens, (exit_node, index, hist[0], hist[1], hist[2], weights, reuse_mask)),
+            TAG_SCATTER, exit_node)
+    with out.graph.inserting_after(composed):
+        det = _tag(out.graph.call_method("detach", (composed,)), TAG_WRITE, exit_node)
+    with out.graph.inserting_after(det):
+        _tag(out.graph.call_method("copy_", (hist[2], det)), TAG_WRITE, exit_node, writes=True)
+    for user in users:
+        user.replace_input_with(exit_node, composed)
+    return _finish(out), specs

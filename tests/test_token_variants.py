@@ -1,0 +1,141 @@
+"""Partial exactness (DESIGN.md §3): full at X, then partial at the same X with any C1
+subsets: the C1 tokens' features equal the full features at those tokens."""
+
+import pytest
+import torch
+
+from specdiff_fx.passes.graph_queries import is_attention
+from specdiff_fx.passes.token_axis import analyze_token_axis
+from specdiff_fx.passes.token_variants import (
+    build_token_draft_variant,
+    build_token_partial_variant,
+    build_token_record_variant,
+)
+from specdiff_fx.tiny_models import build_tiny
+
+FAMILIES = ["dit", "pixart", "sd3", "flux"]
+
+
+def _first(out):
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def record_at(gm, region, example):
+    record, specs = build_token_record_variant(gm, region)
+    bufs = {s.input_name: torch.full(s.shape, float("nan"), dtype=s.dtype) for s in specs}
+    with torch.no_grad():
+        out = _first(record(*example, *[bufs[s.input_name] for s in specs]))
+    return out, bufs, specs
+
+
+def partial_buffers(specs, recorded, index, history, reuse_mask=None, weights=(1.0, 0.0, 0.0)):
+    bufs = []
+    for s in specs:
+        if s.role == "index":
+            bufs.append(index)
+        elif s.role == "reuse_mask":
+            bufs.append(torch.zeros(s.shape, dtype=torch.bool) if reuse_mask is None else reuse_mask)
+        elif s.role == "mix_weights":
+            bufs.append(torch.tensor(weights))
+        elif s.role == "history":
+            bufs.append(history[int(s.input_name.rsplit("_", 1)[1])].clone())
+        else:
+            bufs.append(recorded[s.input_name].clone())
+    return bufs
+
+
+def random_subsets(batch, n, k, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.stack([torch.randperm(n, generator=g)[:k].sort().values for _ in range(batch)])
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("k", [2, 5, 11, 16])
+def test_partial_exactness(family, k, capture):
+    case = build_tiny(family)
+    gm, example = capture(case.model, case.make_inputs(batch=2))
+    region = analyze_token_axis(gm)
+    full_out, recorded, _ = record_at(gm, region, example)
+    torch.testing.assert_close(full_out, _first(gm(*example)), rtol=0, atol=0)
+    for name, buf in recorded.items():
+        assert torch.isfinite(buf).all(), f"{name} was not written by the full step"
+    full_features = recorded["specdiff_history_out"]
+
+    partial, specs = build_token_partial_variant(gm, region, k)
+    index = random_subsets(2, region.num_tokens, k, seed=k)
+    assert not torch.equal(index[0], index[1]) or k == region.num_tokens
+    garbage = [torch.randn_like(full_features) * 100 for _ in range(3)]
+    bufs = partial_buffers(specs, recorded, index, garbage)
+    with torch.no_grad():
+        partial(*example, *bufs)
+    written = bufs[[s.input_name for s in specs].index("specdiff_history_2")]
+    rows = torch.arange(2).unsqueeze(1)
+    torch.testing.assert_close(written[rows, index], full_features[rows, index], rtol=1e-5, atol=1e-5)
+    # the other tokens came from the (garbage) history, so they really were not recomputed
+    mask = torch.ones(2, region.num_tokens, dtype=torch.bool)
+    mask[rows, index] = False
+    torch.testing.assert_close(written[mask], garbage[0][mask])
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_cache_ratio_zero_matches_full_output(family, capture):
+    case = build_tiny(family)
+    gm, example = capture(case.model, case.make_inputs(batch=2))
+    region = analyze_token_axis(gm)
+    full_out, recorded, _ = record_at(gm, region, example)
+    partial, specs = build_token_partial_variant(gm, region, region.num_tokens)
+    index = torch.arange(region.num_tokens).expand(2, -1).contiguous()
+    bufs = partial_buffers(specs, recorded, index, [torch.zeros_like(recorded["specdiff_history_out"])] * 3)
+    with torch.no_grad():
+        out = _first(partial(*example, *bufs))
+    torch.testing.assert_close(out, full_out, rtol=1e-5, atol=1e-5)
+
+
+def test_c2_and_c3_composition(capture):
+    case = build_tiny("sd3")
+    gm, example = capture(case.model, case.make_inputs(batch=2))
+    region = analyze_token_axis(gm)
+    _, recorded, _ = record_at(gm, region, example)
+    partial, specs = build_token_partial_variant(gm, region, 4)
+    index = random_subsets(2, region.num_tokens, 4, seed=0)
+    hist = [torch.full_like(recorded["specdiff_history_out"], v) for v in (1.0, 2.0, 4.0)]
+    reuse = torch.zeros(2, region.num_tokens, dtype=torch.bool)
+    reuse[:, :3] = True
+    reuse[torch.arange(2).unsqueeze(1), index] = False
+    bufs = partial_buffers(specs, recorded, index, hist, reuse_mask=reuse, weights=(0.5, 0.25, 0.25))
+    with torch.no_grad():
+        partial(*example, *bufs)
+    written = bufs[[s.input_name for s in specs].index("specdiff_history_2")]
+    c1 = torch.zeros_like(reuse)
+    c1[torch.arange(2).unsqueeze(1), index] = True
+    assert torch.all(written[reuse] == 1.0)                       # C2: last value
+    assert torch.allclose(written[~reuse & ~c1], torch.tensor(2.0))  # C3: 0.5*1 + 0.25*2 + 0.25*4
+
+
+def test_importance_is_attention_received(capture):
+    case = build_tiny("dit")
+    gm, example = capture(case.model, case.make_inputs(batch=2))
+    region = analyze_token_axis(gm)
+    _, recorded, _ = record_at(gm, region, example)
+    imp = recorded["specdiff_importance"]
+    # every query's attention sums to 1: total received = layers * heads * queries
+    sites = sum(s.key_layout is not None for s in region.sites)
+    torch.testing.assert_close(imp.sum(dim=1), torch.full((2,), float(sites * 2 * 16)))
+    draft, specs = build_token_draft_variant(gm, region)
+    assert [s.role for s in specs] == ["importance"]
+    buf = torch.zeros(specs[0].shape)
+    with torch.no_grad():
+        draft(*example, buf)
+    torch.testing.assert_close(buf, imp)
+
+
+def test_partial_graph_is_smaller_and_keeps_the_original(capture):
+    case = build_tiny("flux")
+    gm, _ = capture(case.model, case.make_inputs(batch=2))
+    before = gm.code
+    region = analyze_token_axis(gm)
+    partial, _ = build_token_partial_variant(gm, region, 4)
+    assert gm.code == before
+    kinds = {n.meta.get("specdiff") for n in partial.graph.nodes}
+    assert {"token_gather", "kv_completion", "token_compose", "token_count", "cache_write"} <= kinds
+    assert sum(is_attention(n) for n in partial.graph.nodes) == sum(is_attention(n) for n in gm.graph.nodes)
