@@ -175,10 +175,7 @@ def _linear_flops(node: fx.Node, sizes: ModelSizes) -> sympy.Expr | None:
     if x is None or w is None or x.dim() < 1:
         return None
     lead = [int(s) for s in x.shape[:-1]]
-    rows = sympy.Integer(1)
-    if lead:
-        rows = sizes.batch_dim(lead[0]) * sizes.sequence(math.prod(lead[1:])) if len(lead) > 1 \
-            else sizes.batch_dim(lead[0])
+    rows = sizes.batch_dim(lead[0]) * sizes.sequence(math.prod(lead[1:])) if lead else 1
     return 2 * rows * sizes.channels(int(w.shape[1])) * sizes.channels(int(w.shape[0]))
 
 

@@ -20,6 +20,7 @@ h3 { font-size: 14px; margin: 14px 0 6px; color: #444; }
 .meta { color: #555; margin: 0 0 12px; }
 table.grid { border-collapse: collapse; margin: 4px 0 10px; }
 table.grid th, table.grid td { border: 1px solid #ddd; padding: 3px 8px; text-align: left; vertical-align: top; }
+table.grid td { white-space: nowrap; } table.grid td.wrap { white-space: normal; }
 table.grid th { background: #f3f4f6; font-weight: 600; }
 table.grid td.num { text-align: right; font-variant-numeric: tabular-nums; }
 code, .mono { font-family: ui-monospace, SFMono-Regular, Menlo, monospace; font-size: 12px; }
@@ -42,6 +43,9 @@ table.diff td { padding: 0 4px; vertical-align: top; }
 """
 
 
+_WRAPPED_COLUMNS = {"ops", "branch", "kinds (meta['specdiff'])"}
+
+
 def _status_cell(text: str) -> str:
     state, _, tags = text.partition(" · ")
     css = "st-computed" if state == "computed" else "st-skipped" if state == "skipped" else "st-partial"
@@ -59,11 +63,12 @@ def _table(headers: list[str], rows: list[list], status_columns: int = 0) -> str
         cells = []
         for i, value in enumerate(row):
             if i >= first_status:
-                cells.append(f"<td>{_status_cell(str(value))}</td>")
+                cells.append(f'<td class="wrap">{_status_cell(str(value))}</td>')
             elif isinstance(value, (int, float)):
                 cells.append(f'<td class="num">{value}</td>')
             else:
-                cells.append(f"<td>{escape(str(value))}</td>")
+                css = ' class="wrap"' if headers[i] in _WRAPPED_COLUMNS else ""
+                cells.append(f"<td{css}>{escape(str(value))}</td>")
         body.append("<tr>" + "".join(cells) + "</tr>")
     return f'<table class="grid"><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table>'
 
@@ -125,12 +130,14 @@ def render_html(report: InspectionReport) -> str:
     """The report as one HTML page."""
     n_variants = len(report.variants)
     blocks = report.blocks()
-    block_html = "".join(_block_section(report, b, open_=(i == 0)) for i, b in enumerate(blocks))
+    first_with_branches = next((b.branch.block for b in report.branches), None)
+    block_html = "".join(_block_section(report, b, open_=(b == first_with_branches)) for b in blocks)
     headers, rows = variant_rows(report)
     formulas = "".join(f"<li>{escape(line)}</li>" for line in formula_lines(report))
     symbols = ("B batch · N image tokens · T text tokens · k token subset · d width · L layers of a "
                "repeated block group. FLOPs count matrix products (linear, conv, attention, matmul) "
-               "at 2 per multiply-add, as torch.utils.flop_counter does.")
+               "at 2 per multiply-add, as torch.utils.flop_counter does. Token-wise: derived, the branch "
+               "body has no attention, conv or group norm, so it could run on a subset of tokens.")
     all_branches = _table(*branch_rows(report), status_columns=n_variants)
     sites = _table(*attention_rows(report), status_columns=n_variants)
     return f"""<!doctype html>

@@ -1,8 +1,9 @@
 """The inspection report: what the analysis found and what each variant does with it.
 
 All facts come from three places, so new policies and node kinds appear without edits:
-the residual branches (``passes``), the variant dict (``variants``) and the
-``meta['specdiff']`` tags the passes put on the nodes they insert or change.
+the residual branches (``passes``), the variant graphs the backend built (the runtime's
+``graphs`` dict, built here with the eager compiler) and the ``meta['specdiff']`` tags
+the passes put on the nodes they insert or change.
 
 *Status* of a branch or attention site in a variant: whether its heavy ops still run
 ("computed", "skipped", or "3/7 heavy ops" for partial rewrites) and the tags of the
@@ -18,23 +19,27 @@ would be missed.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Sequence
 
 import sympy
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
+from ..backend import UnsupportedGraph, get_runtime, make_backend
 from ..passes import block_of, find_residual_branches, group_nodes_by_block, module_path_of
 from ..passes.graph_queries import is_attention, is_conv, is_heavy
 from ..passes.residual_branches import ResidualBranch
+from ..runtime import FULL, REUSE, SpecDiffRuntime
 from .capture import capture_graph
 from .cost import N, T, Cost, ModelSizes, attention_operands, cache_bytes, graph_flops, infer_sizes, nodes_flops
 from .graph_diff import GraphDiff, diff
-from .variants import RUNS_AT, build_variants
 
 _GROUP_NORM = {F.group_norm, torch.group_norm}
+RUNS_AT = {FULL: "full steps", REUSE: "cached steps (fora's partial step)"}
+"""When the runtime runs each variant; variants not listed show '-'."""
 
 
 @dataclass(frozen=True)
@@ -95,8 +100,8 @@ class InspectionReport:
         """Blocks in graph order that have a branch, an attention site or a change to show."""
         shown = {b.branch.block for b in self.branches} | {a.block for a in self.attention}
         shown |= {c.block for v in self.variants for c in v.diff.changes}
-        order = list(group_nodes_by_block(self.original))
-        order += sorted(shown - set(order))
+        order = [b for b in group_nodes_by_block(self.original) if b]
+        order += sorted(shown - set(order) - {""}) + [""]  # the root module last
         return [b for b in order if b in shown]
 
 
@@ -157,30 +162,96 @@ def _attention_site(node: fx.Node, branches: list[BranchInfo], sizes: ModelSizes
                          tuple(b.branch.name for b in owners), status)
 
 
-def inspect_graph(gm: fx.GraphModule, policy: str = "fora", title: str = "graph") -> InspectionReport:
-    """Analyse ``gm``, build ``policy``'s variants and describe each against ``gm``. Pure."""
-    branches = find_residual_branches(gm)
-    variants = build_variants(gm, branches, policy)
-    sizes = infer_sizes(gm, branches)
-    nodes = {n.name: n for n in gm.graph.nodes}
-    infos = [_branch_info(b, nodes, sizes, variants.graphs) for b in branches]
-    sites = [_attention_site(n, infos, sizes, variants.graphs) for n in gm.graph.nodes if is_attention(n)]
-    owners = {b.name: b for b in branches}
-    buffers = []
-    for spec in variants.buffers:
-        owner = owners.get(spec.branch)
-        block = owner.block if owner else block_of(spec.branch.split(":")[0])
-        what = owner.name.split(":", 1)[-1] if owner else spec.branch
-        buffers.append((block, what, spec.shape, spec.dtype))
-    memory = cache_bytes(buffers, sizes)
-    reports = [VariantInfo(name, graph, diff(gm, graph, name=name), graph_flops(graph, sizes), memory)
-               for name, graph in variants.graphs.items()]
-    return InspectionReport(title, policy, sizes, gm, graph_flops(gm, sizes), infos, sites, reports,
-                            variants.buffers)
+def _input_modules(graphs: dict[str, fx.GraphModule], names: set[str]) -> dict[str, str]:
+    """Module path of each added input: that of its first user with one in any variant.
+
+    Placeholders carry no module stack, but the nodes reading or writing a cache carry
+    the stack of the residual they belong to.
+    """
+    modules: dict[str, str] = {}
+    for graph in graphs.values():
+        for node in graph.graph.find_nodes(op="placeholder"):
+            if node.name in names and node.name not in modules:
+                paths = [p for p in (module_path_of(u) for u in node.users) if p]
+                if paths:
+                    modules[node.name] = paths[0]
+    return modules
+
+
+def _attribute_inputs(graph_diff: GraphDiff, modules: dict[str, str]) -> GraphDiff:
+    """Place added inputs in the module that uses them rather than in ``<root>``."""
+    changes = tuple(dataclasses.replace(c, module=modules[c.name])
+                    if c.op == "placeholder" and not c.module and c.name in modules else c
+                    for c in graph_diff.changes)
+    return dataclasses.replace(graph_diff, changes=changes)
+
+
+def build_report(original: fx.GraphModule, variants: dict[str, fx.GraphModule], buffers: Sequence[Any] = (),
+                 policy: str = "?", title: str = "graph") -> InspectionReport:
+    """Describe each variant graph against ``original``.
+
+    ``buffers`` are the runtime-owned inputs the variants take (anything with ``name``,
+    ``shape`` and ``dtype``, e.g. the runtime's ``BufferSpec``); they give the cache memory.
+    """
+    branches = find_residual_branches(original)
+    sizes = infer_sizes(original, branches)
+    nodes = {n.name: n for n in original.graph.nodes}
+    infos = [_branch_info(b, nodes, sizes, variants) for b in branches]
+    sites = [_attention_site(n, infos, sizes, variants) for n in original.graph.nodes if is_attention(n)]
+    modules = _input_modules(variants, {b.name for b in buffers})
+    memory_items = []
+    for b in buffers:
+        path = modules.get(b.name, "")
+        block = block_of(path)
+        memory_items.append((block, f"{path[len(block):]}{tuple(b.shape)}", b.shape, b.dtype))
+    memory = cache_bytes(memory_items, sizes)
+    reports = [VariantInfo(name, graph, _attribute_inputs(diff(original, graph, name=name), modules),
+                           graph_flops(graph, sizes), memory)
+               for name, graph in variants.items()]
+    return InspectionReport(title, policy, sizes, original, graph_flops(original, sizes), infos, sites,
+                            reports, tuple(buffers))
+
+
+def inspect_runtime(runtime: SpecDiffRuntime, original: fx.GraphModule | None = None,
+                    title: str = "graph") -> InspectionReport:
+    """Report on the graphs a backend built: the variants and buffers of its runtime.
+
+    Reads ``runtime.graphs`` (variant name -> FX graph, plus ``"original"``), so every
+    variant a policy adds shows up here without changes to this module.
+    """
+    graphs = dict(runtime.graphs)
+    original = graphs.pop("original", original)
+    if runtime.fallback is not None:
+        raise ValueError(f"the backend fell back to a plain compile: {runtime.fallback}")
+    if original is None:
+        raise ValueError("this runtime kept no graphs to inspect")
+    variants = graphs or {FULL: original}  # policy "off" runs the original graph
+    return build_report(original, variants, runtime.slots.specs, runtime.policy, title)
+
+
+def inspect_graph(gm: fx.GraphModule, example_inputs: Sequence[Any], policy: str = "fora",
+                  title: str = "graph") -> InspectionReport:
+    """Build ``policy``'s variants of ``gm`` exactly as the backend does (uncompiled), and report.
+
+    ``gm`` and ``example_inputs`` are what dynamo hands a backend (see :func:`capture_graph`).
+    Raises ValueError where the backend would fall back to a plain compile, with its reason.
+    """
+    backend = make_backend(policy=policy, compiler="eager")
+    try:
+        runtime = backend.build_runtime(gm, example_inputs)
+    except UnsupportedGraph as exc:
+        raise ValueError(f"the backend would fall back to a plain compile: {exc}") from exc
+    return inspect_runtime(runtime, gm, title)
 
 
 def inspect_model(model: torch.nn.Module, example_kwargs: dict[str, Any], policy: str = "fora",
                   title: str | None = None) -> InspectionReport:
     """Capture ``model(**example_kwargs)`` as the backend sees it, then :func:`inspect_graph`."""
-    gm, _ = capture_graph(model, example_kwargs)
-    return inspect_graph(gm, policy, title or type(model).__name__)
+    gm, example_inputs = capture_graph(model, example_kwargs)
+    return inspect_graph(gm, example_inputs, policy, title or type(model).__name__)
+
+
+def inspect_compiled(compiled_model: Any, title: str | None = None) -> InspectionReport:
+    """Report on a model already compiled with a specdiff backend and called at least once."""
+    runtime = get_runtime(compiled_model)
+    return inspect_runtime(runtime, title=title or type(compiled_model._orig_mod).__name__)

@@ -31,13 +31,15 @@ def summary_line(report: InspectionReport) -> str:
 
 
 def branch_rows(report: InspectionReport, block: str | None = None) -> tuple[list[str], list[list]]:
+    """One row per branch; within a ``block`` the names are relative to it."""
     names = [v.name for v in report.variants]
     rows = []
     for info in report.branches:
         br = info.branch
         if block is not None and br.block != block:
             continue
-        rows.append([br.name, br.kind, br.stream, br.gate or "-", info.token_wise,
+        name = br.name if block is None else br.name[len(block):].lstrip(".:")
+        rows.append([name, br.kind, br.stream, br.gate or "-", info.token_wise,
                      ", ".join(br.attention_nodes) or "-", formula(info.flops),
                      ", ".join(info.levels) or "-", *(info.status[n] for n in names)])
     return ["branch", "kind", "stream", "gate", "token-wise", "attention", "body FLOPs",
@@ -57,7 +59,7 @@ def variant_rows(report: InspectionReport) -> tuple[list[str], list[list]]:
     for v in report.variants:
         counts = v.diff.counts()
         kinds = ", ".join(f"{k}×{n}" for k, n in v.diff.kinds().items()) or "-"
-        rows.append([v.name, v.runs_at, f"+{counts['added']}", f"-{counts['removed']}", f"~{counts['changed']}",
+        rows.append([v.name, v.runs_at, f"+{counts['added']}", f"−{counts['removed']}", f"~{counts['changed']}",
                      kinds, format_count(v.flops.value), f"{report.flop_ratio(v):.3g}",
                      format_count(v.cache.value, "B")])
     return ["variant", "runs at", "added", "removed", "changed", "kinds (meta['specdiff'])", "FLOPs",
