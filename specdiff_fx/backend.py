@@ -25,13 +25,22 @@ from .passes import (
     find_graph_inputs,
     find_residual_branches,
 )
+from .passes.token_axis import TokenAxisError, analyze_token_axis
+from .passes.token_variants import (
+    build_token_draft_variant,
+    build_token_partial_variant,
+    build_token_record_variant,
+)
 from .runtime import (
+    DRAFT,
     FULL,
+    PARTIAL,
     REUSE,
     AlwaysFull,
     BufferSpec,
     FullStepSchedule,
     SpecDiffRuntime,
+    TokenRuntime,
     warn_fallback,
 )
 
@@ -105,6 +114,8 @@ class SpecDiffBackend:
         branches = find_residual_branches(gm)
         if not branches:
             raise UnsupportedGraph("no residual branches found in the graph")
+        if cfg.policy == "specdiff":
+            return self._token_runtime(gm, example_inputs, inputs, branches, common)
         record, specs = build_branch_record_variant(gm, branches)
         reuse, _ = build_branch_reuse_variant(gm, branches)
         trace_artifacts({"branch_record": record, "branch_reuse": reuse},
@@ -120,6 +131,54 @@ class SpecDiffBackend:
             schedule=FullStepSchedule(cfg.warmup_steps, cfg.interval, cfg.reset_steps),
             info={"branches": len(branches), "branch_kinds": count_kinds(branches)},
             graphs={"original": gm, FULL: record, REUSE: reuse},
+            **common,
+        )
+
+    def _token_runtime(self, gm, example_inputs, inputs, branches, common) -> TokenRuntime:
+        cfg = self.config
+        try:
+            region = analyze_token_axis(gm, branches)
+        except TokenAxisError as exc:
+            raise UnsupportedGraph(f"token-level caching not possible: {exc}") from exc
+        k = max(2, min(region.num_tokens, round((1.0 - cfg.cache_ratio) * region.num_tokens)))
+        record, record_specs = build_token_record_variant(gm, region)
+        partial, partial_specs = build_token_partial_variant(gm, region, k)
+        graphs = {"original": gm, FULL: record, PARTIAL: partial}
+        built = {FULL: (record, record_specs), PARTIAL: (partial, partial_specs)}
+        if cfg.draft_steps >= 2:
+            draft, draft_specs = build_token_draft_variant(gm, region)
+            graphs[DRAFT] = draft
+            built[DRAFT] = (draft, draft_specs)
+        trace_artifacts({f"token_{name}": g for name, g in graphs.items() if name != "original"},
+                        {"region": {"entry": region.entry, "exit": region.exit, "tokens": region.num_tokens,
+                                    "subset": k, "sites": [s.node for s in region.sites]}})
+
+        def runtime_specs(specs):
+            return [BufferSpec(s.input_name, s.shape, s.dtype, s.device, s.role) for s in specs]
+
+        variants, flops = {}, {}
+        for name, (graph, specs) in built.items():
+            examples = list(example_inputs) + [_example_buffer(s, region.num_tokens) for s in specs]
+            flops[name] = count_flops(graph, examples)
+            variants[name] = self.compile(graph, examples)
+        return TokenRuntime(
+            policy=cfg.policy,
+            variants=variants,
+            schedule=FullStepSchedule(cfg.warmup_steps, None, cfg.reset_steps),
+            record_specs=runtime_specs(record_specs),
+            partial_specs=runtime_specs(partial_specs),
+            draft_specs=runtime_specs(built[DRAFT][1]) if DRAFT in built else [],
+            subset_size=k,
+            num_tokens=region.num_tokens,
+            c2_share=cfg.c2_share,
+            score_lambda=cfg.score_lambda,
+            draft_steps=cfg.draft_steps,
+            latent_index=_latent_input_index(gm, inputs),
+            draft_update=cfg.draft_update,
+            flops=flops,
+            info={"branches": len(branches), "branch_kinds": count_kinds(branches),
+                  "attention_sites": sum(s.key_layout is not None for s in region.sites)},
+            graphs=graphs,
             **common,
         )
 
@@ -151,6 +210,45 @@ class SpecDiffBackend:
             runtime = ref()
             if runtime is not None and (owned & params or (not owned and not params)):
                 return runtime
+        return None
+
+
+def _example_buffer(spec, num_tokens: int) -> torch.Tensor:
+    if spec.role == "index":  # valid, distinct token positions
+        return torch.arange(spec.shape[1], device=spec.device).expand(spec.shape).contiguous()
+    return torch.zeros(spec.shape, dtype=spec.dtype, device=spec.device)
+
+
+def _latent_input_index(gm: fx.GraphModule, inputs) -> int | None:
+    """The user input the model's first output predicts for (the latents), if any."""
+    output = next(iter(gm.graph.find_nodes(op="output")))
+    first = output.args[0][0] if isinstance(output.args[0], (tuple, list)) else output.args[0]
+    meta = first.meta.get("example_value") if isinstance(first, fx.Node) else None
+    placeholders = list(gm.graph.find_nodes(op="placeholder"))
+    if meta is None:
+        return None
+    candidates = []
+    for i in inputs.user_indices:
+        value = placeholders[i].meta.get("example_value")
+        if isinstance(value, torch.Tensor) and value.dim() == meta.dim() and value.shape[0] == meta.shape[0] \
+                and tuple(value.shape[2:]) == tuple(meta.shape[2:]):
+            candidates.append(i)
+    named = [i for i in candidates if "encoder" not in placeholders[i].name]
+    return (named or [None])[0]
+
+
+def count_flops(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> int | None:
+    """Matmul-like FLOPs of one call (torch.utils.flop_counter), run on fake tensors."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.utils.flop_counter import FlopCounterMode
+
+    try:
+        with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+            fake = [mode.from_tensor(x) if isinstance(x, torch.Tensor) else x for x in example_inputs]
+            with FlopCounterMode(display=False) as counter:
+                gm(*fake)
+        return int(counter.get_total_flops())
+    except Exception:  # the estimate is informative only
         return None
 
 

@@ -3,9 +3,16 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields, replace
+from typing import Callable
 
 POLICIES = ("off", "fora", "specdiff")
-IMPLEMENTED_POLICIES = ("off", "fora")
+# Schedule defaults per policy (warm-up full steps, interval, reset steps).
+_SCHEDULE_DEFAULTS = {
+    "off": (1, 1, ()),
+    "fora": (2, 3, ()),
+    # RAS/SpecDiff: full steps 0-3 and full "reset" steps later (12 and 20 of 28).
+    "specdiff": (4, 1, (12, 20)),
+}
 COMPILERS = ("inductor", "eager")
 
 
@@ -14,12 +21,20 @@ class SpecDiffConfig:
     """Configuration of the specdiff backend.
 
     policy:        ``"off"`` (plain compile, step tracking only), ``"fora"`` (recompute every
-                   residual branch at full steps, reuse every branch output in between).
-                   ``"specdiff"`` (token-level SpecDiff) is reserved and not implemented yet.
-    warmup_steps:  full steps at the start of each trajectory.
-    interval:      after warm-up, one full step every ``interval`` steps (1 = all full).
-    reset_steps:   extra steps that are always full.
-    cache_ratio:   share of tokens served from caches at partial steps (token policies).
+                   residual branch at full steps, reuse every branch output in between),
+                   ``"specdiff"`` (token-level: only the most important image tokens are
+                   computed at partial steps; see DESIGN.md §1).
+    warmup_steps:  full steps at the start of each trajectory (default per policy).
+    interval:      fora: after warm-up, one full step every ``interval`` steps (1 = all full).
+    reset_steps:   extra steps that are always full (default per policy).
+    cache_ratio:   specdiff: share of image tokens *not* computed at partial steps
+                   (C2 + C3); the computed subset has k = round((1 - cache_ratio) * N).
+    c2_share:      specdiff: score-mass share of the lowest-scoring tokens that reuse
+                   their last value as is (C2); the rest of the cached tokens mix history (C3).
+    score_lambda:  specdiff: λ in exp(λ · cached_count), the anti-starvation term.
+    draft_steps:   specdiff: steps of the self-speculative draft (0 or 1 disables it).
+    draft_update:  specdiff: ``f(x, model_output, t, t_next, scale) -> x_next`` advancing
+                   the draft; default: Euler step of a velocity (flow-matching) model.
     compiler:      ``"inductor"`` (default) or ``"eager"`` to run the rewritten graphs
                    uncompiled, for fast tests and debugging.
     inductor_config: ``config_patches`` passed to Inductor's ``compile_fx``.
@@ -27,10 +42,14 @@ class SpecDiffConfig:
     """
 
     policy: str = "fora"
-    warmup_steps: int = 2
-    interval: int = 3
-    reset_steps: tuple[int, ...] = ()
-    cache_ratio: float = 0.0
+    warmup_steps: int | None = None
+    interval: int | None = None
+    reset_steps: tuple[int, ...] | None = None
+    cache_ratio: float = 0.75
+    c2_share: float = 0.1
+    score_lambda: float = 0.3
+    draft_steps: int = 2
+    draft_update: Callable | None = None
     compiler: str = "inductor"
     inductor_config: dict = field(default_factory=dict)
     timestep_input: str | None = None
@@ -38,11 +57,10 @@ class SpecDiffConfig:
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
             raise ValueError(f"SpecDiffConfig.policy must be one of {POLICIES}, got {self.policy!r}")
-        if self.policy not in IMPLEMENTED_POLICIES:
-            raise NotImplementedError(
-                f"SpecDiffConfig.policy={self.policy!r} is not implemented yet; "
-                f"available: {IMPLEMENTED_POLICIES}"
-            )
+        warmup, interval, reset = _SCHEDULE_DEFAULTS[self.policy]
+        for name, default in (("warmup_steps", warmup), ("interval", interval), ("reset_steps", reset)):
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, default)
         if self.compiler not in COMPILERS:
             raise ValueError(f"SpecDiffConfig.compiler must be one of {COMPILERS}, got {self.compiler!r}")
         for name in ("warmup_steps", "interval"):
@@ -61,6 +79,14 @@ class SpecDiffConfig:
         object.__setattr__(self, "reset_steps", reset)
         if not isinstance(self.cache_ratio, (int, float)) or not 0.0 <= float(self.cache_ratio) < 1.0:
             raise ValueError(f"SpecDiffConfig.cache_ratio must be in [0, 1), got {self.cache_ratio!r}")
+        if not isinstance(self.c2_share, (int, float)) or not 0.0 <= float(self.c2_share) < 1.0:
+            raise ValueError(f"SpecDiffConfig.c2_share must be in [0, 1), got {self.c2_share!r}")
+        if not isinstance(self.score_lambda, (int, float)) or self.score_lambda < 0:
+            raise ValueError(f"SpecDiffConfig.score_lambda must be >= 0, got {self.score_lambda!r}")
+        if not isinstance(self.draft_steps, int) or self.draft_steps < 0:
+            raise ValueError(f"SpecDiffConfig.draft_steps must be an int >= 0, got {self.draft_steps!r}")
+        if self.draft_update is not None and not callable(self.draft_update):
+            raise TypeError("SpecDiffConfig.draft_update must be callable")
         if not isinstance(self.inductor_config, dict):
             raise TypeError("SpecDiffConfig.inductor_config must be a dict of Inductor config patches")
 
@@ -68,4 +94,7 @@ class SpecDiffConfig:
         unknown = set(changes) - {f.name for f in fields(self)}
         if unknown:
             raise TypeError(f"unknown SpecDiffConfig field(s): {sorted(unknown)}")
+        if "policy" in changes:  # schedule fields not given follow the new policy's defaults
+            for name in ("warmup_steps", "interval", "reset_steps"):
+                changes.setdefault(name, None)
         return replace(self, **changes)

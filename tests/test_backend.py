@@ -20,6 +20,10 @@ FAMILIES = ["dit", "pixart", "sd3", "flux", "unet"]
     (dict(interval=0), "interval"),
     (dict(warmup_steps=0), "warmup_steps"),
     (dict(cache_ratio=1.0), "cache_ratio"),
+    (dict(c2_share=-0.1), "c2_share"),
+    (dict(score_lambda=-1), "score_lambda"),
+    (dict(draft_steps=-1), "draft_steps"),
+    (dict(draft_update=3), "draft_update"),
     (dict(reset_steps=(-1,)), "reset_steps"),
 ])
 def test_config_rejects_bad_values(bad, match):
@@ -27,9 +31,12 @@ def test_config_rejects_bad_values(bad, match):
         SpecDiffConfig(**bad)
 
 
-def test_config_specdiff_policy_is_not_silently_accepted():
-    with pytest.raises(NotImplementedError, match="specdiff"):
-        SpecDiffConfig(policy="specdiff")
+def test_config_schedule_defaults_follow_the_policy():
+    fora = SpecDiffConfig(policy="fora")
+    spec = fora.replace(policy="specdiff")
+    assert (fora.warmup_steps, fora.interval) == (2, 3)
+    assert (spec.warmup_steps, spec.reset_steps) == (4, (12, 20))
+    assert SpecDiffConfig(policy="specdiff", warmup_steps=2).warmup_steps == 2
 
 
 def test_make_backend_overrides_and_unknown_fields():

@@ -7,8 +7,10 @@ from .cache_slots import BufferSpec, CacheSlot, CacheSlots
 from .runtime import FULL, REUSE, SpecDiffRuntime, warn_fallback
 from .schedule import AlwaysFull, FullStepSchedule
 from .step_tracker import StepEvent, StepTracker
+from .token_runtime import DRAFT, PARTIAL, TokenRuntime, TokenSlot, flow_matching_update
 
 __all__ = [
+    "DRAFT", "PARTIAL", "TokenRuntime", "TokenSlot", "flow_matching_update",
     "AlwaysFull", "BufferSpec", "CacheSlot", "CacheSlots", "FULL", "FullStepSchedule",
     "REUSE", "SpecDiffRuntime", "StepEvent", "StepTracker", "warn_fallback",
 ]

@@ -17,6 +17,7 @@ class BufferSpec:
     shape: tuple[int, ...]
     dtype: torch.dtype
     device: torch.device
+    role: str = ""
 
     @property
     def nbytes(self) -> int:

@@ -74,10 +74,20 @@ class SpecDiffRuntime:
         if sig != self._signature:
             # Dynamo guards make this rare; with dynamic shapes it is the last line of defence.
             self._signature = sig
-            self.slots.clear()
-            self.tracker.invalidate()
-            self._invalidations += 1
+            self.invalidate()
         event = self.tracker.observe(self._read_timestep(args))
+        out, kind, details = self._run_step(args, event)
+        self._record(event, kind, details)
+        return out
+
+    def invalidate(self) -> None:
+        """Drop every cache; the next call starts a new trajectory."""
+        self.slots.clear()
+        self.tracker.invalidate()
+        self._invalidations += 1
+
+    def _run_step(self, args: Sequence[Any], event) -> tuple[Any, str, dict | None]:
+        """Branch-level policy: reuse every cached branch output between full steps."""
         slot = self.slots[event.slot]
         use_cache = (
             REUSE in self.variants
@@ -88,8 +98,7 @@ class SpecDiffRuntime:
         out = self.variants[kind](*args, *slot.buffers)
         if kind == FULL:
             slot.stamp(event.trajectory, event.step)
-        self._record(event, kind)
-        return out
+        return out, kind, None
 
     def _read_timestep(self, args: Sequence[Any]) -> float:
         t = args[self.timestep_index]
@@ -112,7 +121,7 @@ class SpecDiffRuntime:
         self._invalidations = 0
         self._plan: list[dict] = []
 
-    def _record(self, event, kind: str) -> None:
+    def _record(self, event, kind: str, details: dict | None = None) -> None:
         self._calls += 1
         if event.new_trajectory:
             self._trajectories += 1
@@ -121,9 +130,11 @@ class SpecDiffRuntime:
             self._steps += 1
             self._plan.append({"step": event.step, "timestep": event.timestep, "calls": []})
         entry = self._plan[-1]
-        if kind == REUSE and REUSE not in entry["calls"]:
+        if kind != FULL and all(c == FULL for c in entry["calls"]):
             self._cached_steps += 1
         entry["calls"].append(kind)
+        if details:
+            entry.setdefault("details", []).append(details)
 
     # ------------------------------------------------------------------ reporting
     def stats(self) -> dict:
@@ -139,8 +150,12 @@ class SpecDiffRuntime:
             "cache_slots": len(self.slots._slots),
             "cache_bytes": self.slots.allocated_bytes,
             "plan": [dict(e, calls=list(e["calls"])) for e in self._plan],
+            **self._extra_stats(),
             **self.info,
         }
+
+    def _extra_stats(self) -> dict:
+        return {}
 
     def report(self) -> str:
         from tabulate import tabulate
@@ -154,13 +169,21 @@ class SpecDiffRuntime:
             ["calls", s["calls"]],
             ["cache memory", f"{s['cache_bytes'] / 2**20:.2f} MiB in {s['cache_slots']} slot(s)"],
         ]
-        for key in ("branches", "branch_kinds"):
+        for key in ("branches", "branch_kinds", "draft_steps", "partial_steps", "image_tokens",
+                    "subset_tokens", "attention_sites"):
             if key in s:
                 head.append([key, s[key]])
-        plan = [[e["step"], f"{e['timestep']:.2f}", " ".join(e["calls"])] for e in s["plan"]]
+        plan = []
+        for e in s["plan"]:
+            row = [e["step"], f"{e['timestep']:.2f}", " ".join(e["calls"])]
+            d = (e.get("details") or [{}])[0]
+            row += [d.get("c1", ""), d.get("c2", ""), d.get("c3", ""),
+                    f"{d['est_flops_saved']:.0%}" if "est_flops_saved" in d else ""]
+            plan.append(row)
         text = tabulate(head, tablefmt="simple")
         if plan:
-            text += "\n\nlatest trajectory\n" + tabulate(plan, headers=["step", "timestep", "calls"])
+            text += "\n\nlatest trajectory\n" + tabulate(
+                plan, headers=["step", "timestep", "calls", "C1", "C2", "C3", "FLOPs saved"])
         return text
 
 

@@ -1,0 +1,74 @@
+"""SpecDiff token scoring and classification (DESIGN.md §1), as pure tensor functions.
+
+score_i = his_i · fut_i · exp(λ · cached_count_i), with ``his`` and ``fut`` normalised to
+mean 1 per batch element so neither scale dominates.  C1 (compute) is the top ``k`` by
+score; C2 (reuse as is) the lowest-scoring tokens holding the bottom ``c2_share`` of the
+score mass; C3 (history mix) the rest.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def normalise(importance: torch.Tensor) -> torch.Tensor:
+    """Scale each row to mean 1 (rows of zeros stay uniform ones)."""
+    mean = importance.mean(dim=-1, keepdim=True)
+    return torch.where(mean > 0, importance / mean.clamp_min(1e-30), torch.ones_like(importance))
+
+
+def token_scores(his: torch.Tensor, fut: torch.Tensor | None, cached_count: torch.Tensor,
+                 lam: float) -> torch.Tensor:
+    score = normalise(his.float())
+    if fut is not None:
+        score = score * normalise(fut.float())
+    return score * torch.exp(lam * cached_count.float())
+
+
+def classify_tokens(scores: torch.Tensor, k: int, c2_share: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(index, reuse_mask)``: the C1 subset per row (sorted) and the C2 mask (C3 = neither)."""
+    batch, n = scores.shape
+    index = torch.topk(scores, k, dim=1).indices.sort(dim=1).values
+    c1 = torch.zeros(batch, n, dtype=torch.bool, device=scores.device)
+    c1.scatter_(1, index, True)
+    rest = scores.masked_fill(c1, float("inf"))
+    order = torch.argsort(rest, dim=1)
+    sorted_scores = torch.gather(scores.masked_fill(c1, 0.0), 1, order)
+    budget = c2_share * scores.sum(dim=1, keepdim=True)
+    in_c2_sorted = sorted_scores.cumsum(dim=1) <= budget
+    reuse = torch.zeros_like(c1)
+    reuse.scatter_(1, order, in_c2_sorted)
+    return index, reuse & ~c1
+
+
+def history_mix_weights(history_timesteps: list[float], timestep: float) -> torch.Tensor:
+    """C3 weights over the last three outputs, as reported by the paper:
+
+        W_i = e^{-i} (T_{t+i} - T_t) / sum_j e^{-j} (T_{t+j} - T_t),  i = 1..3,
+
+    where T_{t+i} is the timestep of the i-th most recent stored output (earlier in
+    sampling, so larger) and T_t the current one.  Our reading: a convex combination
+    whose weights grow with the time gap and decay exponentially with age; it is an
+    average of past features, not an extrapolation.  Missing entries get weight 0.
+    """
+    raw = [math.exp(-(i + 1)) * max(t_hist - timestep, 0.0) for i, t_hist in enumerate(history_timesteps[:3])]
+    total = sum(raw)
+    if total <= 0:
+        raw, total = [1.0], 1.0
+    weights = [r / total for r in raw] + [0.0] * (3 - len(raw))
+    return torch.tensor(weights[:3], dtype=torch.float32)
+
+
+def draft_timesteps(first: float, steps: int) -> list[float]:
+    """Timesteps of a ``steps``-step draft starting where the trajectory starts, ending at 0."""
+    return [first * (1.0 - j / steps) for j in range(steps)]
+
+
+def future_importance(records: list[tuple[float, torch.Tensor]], timestep: float) -> torch.Tensor | None:
+    """The draft record at the nearest draft timestep after ``timestep`` in sampling order."""
+    if not records:
+        return None
+    later = [imp for t, imp in records if t < timestep]
+    return later[0] if later else records[-1][1]
