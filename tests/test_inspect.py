@@ -14,10 +14,17 @@ from torch.utils.flop_counter import FlopCounterMode
 from specdiff_fx.cli import main as cli_main
 from specdiff_fx import make_backend
 from specdiff_fx.inspect import capture_graph, diff, inspect_compiled, inspect_graph, render_text
-from specdiff_fx.inspect.cost import B, D, N, T, ModelSizes
+from specdiff_fx.inspect import build_report
+from specdiff_fx.inspect.cost import B, D, K_SUBSET, N, T, ModelSizes
 from specdiff_fx.inspect.html import write_html
 from specdiff_fx.passes import copy_graph_module
 from specdiff_fx.passes.residual_branches import count_kinds
+from specdiff_fx.passes.token_axis import analyze_token_axis
+from specdiff_fx.passes.token_variants import (
+    build_token_draft_variant,
+    build_token_partial_variant,
+    build_token_record_variant,
+)
 from specdiff_fx.tiny_models import build_tiny
 from test_residual_branches import EXPECTED
 
@@ -123,6 +130,36 @@ def test_symbols_follow_roles_not_values(captured):
     assert sizes.sequence(21) == N + T and sizes.channels(96) == 6 * D and sizes.channels(12) == 12
 
 
+@pytest.mark.parametrize("family", ["dit", "sd3"])
+def test_token_variants_show_new_kinds_and_cost_at_k(family, captured):
+    """Variants built by the token-level passes: new tags, ``k`` in the formulas, exact FLOPs."""
+    gm, example, _ = captured(family)
+    region = analyze_token_axis(gm)
+    k = 8
+    built = {"full": build_token_record_variant(gm, region), "partial": build_token_partial_variant(gm, region, k),
+             "draft": build_token_draft_variant(gm, region)}
+    report = build_report(gm, {n: g for n, (g, _) in built.items()}, {n: s for n, (_, s) in built.items()},
+                          "token", family)
+    variants = {v.name: v for v in report.variants}
+    assert report.sizes.subset == k and K_SUBSET in variants["partial"].flops.expr.free_symbols
+    kinds = variants["partial"].diff.kinds()
+    assert {"token_gather", "kv_completion", "token_compose"} <= set(kinds)
+    assert "importance_score" in variants["draft"].diff.kinds()
+    assert all(not v.notes for v in report.variants), [v.notes for v in report.variants]
+    self_sites = [a for a in report.attention if a.kind in ("self", "joint")]
+    assert self_sites
+    for site in self_sites:  # queries: the k computed tokens (+ text); keys: completed from caches
+        assert site.status["partial"].startswith(("computed on k tokens", "computed on T + k tokens"))
+        assert "kv_completion" in site.status["partial"]
+    assert {"token"} <= {level for b in report.branches for level in b.levels}
+    for name, (graph, specs) in built.items():
+        buffers = [torch.arange(s.shape[-1]).expand(s.shape).contiguous() if s.role == "index"
+                   else torch.zeros(s.shape, dtype=s.dtype) for s in specs]
+        counted = _counted_flops(graph, example + buffers)
+        assert variants[name].flops.value == pytest.approx(counted, rel=0.05), name
+    assert variants["partial"].flops.value < report.original_flops.value < variants["full"].flops.value
+
+
 def test_inspect_a_compiled_model():
     """The report reads the graphs the backend really built for a compiled model."""
     case = build_tiny("dit")
@@ -153,8 +190,8 @@ def test_cli_text_html_and_errors(tmp_path):
         assert expected in text
     err = io.StringIO()
     with contextlib.redirect_stderr(err):
-        assert cli_main(["inspect", "dit", "--policy", "specdiff"]) == 2
-    assert "not implemented" in err.getvalue()
+        assert cli_main(["inspect", "no_such_family"]) == 2
+    assert "module:factory" in err.getvalue()
 
 
 def test_html_report_renders_in_headless_chromium(captured, tmp_path):

@@ -11,12 +11,16 @@ What is counted: matrix products only, 2 FLOPs per multiply-add -- the same ops
 * linear:    ``2 · rows · K · O``
 * conv:      ``2 · B · positions · C_out · C_in/groups · kernel`` (output positions;
   input positions for transposed convs)
-* attention: ``2 · B · H · Lq · Lk · (D + D_v)`` (``QKᵀ`` and ``AV``; softmax not counted)
+* attention: ``2 · B · H · Lq · Lk · (D + D_v)`` (``QKᵀ`` and ``AV``; softmax not counted);
+  importance scoring (``token_ops.attention_received``): ``QKᵀ`` only
 * matmul, bmm, baddbmm, two-operand einsum: ``2 · |output| · contracted size``
 
 Norms, activations and elementwise ops count zero (memory-bound, small next to the above).
 Note: FlopCounterMode has no formula for CPU's fused attention kernel; count attention
 with it under ``sdpa_kernel(SDPBackend.MATH)``, where attention is two counted ``bmm``.
+Any other node FlopCounterMode sees doing matrix work (a new helper a rewrite inserts)
+is costed by that measurement and listed as *unmodelled*, so totals are never silently
+short.  Variants are costed on shapes from a fresh fake-tensor run, not the traced ones.
 
 Sizes become symbols by the *role* of a dimension in its op, never by value alone (the
 tiny DiT has ``N = d = 16``): the first dimension of an activation is the batch ``B``;
@@ -29,17 +33,20 @@ Anything else stays a number.  Repeated blocks with equal cost collapse to ``L·
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import operator
 from collections import Counter
-from dataclasses import dataclass
-from typing import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Sequence
 
 import sympy
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
 
+from ..passes import token_ops
 from ..passes import block_of, find_graph_inputs, module_path_of
 from ..passes.graph_queries import is_attention, is_conv, is_linear, tensor_meta
 from ..passes.residual_branches import CONTEXT_STREAM, IMAGE_STREAM, JOINT_STREAM, ResidualBranch
@@ -86,13 +93,12 @@ class ModelSizes:
         return B if n == self.batch else sympy.Integer(n)
 
     def sequence(self, n: int) -> sympy.Expr:
+        """A sequence length; the model's own sizes win over the subset k when they coincide."""
         if n <= 1:
             return sympy.Integer(n)
         candidates: list[tuple[sympy.Expr, int | None]] = [
-            (N, self.tokens), (K_SUBSET, self.subset), (T, self.text_tokens)]
-        if self.text_tokens is not None:
-            candidates += [(N + T, _sum(self.tokens, self.text_tokens)),
-                           (K_SUBSET + T, _sum(self.subset, self.text_tokens))]
+            (N, self.tokens), (T, self.text_tokens), (N + T, _sum(self.tokens, self.text_tokens)),
+            (K_SUBSET, self.subset), (K_SUBSET + T, _sum(self.subset, self.text_tokens))]
         if self.layout == "channels" and self.tokens:
             candidates += [(N / r, self.tokens // r) for r in _PYRAMID_FACTORS if self.tokens % r == 0]
         for expr, value in candidates:
@@ -106,24 +112,29 @@ class ModelSizes:
         return sympy.Integer(n)
 
     def activation(self, shape: Sequence[int]) -> sympy.Expr:
-        """Element count of a (B, seq..., width) or (B, width, H, W) tensor."""
+        """Element count of a buffer: (B, width, H, W) in the channels layout; otherwise
+        (B, ..., width) whose inner dims that are sequence lengths count as such and the
+        rest (heads, head dim, width) multiply into channels -- (B, H, N+T, D) is
+        ``B·(N+T)·d``.  A (B, X) buffer is a per-token one (scores, masks, indices)."""
         shape = [int(s) for s in shape]
         if not shape:
             return sympy.Integer(1)
         head = self.batch_dim(shape[0])
         if self.layout == "channels" and len(shape) >= 3:
             return head * self.channels(shape[1]) * self.sequence(math.prod(shape[2:]))
-        if len(shape) == 1:
-            return head
-        middle = [self.sequence(s) for s in shape[1:-1]]
-        return head * sympy.Mul(*middle) * self.channels(shape[-1])
+        if len(shape) <= 2:
+            return head * sympy.Mul(*(self.sequence(s) for s in shape[1:]))
+        inner = [self.sequence(s) for s in shape[1:-1]]
+        sequences = [e for e in inner if not e.is_Integer]
+        rest = math.prod(s for s, e in zip(shape[1:-1], inner) if e.is_Integer) * shape[-1]
+        return head * sympy.Mul(*sequences) * self.channels(rest)
 
 
 def _sum(a: int | None, b: int | None) -> int | None:
     return None if a is None or b is None else a + b
 
 
-def infer_sizes(gm: fx.GraphModule, branches: Sequence[ResidualBranch]) -> ModelSizes:
+def infer_sizes(gm: fx.GraphModule, branches: Sequence[ResidualBranch], subset: int | None = None) -> ModelSizes:
     """Batch, image tokens, width and text tokens, read off the residual branches' shapes.
 
     Text tokens come from a context-stream branch, a joint branch (minus the image
@@ -136,16 +147,16 @@ def infer_sizes(gm: fx.GraphModule, branches: Sequence[ResidualBranch]) -> Model
         nodes = list(gm.graph.find_nodes(op="placeholder"))
         metas = [tensor_meta(nodes[i]) for i in user]
         batch = next((int(m.shape[0]) for m in metas if m is not None and m.dim() > 0), None)
-        return ModelSizes(batch=batch)
+        return ModelSizes(batch=batch, subset=subset)
     shape = image[0].shape
     if len(shape) >= 4:
         return ModelSizes(batch=shape[0], tokens=math.prod(shape[2:]), width=shape[1],
-                          text_tokens=_cross_attention_keys(gm, branches), layout="channels")
+                          text_tokens=_cross_attention_keys(gm, branches), subset=subset, layout="channels")
     tokens = shape[1]
     context = [b.shape[1] for b in branches if b.stream == CONTEXT_STREAM and len(b.shape) == 3]
     joint = [b.shape[1] - tokens for b in branches if b.stream == JOINT_STREAM and len(b.shape) == 3]
     text = (context or [t for t in joint if t > 0] or [_cross_attention_keys(gm, branches)])[0]
-    return ModelSizes(batch=shape[0], tokens=tokens, width=shape[-1], text_tokens=text)
+    return ModelSizes(batch=shape[0], tokens=tokens, width=shape[-1], text_tokens=text, subset=subset)
 
 
 def _cross_attention_keys(gm: fx.GraphModule, branches: Sequence[ResidualBranch]) -> int | None:
@@ -159,95 +170,172 @@ def _cross_attention_keys(gm: fx.GraphModule, branches: Sequence[ResidualBranch]
     return lengths.most_common(1)[0][0] if lengths else None
 
 
-# -------------------------------------------------------------------- per-op FLOPs
-def _operand(node: fx.Node, index: int, name: str):
+# -------------------------------------------------------------------- shapes
+def attention_operands(node: fx.Node, value_of: Callable[[Any], Any] = tensor_meta):
+    """(query, key, value) tensors of an sdpa-like node, given positionally or by name."""
+    return tuple(_operand(node, i, n, value_of) for i, n in enumerate(("query", "key", "value")))
+
+
+def _operand(node: fx.Node, index: int, name: str, value_of: Callable[[Any], Any]):
     value = node.args[index] if len(node.args) > index else node.kwargs.get(name)
-    return tensor_meta(value) if isinstance(value, fx.Node) else None
+    return value_of(value) if isinstance(value, fx.Node) else None
 
 
-def attention_operands(node: fx.Node):
-    """(query, key, value) example tensors of an sdpa node, given positionally or by name."""
-    return tuple(_operand(node, i, n) for i, n in enumerate(("query", "key", "value")))
+@dataclass(frozen=True)
+class PropagatedShapes:
+    """Tensors (fake) each node of a variant produces, and FLOPs measured per node.
+
+    A rewrite changes shapes without updating the traced metadata (a partial variant's
+    attention runs on k queries while its ``example_value`` still says N), so variant
+    costs are read from a fresh fake-tensor run.  ``measured`` holds FlopCounterMode's
+    count per node; it is used only for nodes no symbolic rule covers.
+    """
+
+    values: dict[str, torch.Tensor]
+    measured: dict[str, int]
+
+    def value_of(self, node: Any):
+        value = self.values.get(node.name) if isinstance(node, fx.Node) else None
+        return value if isinstance(value, torch.Tensor) else None
 
 
-def _linear_flops(node: fx.Node, sizes: ModelSizes) -> sympy.Expr | None:
-    x, w = _operand(node, 0, "input"), _operand(node, 1, "weight")
-    if x is None or w is None or x.dim() < 1:
-        return None
-    lead = [int(s) for s in x.shape[:-1]]
-    rows = sizes.batch_dim(lead[0]) * sizes.sequence(math.prod(lead[1:])) if lead else 1
-    return 2 * rows * sizes.channels(int(w.shape[1])) * sizes.channels(int(w.shape[0]))
+def propagate_shapes(gm: fx.GraphModule, buffers: Iterable[Any] = ()) -> PropagatedShapes:
+    """Run ``gm`` on fake tensors built from its placeholders' traced metadata, or from
+    ``buffers`` (objects with ``name``/``input_name``, ``shape``, ``dtype``) for added inputs."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    specs = {getattr(b, "input_name", None) or b.name: b for b in buffers}
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    values: dict[str, torch.Tensor] = {}
+    measured: dict[str, int] = {}
+
+    class Recorder(fx.Interpreter):
+        def run_node(self, node: fx.Node) -> Any:
+            if node.op not in ("call_function", "call_method"):
+                out = super().run_node(node)
+            else:
+                with FlopCounterMode(display=False) as counter:
+                    out = super().run_node(node)
+                measured[node.name] = counter.get_total_flops()
+            values[node.name] = out
+            return out
+
+    inputs = []
+    with mode:
+        for node in gm.graph.find_nodes(op="placeholder"):
+            traced = tensor_meta(node)
+            spec = specs.get(node.name)
+            if traced is not None:
+                inputs.append(torch.empty_strided(traced.shape, traced.stride(), dtype=traced.dtype,
+                                                  device=traced.device))
+            elif spec is not None:
+                inputs.append(torch.zeros(spec.shape, dtype=spec.dtype, device=getattr(spec, "device", "cpu")))
+            else:
+                raise ValueError(f"input {node.name!r} has neither traced metadata nor a buffer spec")
+        Recorder(gm).run(*inputs)
+    return PropagatedShapes(values, measured)
 
 
-def _conv_flops(node: fx.Node, sizes: ModelSizes) -> sympy.Expr | None:
-    x, w, out = _operand(node, 0, "input"), _operand(node, 1, "weight"), tensor_meta(node)
-    if x is None or w is None or out is None:
-        return None
-    positions = (x if node.target in _TRANSPOSED_CONV else out).shape[2:]
-    kernel = math.prod(int(s) for s in w.shape[2:])
-    return (2 * sizes.batch_dim(int(x.shape[0])) * sizes.sequence(math.prod(positions))
-            * sizes.channels(int(w.shape[0])) * sizes.channels(int(w.shape[1])) * kernel)
+# -------------------------------------------------------------------- per-op FLOPs
+class FlopModel:
+    """Symbolic FLOPs per node, from its operands' shapes.
 
+    Shapes come from the traced metadata, or from :func:`propagate_shapes` for a variant.
+    A node no rule covers but FlopCounterMode measured as doing matrix work counts as that
+    number, and its target is listed in ``unmodelled`` so a report can say so.
+    """
 
-def _attention_flops(node: fx.Node, sizes: ModelSizes) -> sympy.Expr | None:
-    q, k, v = attention_operands(node)
-    if q is None or k is None or v is None:
-        return None
-    heads = math.prod(int(s) for s in q.shape[1:-2])
-    batch = sizes.batch_dim(int(q.shape[0]))
-    lq, lk = sizes.sequence(int(q.shape[-2])), sizes.sequence(int(k.shape[-2]))
-    head_widths = sizes.channels(heads * int(q.shape[-1])) + sizes.channels(heads * int(v.shape[-1]))
-    return 2 * batch * lq * lk * head_widths
+    def __init__(self, sizes: ModelSizes, shapes: PropagatedShapes | None = None) -> None:
+        self.sizes = sizes
+        self.shapes = shapes
+        self.value_of = shapes.value_of if shapes is not None else tensor_meta
+        self.unmodelled: Counter[str] = Counter()
 
+    def operand(self, node: fx.Node, index: int, name: str):
+        return _operand(node, index, name, self.value_of)
 
-def _matmul_flops(node: fx.Node, sizes: ModelSizes) -> sympy.Expr | None:
-    """Generic products: symbolic in the batch only (their other dims have no known role)."""
-    out = tensor_meta(node)
-    if out is None:
-        return None
-    if node.target is torch.einsum:
-        return _einsum_flops(node, sizes)
-    first = 1 if node.target in (torch.baddbmm, torch.addmm) else 0
-    a = _operand(node, first, "input" if first == 0 else "batch1")
-    if a is None or a.dim() == 0:
-        return None
-    contracted = int(a.shape[-1])
-    rest = [int(s) for s in out.shape]
-    if not rest:
-        return sympy.Integer(2 * contracted)
-    return 2 * sizes.batch_dim(rest[0]) * math.prod(rest[1:]) * contracted
-
-
-def _einsum_flops(node: fx.Node, sizes: ModelSizes) -> sympy.Expr | None:
-    equation = node.args[0] if node.args and isinstance(node.args[0], str) else None
-    operands = [tensor_meta(a) for a in node.args[1:] if isinstance(a, fx.Node)]
-    if equation is None or len(operands) != 2 or "->" not in equation or "." in equation:
-        return None  # permutations, traces and ellipses: not a product we model
-    inputs, output = equation.replace(" ", "").split("->")
-    letters: dict[str, int] = {}
-    for spec, tensor in zip(inputs.split(","), operands):
-        if tensor is None:
+    def __call__(self, node: fx.Node) -> sympy.Expr | None:
+        if node.op not in ("call_function", "call_method"):
             return None
-        letters.update({c: int(s) for c, s in zip(spec, tensor.shape)})
-    if not set(letters) - set(output):
-        return None  # no contraction: an elementwise product
-    batch_letter = output[0] if output else ""
-    head = sizes.batch_dim(letters[batch_letter]) if batch_letter else sympy.Integer(1)
-    return 2 * head * math.prod(v for c, v in letters.items() if c != batch_letter)
+        if is_linear(node):
+            flops = self.linear(node)
+        elif is_conv(node):
+            flops = self.conv(node)
+        elif is_attention(node):
+            flops = self.attention(node, value_products=True)
+        elif node.op == "call_function" and node.target is token_ops.attention_received:
+            flops = self.attention(node, value_products=False)  # softmax(QKᵀ) only
+        elif node.op == "call_function" and node.target is torch.einsum:
+            flops = self.einsum(node)
+        elif (node.op == "call_function" and node.target in _MATMUL_FUNCTIONS) or (
+                node.op == "call_method" and node.target in _MATMUL_METHODS):
+            flops = self.matmul(node)
+        else:
+            flops = None
+        measured = self.shapes.measured.get(node.name, 0) if self.shapes is not None else 0
+        if flops is None and measured:
+            self.unmodelled[getattr(node.target, "__name__", str(node.target))] += 1
+            return sympy.Integer(measured)
+        return flops
 
+    def linear(self, node: fx.Node) -> sympy.Expr | None:
+        x, w = self.operand(node, 0, "input"), self.operand(node, 1, "weight")
+        if x is None or w is None or x.dim() < 1:
+            return None
+        lead = [int(s) for s in x.shape[:-1]]
+        sizes = self.sizes
+        rows = sizes.batch_dim(lead[0]) * sizes.sequence(math.prod(lead[1:])) if lead else 1
+        return 2 * rows * sizes.channels(int(w.shape[1])) * sizes.channels(int(w.shape[0]))
 
-def node_flops(node: fx.Node, sizes: ModelSizes) -> sympy.Expr | None:
-    """Symbolic FLOPs of one node; None for nodes that do no counted work."""
-    if is_linear(node):
-        return _linear_flops(node, sizes)
-    if is_conv(node):
-        return _conv_flops(node, sizes)
-    if is_attention(node):
-        return _attention_flops(node, sizes)
-    if (node.op == "call_function" and node.target in _MATMUL_FUNCTIONS) or (
-            node.op == "call_method" and node.target in _MATMUL_METHODS):
-        return _matmul_flops(node, sizes)
-    return None
+    def conv(self, node: fx.Node) -> sympy.Expr | None:
+        x, w, out = self.operand(node, 0, "input"), self.operand(node, 1, "weight"), self.value_of(node)
+        if x is None or w is None or out is None:
+            return None
+        positions = (x if node.target in _TRANSPOSED_CONV else out).shape[2:]
+        kernel = math.prod(int(s) for s in w.shape[2:])
+        sizes = self.sizes
+        return (2 * sizes.batch_dim(int(x.shape[0])) * sizes.sequence(math.prod(positions))
+                * sizes.channels(int(w.shape[0])) * sizes.channels(int(w.shape[1])) * kernel)
+
+    def attention(self, node: fx.Node, value_products: bool) -> sympy.Expr | None:
+        q, k, v = attention_operands(node, self.value_of)
+        if q is None or k is None or (value_products and v is None):
+            return None
+        heads = math.prod(int(s) for s in q.shape[1:-2])
+        sizes = self.sizes
+        lq, lk = sizes.sequence(int(q.shape[-2])), sizes.sequence(int(k.shape[-2]))
+        widths = sizes.channels(heads * int(q.shape[-1]))
+        if value_products:
+            widths += sizes.channels(heads * int(v.shape[-1]))
+        return 2 * sizes.batch_dim(int(q.shape[0])) * lq * lk * widths
+
+    def matmul(self, node: fx.Node) -> sympy.Expr | None:
+        """Generic products: symbolic in the batch only (their other dims have no known role)."""
+        out = self.value_of(node)
+        first = 1 if node.target in (torch.baddbmm, torch.addmm) else 0
+        a = self.operand(node, first, "input" if first == 0 else "batch1")
+        if out is None or a is None or a.dim() == 0:
+            return None
+        rest = [int(s) for s in out.shape]
+        head = self.sizes.batch_dim(rest[0]) * math.prod(rest[1:]) if rest else 1
+        return 2 * head * int(a.shape[-1])
+
+    def einsum(self, node: fx.Node) -> sympy.Expr | None:
+        equation = node.args[0] if node.args and isinstance(node.args[0], str) else None
+        operands = [self.value_of(a) for a in node.args[1:] if isinstance(a, fx.Node)]
+        if equation is None or len(operands) != 2 or "->" not in equation or "." in equation:
+            return None  # permutations, traces and ellipses: not a product we model
+        inputs, output = equation.replace(" ", "").split("->")
+        letters: dict[str, int] = {}
+        for spec, tensor in zip(inputs.split(","), operands):
+            if tensor is None:
+                return None
+            letters.update({c: int(s) for c, s in zip(spec, tensor.shape)})
+        if not set(letters) - set(output):
+            return None  # no contraction: an elementwise product
+        batch_letter = output[0] if output else ""
+        head = self.sizes.batch_dim(letters[batch_letter]) if batch_letter else 1
+        return 2 * head * math.prod(v for c, v in letters.items() if c != batch_letter)
 
 
 # -------------------------------------------------------------------- totals
@@ -275,6 +363,7 @@ class Cost:
 
     expr: sympy.Expr
     values: dict
+    unmodelled: dict = field(default_factory=dict)   # op -> count, costed by measurement only
 
     @property
     def value(self) -> int:
@@ -335,25 +424,22 @@ def _node_key(node: fx.Node, block: str) -> str:
     return f"{relative}/{getattr(node.target, '__name__', node.target)}"
 
 
-def graph_flops(gm: fx.GraphModule, sizes: ModelSizes) -> Cost:
+def graph_flops(gm: fx.GraphModule, sizes: ModelSizes, shapes: PropagatedShapes | None = None) -> Cost:
     """FLOPs of running ``gm`` once, as a symbolic total folded by repeated blocks."""
+    model = FlopModel(sizes, shapes)
     items = []
     for node in gm.graph.nodes:
-        flops = node_flops(node, sizes)
+        flops = model(node)
         if flops is not None:
             block = block_of(module_path_of(node))
             items.append((block, _node_key(node, block), flops))
-    return total_by_block(items, sizes)
+    return dataclasses.replace(total_by_block(items, sizes), unmodelled=dict(model.unmodelled))
 
 
 def nodes_flops(nodes: Iterable[fx.Node], sizes: ModelSizes) -> sympy.Expr:
-    """Plain sum of FLOPs of some nodes (e.g. one branch body)."""
-    total = sympy.Integer(0)
-    for node in nodes:
-        flops = node_flops(node, sizes)
-        if flops is not None:
-            total += flops
-    return sympy.factor_terms(total)
+    """Plain sum of FLOPs of some nodes of a traced graph (e.g. one branch body)."""
+    model = FlopModel(sizes)
+    return sympy.factor_terms(sum((f for f in map(model, nodes) if f is not None), sympy.Integer(0)))
 
 
 def cache_bytes(buffers: Iterable[tuple[str, str, Sequence[int], torch.dtype]], sizes: ModelSizes) -> Cost:

@@ -6,9 +6,9 @@ the residual branches (``passes``), the variant graphs the backend built (the ru
 the passes put on the nodes they insert or change.
 
 *Status* of a branch or attention site in a variant: whether its heavy ops still run
-("computed", "skipped", or "3/7 heavy ops" for partial rewrites) and the tags of the
-rewritten nodes touching it.  The *caching level* is a tag's prefix (``branch_reuse`` ->
-``branch``; token-level kinds are expected to be named ``token_*``).
+("computed", "computed on k tokens", "skipped", or "3/7 heavy ops") and the tags of the
+rewritten nodes touching it.  The *caching level* of a tag is "branch" for the FORA
+kinds, "token" for the SpecDiff kinds, and the tag itself for kinds added later.
 
 *Token-wise* (can the branch run on a subset of tokens unchanged?) is derived: a body
 without attention, convolution or group norm acts on every token separately (linear,
@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import sympy
 import torch
@@ -30,15 +30,39 @@ import torch.nn.functional as F
 
 from ..backend import UnsupportedGraph, get_runtime, make_backend
 from ..passes import block_of, find_residual_branches, group_nodes_by_block, module_path_of
-from ..passes.graph_queries import is_attention, is_conv, is_heavy
+from ..passes.branch_cache_variants import CACHE_INPUT_TAG, RECORD_TAG, REUSE_TAG
+from ..passes.graph_queries import is_attention, is_conv, is_heavy, tensor_meta
 from ..passes.residual_branches import ResidualBranch
+from ..passes.token_variants import (
+    INDEX,
+    TAG_CONST,
+    TAG_GATHER,
+    TAG_INPUT,
+    TAG_KV,
+    TAG_SCATTER,
+    TAG_SCORE,
+    TAG_WRITE,
+)
 from ..runtime import FULL, REUSE, SpecDiffRuntime
 from .capture import capture_graph
-from .cost import N, T, Cost, ModelSizes, attention_operands, cache_bytes, graph_flops, infer_sizes, nodes_flops
+from .cost import (
+    N,
+    T,
+    Cost,
+    ModelSizes,
+    PropagatedShapes,
+    attention_operands,
+    cache_bytes,
+    graph_flops,
+    infer_sizes,
+    nodes_flops,
+    propagate_shapes,
+)
 from .graph_diff import GraphDiff, diff
 
 _GROUP_NORM = {F.group_norm, torch.group_norm}
-RUNS_AT = {FULL: "full steps", REUSE: "cached steps (fora's partial step)"}
+RUNS_AT = {FULL: "full steps", REUSE: "cached steps (fora's partial step)",
+           "partial": "partial steps (k tokens computed)", "draft": "draft trajectory"}
 """When the runtime runs each variant; variants not listed show '-'."""
 
 
@@ -74,6 +98,7 @@ class VariantInfo:
     diff: GraphDiff
     flops: Cost
     cache: Cost
+    notes: tuple[str, ...] = ()      # caveats on the numbers (unmodelled ops, traced shapes)
 
     @property
     def runs_at(self) -> str:
@@ -105,18 +130,50 @@ class InspectionReport:
         return [b for b in order if b in shown]
 
 
+_LEVELS = {**dict.fromkeys((RECORD_TAG, REUSE_TAG, CACHE_INPUT_TAG), "branch"),
+           **dict.fromkeys((TAG_GATHER, TAG_SCATTER, TAG_KV, TAG_SCORE, TAG_CONST, TAG_WRITE, TAG_INPUT), "token")}
+
+
 def caching_level(tag: str) -> str:
-    return tag.split("_", 1)[0]
+    """``branch_reuse`` -> ``branch``, ``kv_completion`` -> ``token``; unknown tags name themselves."""
+    return _LEVELS.get(tag, tag)
 
 
-def _status(members: set[str], heavy: list[str], graph: fx.GraphModule) -> tuple[str, set[str]]:
-    present = {n.name for n in graph.graph.nodes}
-    tags = {n.meta["specdiff"] for n in graph.graph.nodes if n.meta.get("specdiff") and (
+def buffer_name(buffer: Any) -> str:
+    """Runtime ``BufferSpec``s have ``name``; the passes' specs have ``input_name``."""
+    return getattr(buffer, "input_name", None) or buffer.name
+
+
+@dataclass(frozen=True)
+class _Variant:
+    """A variant graph with the shapes its nodes really have (None: propagation failed)."""
+
+    name: str
+    graph: fx.GraphModule
+    shapes: PropagatedShapes | None
+    nodes: dict[str, fx.Node]
+
+
+def _status(members: set[str], heavy: list[str], variant: _Variant, sizes: ModelSizes,
+            original: dict[str, fx.Node]) -> tuple[str, set[str]]:
+    nodes = variant.nodes
+    tags = {n.meta["specdiff"] for n in nodes.values() if n.meta.get("specdiff") and (
         n.name in members or any(i.name in members for i in n.all_input_nodes))}
-    kept = sum(h in present for h in heavy)
-    state = ("computed" if kept == len(heavy) else "skipped" if kept == 0
-             else f"{kept}/{len(heavy)} heavy ops")
+    kept = [h for h in heavy if h in nodes]
+    state = ("computed" if len(kept) == len(heavy) else "skipped" if not kept
+             else f"{len(kept)}/{len(heavy)} heavy ops")
+    if kept and variant.shapes is not None:
+        state += _fewer_tokens(original[kept[-1]], variant.shapes.value_of(nodes[kept[-1]]), sizes)
     return (f"{state} · {', '.join(sorted(tags))}" if tags else state), tags
+
+
+def _fewer_tokens(node: fx.Node, now: torch.Tensor | None, sizes: ModelSizes) -> str:
+    """`` on k tokens`` when a rewrite shrank the node's sequence axis, else ''."""
+    traced = tensor_meta(node)
+    if traced is None or now is None or traced.dim() != now.dim() or traced.dim() < 3:
+        return ""
+    changed = [i for i, (a, b) in enumerate(zip(traced.shape, now.shape)) if a != b]
+    return f" on {sizes.sequence(int(now.shape[changed[0]]))} tokens" if changed else ""
 
 
 def _token_wise(body: list[fx.Node]) -> str:
@@ -130,19 +187,19 @@ def _token_wise(body: list[fx.Node]) -> str:
 
 
 def _branch_info(br: ResidualBranch, nodes: dict[str, fx.Node], sizes: ModelSizes,
-                 graphs: dict[str, fx.GraphModule]) -> BranchInfo:
+                 variants: list[_Variant]) -> BranchInfo:
     body = [nodes[n] for n in br.body]
     members = set(br.body) | {br.add, br.output}
     heavy = [n.name for n in body if is_heavy(n)]
     status, levels = {}, set()
-    for name, graph in graphs.items():
-        status[name], tags = _status(members, heavy, graph)
-        levels |= {caching_level(t) for t in tags}
+    for variant in variants:
+        status[variant.name], tags = _status(members, heavy, variant, sizes, nodes)
+        levels |= {caching_level(t) for t in tags} | ({"token"} if " tokens" in status[variant.name] else set())
     return BranchInfo(br, _token_wise(body), nodes_flops(body, sizes), status, tuple(sorted(levels)))
 
 
 def _attention_site(node: fx.Node, branches: list[BranchInfo], sizes: ModelSizes,
-                    graphs: dict[str, fx.GraphModule]) -> AttentionSite:
+                    variants: list[_Variant], nodes: dict[str, fx.Node]) -> AttentionSite:
     q, k, _ = attention_operands(node)
     queries = sizes.sequence(int(q.shape[-2])) if q is not None else sympy.nan
     keys = sizes.sequence(int(k.shape[-2])) if k is not None else sympy.nan
@@ -153,24 +210,22 @@ def _attention_site(node: fx.Node, branches: list[BranchInfo], sizes: ModelSizes
     else:
         kind = "self"
     owners = [b for b in branches if node.name in b.branch.attention_nodes]
-    status = {}
-    for name, graph in graphs.items():
-        members = {node.name} | {m for b in owners for m in (b.branch.add, b.branch.output, *b.branch.body)}
-        status[name], _ = _status(members, [node.name], graph)
+    members = {node.name} | {m for b in owners for m in (b.branch.add, b.branch.output, *b.branch.body)}
+    status = {v.name: _status(members, [node.name], v, sizes, nodes)[0] for v in variants}
     heads = 1 if q is None or q.dim() < 4 else int(q.shape[1])
     return AttentionSite(node.name, module_path_of(node), kind, queries, keys, heads,
                          tuple(b.branch.name for b in owners), status)
 
 
-def _input_modules(graphs: dict[str, fx.GraphModule], names: set[str]) -> dict[str, str]:
+def _input_modules(variants: list[_Variant], names: set[str]) -> dict[str, str]:
     """Module path of each added input: that of its first user with one in any variant.
 
     Placeholders carry no module stack, but the nodes reading or writing a cache carry
     the stack of the residual they belong to.
     """
     modules: dict[str, str] = {}
-    for graph in graphs.values():
-        for node in graph.graph.find_nodes(op="placeholder"):
+    for variant in variants:
+        for node in variant.graph.graph.find_nodes(op="placeholder"):
             if node.name in names and node.name not in modules:
                 paths = [p for p in (module_path_of(u) for u in node.users) if p]
                 if paths:
@@ -186,30 +241,60 @@ def _attribute_inputs(graph_diff: GraphDiff, modules: dict[str, str]) -> GraphDi
     return dataclasses.replace(graph_diff, changes=changes)
 
 
-def build_report(original: fx.GraphModule, variants: dict[str, fx.GraphModule], buffers: Sequence[Any] = (),
-                 policy: str = "?", title: str = "graph") -> InspectionReport:
+def _prepare(name: str, graph: fx.GraphModule, original: fx.GraphModule, buffers: Sequence[Any]) -> tuple[_Variant, str]:
+    nodes = {n.name: n for n in graph.graph.nodes}
+    if graph is original:
+        return _Variant(name, graph, None, nodes), ""
+    try:
+        return _Variant(name, graph, propagate_shapes(graph, buffers), nodes), ""
+    except Exception as exc:  # report what we can; the note says costs use traced shapes
+        return _Variant(name, graph, None, nodes), f"shapes as traced (fake run failed: {type(exc).__name__}: {exc})"
+
+
+def build_report(original: fx.GraphModule, variants: dict[str, fx.GraphModule],
+                 buffers: Mapping[str, Sequence[Any]] | None = None, policy: str = "?", title: str = "graph",
+                 subset: int | None = None) -> InspectionReport:
     """Describe each variant graph against ``original``.
 
-    ``buffers`` are the runtime-owned inputs the variants take (anything with ``name``,
-    ``shape`` and ``dtype``, e.g. the runtime's ``BufferSpec``); they give the cache memory.
+    ``buffers[variant]`` are the runtime-owned inputs that variant takes after the graph's
+    own (objects with ``name`` or ``input_name``, ``shape``, ``dtype``, optionally
+    ``role``): they give the shapes to run it with and the cache memory (each distinct
+    buffer once).  ``subset``: the token count ``k`` of partial variants, by default the
+    length of a buffer whose role is ``index``.
     """
+    buffers = dict(buffers or {})
+    distinct = list({buffer_name(b): b for specs in buffers.values() for b in specs}.values())
+    if subset is None:
+        subset = next((int(b.shape[-1]) for b in distinct if getattr(b, "role", None) == INDEX), None)
     branches = find_residual_branches(original)
-    sizes = infer_sizes(original, branches)
+    sizes = infer_sizes(original, branches, subset)
     nodes = {n.name: n for n in original.graph.nodes}
-    infos = [_branch_info(b, nodes, sizes, variants) for b in branches]
-    sites = [_attention_site(n, infos, sizes, variants) for n in original.graph.nodes if is_attention(n)]
-    modules = _input_modules(variants, {b.name for b in buffers})
+    prepared = [_prepare(name, graph, original, buffers.get(name, ())) for name, graph in variants.items()]
+    runs = [v for v, _ in prepared]
+    infos = [_branch_info(b, nodes, sizes, runs) for b in branches]
+    sites = [_attention_site(n, infos, sizes, runs, nodes) for n in original.graph.nodes if is_attention(n)]
+    modules = _input_modules(runs, {buffer_name(b) for b in distinct})
     memory_items = []
-    for b in buffers:
-        path = modules.get(b.name, "")
+    for b in distinct:
+        path = modules.get(buffer_name(b), "")
         block = block_of(path)
         memory_items.append((block, f"{path[len(block):]}{tuple(b.shape)}", b.shape, b.dtype))
     memory = cache_bytes(memory_items, sizes)
-    reports = [VariantInfo(name, graph, _attribute_inputs(diff(original, graph, name=name), modules),
-                           graph_flops(graph, sizes), memory)
-               for name, graph in variants.items()]
+    reports = []
+    for run, note in prepared:
+        flops = graph_flops(run.graph, sizes, run.shapes)
+        notes = tuple(n for n in (note, _unmodelled_note(flops)) if n)
+        graph_diff = _attribute_inputs(diff(original, run.graph, name=run.name), modules)
+        reports.append(VariantInfo(run.name, run.graph, graph_diff, flops, memory, notes))
     return InspectionReport(title, policy, sizes, original, graph_flops(original, sizes), infos, sites,
-                            reports, tuple(buffers))
+                            reports, tuple(distinct))
+
+
+def _unmodelled_note(flops: Cost) -> str:
+    if not flops.unmodelled:
+        return ""
+    ops = ", ".join(f"{op}×{n}" for op, n in flops.unmodelled.items())
+    return f"no symbolic rule for {ops}: counted as measured by FlopCounterMode"
 
 
 def inspect_runtime(runtime: SpecDiffRuntime, original: fx.GraphModule | None = None,
@@ -226,7 +311,17 @@ def inspect_runtime(runtime: SpecDiffRuntime, original: fx.GraphModule | None = 
     if original is None:
         raise ValueError("this runtime kept no graphs to inspect")
     variants = graphs or {FULL: original}  # policy "off" runs the original graph
-    return build_report(original, variants, runtime.slots.specs, runtime.policy, title)
+    return build_report(original, variants, _variant_buffers(runtime, variants), runtime.policy, title)
+
+
+_PER_VARIANT_SPECS = {FULL: "record_specs", "partial": "partial_specs", "draft": "draft_specs"}
+
+
+def _variant_buffers(runtime: SpecDiffRuntime, variants: dict[str, fx.GraphModule]) -> dict[str, list]:
+    """The buffers each variant is called with: one shared list (``runtime.slots.specs``)
+    or, for a runtime whose variants take different buffers, its ``<role>_specs`` lists."""
+    shared = list(runtime.slots.specs)
+    return {name: list(getattr(runtime, _PER_VARIANT_SPECS.get(name, ""), None) or shared) for name in variants}
 
 
 def inspect_graph(gm: fx.GraphModule, example_inputs: Sequence[Any], policy: str = "fora",

@@ -71,9 +71,11 @@ def formula_lines(report: InspectionReport) -> list[str]:
     for v in report.variants:
         lines.append(f"FLOPs({v.name}) = {formula(v.flops.expr)} = {format_count(v.flops.value)}"
                      f" = {report.flop_ratio(v):.3g} × original")
+        lines += [f"  note ({v.name}): {note}" for note in v.notes]
     memory = report.variants[0].cache if report.variants else None
     if memory is not None and memory.value:
-        lines.append(f"cache memory (every variant) = {formula(memory.expr)} bytes = {format_count(memory.value, 'B')}")
+        lines.append(f"cache memory (runtime-owned buffers) = {formula(memory.expr)} bytes"
+                     f" = {format_count(memory.value, 'B')}")
     return lines
 
 
