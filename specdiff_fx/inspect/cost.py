@@ -46,8 +46,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from ..passes import token_ops
-from ..passes import block_of, find_graph_inputs, module_path_of
+from ..passes import block_of, find_graph_inputs, module_path_of, token_ops
 from ..passes.graph_queries import is_attention, is_conv, is_linear, tensor_meta
 from ..passes.residual_branches import CONTEXT_STREAM, IMAGE_STREAM, JOINT_STREAM, ResidualBranch
 
@@ -60,8 +59,7 @@ B, N, K_SUBSET, T, D = (_symbol(s) for s in ("B", "N", "k", "T", "d"))
 _MAX_WIDTH_MULTIPLE = 12
 _PYRAMID_FACTORS = (4, 16, 64)
 _TRANSPOSED_CONV = {F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d}
-_MATMUL_FUNCTIONS = {torch.matmul, operator.matmul, torch.bmm, torch.mm, torch.baddbmm, torch.addmm,
-                     torch.einsum}
+_MATMUL_FUNCTIONS = {torch.matmul, operator.matmul, torch.bmm, torch.mm, torch.baddbmm, torch.addmm}
 _MATMUL_METHODS = {"matmul", "bmm", "mm", "__matmul__"}
 
 

@@ -33,7 +33,7 @@ summary { cursor: pointer; padding: 3px 0; }
 .delta { float: right; color: #555; font-size: 12.5px; }
 .st-computed { color: #166534; } .st-skipped { color: #6b7280; } .st-partial { color: #9a3412; }
 .tag { font-size: 11.5px; background: #fef3c7; color: #7c4a03; border-radius: 4px; padding: 0 4px; }
-.diffwrap { overflow-x: auto; }
+.diffwrap, .scroll { overflow-x: auto; }
 table.diff { border-collapse: collapse; width: 100%; font-family: ui-monospace, monospace; font-size: 11.5px; }
 table.diff td { padding: 0 4px; vertical-align: top; }
 .diff_header { background: #f3f4f6; color: #888; text-align: right; }
@@ -43,7 +43,7 @@ table.diff td { padding: 0 4px; vertical-align: top; }
 """
 
 
-_WRAPPED_COLUMNS = {"ops", "branch", "kinds (meta['specdiff'])"}
+_WRAPPED_COLUMNS = {"ops", "branch", "kinds (meta['specdiff'])", "body FLOPs", "token-wise", "runs at"}
 
 
 def _status_cell(text: str) -> str:
@@ -70,7 +70,8 @@ def _table(headers: list[str], rows: list[list], status_columns: int = 0) -> str
                 css = ' class="wrap"' if headers[i] in _WRAPPED_COLUMNS else ""
                 cells.append(f"<td{css}>{escape(str(value))}</td>")
         body.append("<tr>" + "".join(cells) + "</tr>")
-    return f'<table class="grid"><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table>'
+    return (f'<div class="scroll"><table class="grid"><thead><tr>{head}</tr></thead>'
+            f'<tbody>{"".join(body)}</tbody></table></div>')
 
 
 def _block_section(report: InspectionReport, block: str, open_: bool) -> str:

@@ -43,7 +43,7 @@ from ..passes.token_variants import (
     TAG_SCORE,
     TAG_WRITE,
 )
-from ..runtime import FULL, REUSE, SpecDiffRuntime
+from ..runtime import DRAFT, FULL, PARTIAL, REUSE, SpecDiffRuntime
 from .capture import capture_graph
 from .cost import (
     N,
@@ -62,7 +62,7 @@ from .graph_diff import GraphDiff, diff
 
 _GROUP_NORM = {F.group_norm, torch.group_norm}
 RUNS_AT = {FULL: "full steps", REUSE: "cached steps (fora's partial step)",
-           "partial": "partial steps (k tokens computed)", "draft": "draft trajectory"}
+           PARTIAL: "partial steps (k tokens computed)", DRAFT: "draft trajectory"}
 """When the runtime runs each variant; variants not listed show '-'."""
 
 
@@ -314,12 +314,12 @@ def inspect_runtime(runtime: SpecDiffRuntime, original: fx.GraphModule | None = 
     return build_report(original, variants, _variant_buffers(runtime, variants), runtime.policy, title)
 
 
-_PER_VARIANT_SPECS = {FULL: "record_specs", "partial": "partial_specs", "draft": "draft_specs"}
+_PER_VARIANT_SPECS = {FULL: "record_specs", PARTIAL: "partial_specs", DRAFT: "draft_specs"}
 
 
 def _variant_buffers(runtime: SpecDiffRuntime, variants: dict[str, fx.GraphModule]) -> dict[str, list]:
     """The buffers each variant is called with: one shared list (``runtime.slots.specs``)
-    or, for a runtime whose variants take different buffers, its ``<role>_specs`` lists."""
+    or, for the token runtime, whose variants take different buffers, its per-variant lists."""
     shared = list(runtime.slots.specs)
     return {name: list(getattr(runtime, _PER_VARIANT_SPECS.get(name, ""), None) or shared) for name in variants}
 
