@@ -121,9 +121,9 @@ def diff(original_gm: fx.GraphModule, rewritten_gm: fx.GraphModule, *,
     """
     before = {n.name: n for n in original_gm.graph.nodes}
     after = {n.name: n for n in rewritten_gm.graph.nodes}
-    changes = [_change(REMOVED, n) for name_, n in before.items() if name_ not in after]
-    for name_, node in after.items():
-        old = before.get(name_)
+    changes = [_change(REMOVED, n) for node_name, n in before.items() if node_name not in after]
+    for node_name, node in after.items():
+        old = before.get(node_name)
         if old is None:
             changes.append(_change(ADDED, node))
         elif _signature(old) != _signature(node):

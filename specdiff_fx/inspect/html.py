@@ -103,7 +103,7 @@ def _block_section(report: InspectionReport, block: str, open_: bool) -> str:
 
 def _in_block(module: str, block: str) -> bool:
     module = "" if module == "<root>" else module
-    return module == block or module.startswith(block + ".") or (not block and not module)
+    return module == block or bool(block) and module.startswith(block + ".")
 
 
 def _code_section(report: InspectionReport) -> str:
