@@ -54,7 +54,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch threads (pinned)")
     parser.add_argument("--compiler", default="inductor", choices=["inductor", "eager"])
     parser.add_argument("--interval", type=int, default=3, help="fora: full step every N steps")
-    parser.add_argument("--warmup-steps", type=int, default=2, help="fora: full steps at the start")
+    parser.add_argument("--cache-ratio", type=float, default=0.75,
+                        help="specdiff: share of image tokens not computed at partial steps")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -70,9 +71,10 @@ def run(args: argparse.Namespace) -> int:
 
     methods = [
         ("baseline", "plain torch.compile", None),
-        ("fora", f"warmup={args.warmup_steps} interval={args.interval}",
-         make_backend(policy="fora", warmup_steps=args.warmup_steps, interval=args.interval,
-                      compiler=args.compiler)),
+        ("fora", f"interval={args.interval}",
+         make_backend(policy="fora", interval=args.interval, compiler=args.compiler)),
+        ("specdiff", f"cache_ratio={args.cache_ratio}",
+         make_backend(policy="specdiff", cache_ratio=args.cache_ratio, compiler=args.compiler)),
     ]
     rows, reference, base_time = [], None, None
     for name, config, backend in methods:
