@@ -46,15 +46,18 @@ from .runtime import (
 
 
 def trace_artifacts(graphs: dict[str, fx.GraphModule], analysis: dict) -> None:
-    """Emit the rewritten graphs (and the analysis) as structured-trace artifacts, so
-    ``TORCH_TRACE`` + tlparse show them next to dynamo's own graphs."""
-    from torch._logging._internal import trace_structured_artifact
+    """Emit the variant graphs (named as the runtime names them) and the analysis as
+    structured-trace artifacts, so ``TORCH_TRACE`` + tlparse show them beside dynamo's."""
+    from torch._logging import trace_structured
 
-    trace_structured_artifact("specdiff_analysis", "json", lambda: json.dumps(analysis, default=str))
+    trace_structured("artifact", metadata_fn=lambda: {"name": "specdiff_analysis", "encoding": "json"},
+                     payload_fn=lambda: json.dumps(analysis, default=str))
     for name, graph in graphs.items():
-        trace_structured_artifact(
-            f"specdiff_{name}_graph", "string",
-            lambda graph=graph: graph.print_readable(print_output=False, include_stride=True),
+        trace_structured(
+            "artifact",
+            metadata_fn=lambda name=name: {"name": f"specdiff_{name}_graph", "encoding": "string"},
+            payload_fn=lambda graph=graph: graph.print_readable(
+                print_output=False, include_stride=True, include_device=True),
         )
 
 
@@ -118,7 +121,7 @@ class SpecDiffBackend:
             return self._token_runtime(gm, example_inputs, inputs, branches, common)
         record, specs = build_branch_record_variant(gm, branches)
         reuse, _ = build_branch_reuse_variant(gm, branches)
-        trace_artifacts({"branch_record": record, "branch_reuse": reuse},
+        trace_artifacts({FULL: record, REUSE: reuse},
                         {"branches": [dataclasses.asdict(b) for b in branches]})
         buffers = [BufferSpec(s.input_name, s.shape, s.dtype, s.device) for s in specs]
         examples = list(example_inputs) + [
@@ -149,7 +152,7 @@ class SpecDiffBackend:
             draft, draft_specs = build_token_draft_variant(gm, region)
             graphs[DRAFT] = draft
             built[DRAFT] = (draft, draft_specs)
-        trace_artifacts({f"token_{name}": g for name, g in graphs.items() if name != "original"},
+        trace_artifacts({name: g for name, g in graphs.items() if name != "original"},
                         {"region": {"entry": region.entry, "exit": region.exit, "tokens": region.num_tokens,
                                     "subset": k, "sites": [s.node for s in region.sites]}})
 
@@ -242,8 +245,11 @@ def count_flops(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> int | None
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.utils.flop_counter import FlopCounterMode
 
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
     try:
-        with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        # The math kernel makes attention two counted matmuls; fused CPU kernels count 0.
+        with FakeTensorMode(allow_non_fake_inputs=True) as mode, sdpa_kernel(SDPBackend.MATH):
             fake = [mode.from_tensor(x) if isinstance(x, torch.Tensor) else x for x in example_inputs]
             with FlopCounterMode(display=False) as counter:
                 gm(*fake)

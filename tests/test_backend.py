@@ -239,3 +239,30 @@ def test_get_runtime_errors():
     compiled, _ = compile_with(torch.nn.Linear(2, 2), compiler="eager")
     with pytest.raises(LookupError):
         get_runtime(compiled)
+
+
+def test_variant_graphs_are_structured_trace_artifacts():
+    import logging
+
+    from torch._logging._internal import trace_log
+
+    records = []
+
+    class Collect(logging.Handler):
+        def emit(self, record):
+            records.append(str(getattr(record, "metadata", "")))
+
+    handler = Collect()
+    old_level = trace_log.level
+    trace_log.addHandler(handler)
+    trace_log.setLevel(logging.DEBUG)
+    try:
+        case = build_tiny("dit")
+        compiled, _ = compile_with(case.model, policy="specdiff", compiler="eager")
+        run_steps(case, compiled, TIMESTEPS_10[:1])
+    finally:
+        trace_log.removeHandler(handler)
+        trace_log.setLevel(old_level)
+    text = "\n".join(records)
+    for name in ("specdiff_analysis", "specdiff_full_graph", "specdiff_partial_graph", "specdiff_draft_graph"):
+        assert name in text

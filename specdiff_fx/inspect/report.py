@@ -314,14 +314,9 @@ def inspect_runtime(runtime: SpecDiffRuntime, original: fx.GraphModule | None = 
     return build_report(original, variants, _variant_buffers(runtime, variants), runtime.policy, title)
 
 
-_PER_VARIANT_SPECS = {FULL: "record_specs", PARTIAL: "partial_specs", DRAFT: "draft_specs"}
-
-
 def _variant_buffers(runtime: SpecDiffRuntime, variants: dict[str, fx.GraphModule]) -> dict[str, list]:
-    """The buffers each variant is called with: one shared list (``runtime.slots.specs``)
-    or, for the token runtime, whose variants take different buffers, its per-variant lists."""
-    shared = list(runtime.slots.specs)
-    return {name: list(getattr(runtime, _PER_VARIANT_SPECS.get(name, ""), None) or shared) for name in variants}
+    """The runtime-owned buffers each variant is called with."""
+    return {name: runtime.buffer_specs_for(name) for name in variants}
 
 
 def inspect_graph(gm: fx.GraphModule, example_inputs: Sequence[Any], policy: str = "fora",

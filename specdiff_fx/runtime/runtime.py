@@ -157,6 +157,12 @@ class SpecDiffRuntime:
     def _extra_stats(self) -> dict:
         return {}
 
+    def buffer_specs_for(self, variant: str) -> list[BufferSpec]:
+        """The runtime-owned buffers ``variant`` is called with, after the graph inputs."""
+        if variant not in self.variants:
+            raise KeyError(f"no variant {variant!r}; have {sorted(self.variants)}")
+        return list(self.slots.specs) if self.fallback is None else []
+
     def report(self) -> str:
         from tabulate import tabulate
 

@@ -200,6 +200,12 @@ class TokenRuntime(SpecDiffRuntime):
         }
         return out, PARTIAL, details
 
+    def buffer_specs_for(self, variant: str) -> list[BufferSpec]:
+        specs = {FULL: self.record_specs, PARTIAL: self.partial_specs, DRAFT: self.draft_specs}
+        if variant not in self.variants:
+            raise KeyError(f"no variant {variant!r}; have {sorted(self.variants)}")
+        return list(specs[variant])
+
     # ------------------------------------------------------------------ stats
     def _extra_stats(self) -> dict:
         slots = list(self.token_slots.values())
