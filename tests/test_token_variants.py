@@ -139,3 +139,16 @@ def test_partial_graph_is_smaller_and_keeps_the_original(capture):
     kinds = {n.meta.get("specdiff") for n in partial.graph.nodes}
     assert {"token_gather", "kv_completion", "token_compose", "token_count", "cache_write"} <= kinds
     assert sum(is_attention(n) for n in partial.graph.nodes) == sum(is_attention(n) for n in gm.graph.nodes)
+
+
+def test_importance_sums_over_many_layers(capture):
+    """Regression: with more than two attention sites the summed scores stay in graph order."""
+    case = build_tiny("sd3", layers=4)
+    gm, example = capture(case.model, case.make_inputs(batch=2))
+    region = analyze_token_axis(gm)
+    _, recorded, _ = record_at(gm, region, example)
+    sites = sum(s.key_layout is not None for s in region.sites)
+    assert sites == 4
+    # each query's attention sums to 1 over image + text keys; image keys get most of it
+    assert torch.all(recorded["specdiff_importance"].sum(dim=1) <= sites * 2 * (16 + 5) + 1e-3)
+    assert torch.all(recorded["specdiff_importance"] > 0)

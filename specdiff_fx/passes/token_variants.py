@@ -118,10 +118,10 @@ def _record_importance(out: fx.GraphModule, region: TokenRegion, received: list[
     batch = _meta(exit_node).shape[0]
     spec, buf = _spec(out, "specdiff_importance", IMPORTANCE, (batch, region.num_tokens), torch.float32,
                       _meta(exit_node).device)
-    with out.graph.inserting_after(received[-1]):
-        total = received[0]
-        for r in received[1:]:
-            total = _tag(out.graph.call_function(torch.add, (total, r)), TAG_SCORE, r)
+    total, anchor = received[0], received[-1]
+    for r in received[1:]:
+        with out.graph.inserting_after(anchor):
+            total = anchor = _tag(out.graph.call_function(torch.add, (total, r)), TAG_SCORE, r)
     with out.graph.inserting_after(total):
         _tag(out.graph.call_method("copy_", (buf, total)), TAG_SCORE, received[-1], writes=True)
     return spec
