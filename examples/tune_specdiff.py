@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import time
 
 import torch
@@ -42,6 +43,7 @@ def main() -> None:
     p.add_argument("--guidance", type=float, default=3.0)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--grid", default="default", choices=["default", "ablate"])
+    p.add_argument("--settings", help="JSON list of config dicts to try instead of a grid")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     model = load_reference_model()
@@ -50,7 +52,9 @@ def main() -> None:
         base, _ = run(model, labels, None, args)
         acc_base = (classify(base) == labels).float().mean().item()
         rows = [["baseline", "-", "", f"{acc_base:.3f}", ""]]
-        if args.grid == "default":
+        if args.settings:
+            grid = json.loads(args.settings)
+        elif args.grid == "default":
             grid = [dict(cache_ratio=cr, draft_steps=d) for cr in (0.5, 0.75, 0.85) for d in (2, 0)]
             grid += [dict(policy="fora", interval=i) for i in (2, 3)]
         else:

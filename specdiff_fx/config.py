@@ -46,8 +46,8 @@ class SpecDiffConfig:
     interval: int | None = None
     reset_steps: tuple[int, ...] | None = None
     cache_ratio: float = 0.75
-    c2_share: float = 0.1
-    score_lambda: float = 0.3
+    c2_share: float = 0.3
+    score_lambda: float = 1.0
     draft_steps: int = 2
     draft_update: Callable | None = None
     compiler: str = "inductor"
