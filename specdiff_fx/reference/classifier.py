@@ -49,9 +49,6 @@ class ShapeClassifier(nn.Module):
         return self.head(self.body(x))
 
 
-_CACHE: dict = {}
-
-
 def load_classifier(device: str | torch.device = "cpu") -> ShapeClassifier:
     """Load the committed classifier weights (eval mode, no network)."""
     from safetensors.torch import load_file
@@ -62,9 +59,8 @@ def load_classifier(device: str | torch.device = "cpu") -> ShapeClassifier:
 
 
 def _default() -> ShapeClassifier:
-    if "clf" not in _CACHE:
-        _CACHE["clf"] = load_classifier()
-    return _CACHE["clf"]
+    """The committed classifier, loaded per call (1.2 MB, milliseconds): no module-level state."""
+    return load_classifier()
 
 
 @torch.no_grad()
