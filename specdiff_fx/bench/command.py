@@ -1,0 +1,455 @@
+"""``specdiff-fx bench``: caching policies vs plain Inductor and third-party caches, on the reference model.
+
+Workload: CFG sampling (``reference.model.sample``, ``batch_cfg=True``: one denoiser call per step)
+of the trained reference MMDiT, one image per seed (seeds 0..N-1, labels cycling through the
+classes).  Every row runs the same workload; the uncached baseline runs first, in the same process.
+
+- speed-up: baseline seconds / method seconds for the whole workload, median of ``--repeats``,
+  warm-up (the first sample call, which compiles) excluded, threads pinned (``--threads``);
+- PSNR (dB) and SSIM against the baseline images of the same seeds;
+- class accuracy (reference classifier) and FD (Frechet distance of classifier features) against
+  real images from ``reference.data``;
+- peak memory (see ``metrics.peak_memory_mb``), compile seconds (first call minus a warm call),
+  dynamo recompilations (``metrics.CompileCounter``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import inspect
+import json
+import math
+import statistics
+import sys
+import time
+import traceback
+from typing import Callable
+
+import torch
+
+from .methods import COMPILERS, Method, Prepared, SkipMethod, StepCounts, Workload
+
+ROW_KEYS = ("method", "label", "family", "status", "reason", "config", "speedup", "time_s", "times_s",
+            "ms_per_image",
+            "psnr", "ssim", "accuracy", "fd", "peak_mem_mb", "compile_s", "recompiles", "graphs",
+            "steps", "full_steps", "partial_steps", "identical_to_baseline", "info", "workload")
+CALIBRATION_SEED_OFFSET = 10_000
+REAL_DATA_SEED = 777
+
+
+def _default_guidance() -> float:
+    from ..reference.model import sample
+
+    return float(inspect.signature(sample).parameters["guidance_scale"].default)
+
+
+def _floats(text: str) -> list[float]:
+    return [float(x) for x in text.split(",") if x.strip()]
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
+def _threshold(text: str):
+    return text if text == "auto" else float(text)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("workload")
+    g.add_argument("--quick", action="store_true",
+                   help="CI smoke test: 2 seeds, 6 steps, 1 repeat, no torch.compile for the baseline and "
+                        "anchors (our policies: eager compiler); explicit options still win")
+    g.add_argument("--steps", type=int, help="sampling steps (default 28; quick 6)")
+    g.add_argument("--seeds", type=int, help="images, one per seed 0..N-1, labels cycling (default 8; quick 2)")
+    g.add_argument("--batch-size", type=int, default=1, help="images per sample() call (default 1)")
+    g.add_argument("--guidance", type=float, help="CFG scale (default: reference.model.sample's default)")
+    g.add_argument("--repeats", type=int, help="timed repeats of the workload, median reported (default 3; quick 1)")
+    g.add_argument("--threads", type=int, default=2, help="torch threads, pinned (default 2)")
+    g.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
+    g.add_argument("--compiler", choices=COMPILERS,
+                   help="inductor (default), eager (torch.compile backend=eager), or none (baseline and anchors "
+                        "uncompiled; our policies always go through torch.compile, with the eager compiler); "
+                        "quick default: none")
+    g.add_argument("--real-images", type=int, help="real images for FD features (default 1200; quick 240)")
+    g.add_argument("--calibration-seeds", type=int,
+                   help=f"seeds (from {CALIBRATION_SEED_OFFSET}, never evaluated) used to tune anchors "
+                        "(default 2; quick 1)")
+    m = parser.add_argument_group("methods")
+    m.add_argument("--methods", help="comma-separated method names or row labels to run (baseline always runs); "
+                                     "default: all")
+    m.add_argument("--cache-ratios", type=_floats, default=[0.5, 0.75], help="specdiff cache ratios (default 0.5,0.75)")
+    m.add_argument("--fora-intervals", type=_ints, default=[2, 3], help="fora intervals (default 2,3)")
+    m.add_argument("--skip-target", type=float, default=0.5,
+                   help="auto thresholds: smallest threshold that skips this share of calibration steps (default 0.5)")
+    m.add_argument("--fbc-threshold", type=_threshold, default="auto", help="FirstBlockCache threshold or 'auto'")
+    m.add_argument("--dbcache-threshold", type=_threshold, default="auto", help="DBCache residual threshold or 'auto'")
+    m.add_argument("--magcache-threshold", type=float, default=0.06, help="MagCache threshold (default 0.06)")
+    m.add_argument("--taylorseer-interval", type=int, default=3, help="TaylorSeer cache_interval (default 3)")
+    o = parser.add_argument_group("output")
+    o.add_argument("--json", metavar="PATH", help="write the rows as a JSON list")
+    o.add_argument("--plot", metavar="PATH", help="write a Pareto plot (speed-up vs PSNR) as PNG")
+    o.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _resolve(args: argparse.Namespace) -> argparse.Namespace:
+    quick = args.quick
+    defaults = dict(steps=(6, 28), seeds=(2, 8), repeats=(1, 3), compiler=("none", "inductor"),
+                    real_images=(240, 1200), calibration_seeds=(1, 2))
+    for key, (q, full) in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, q if quick else full)
+    if args.guidance is None:
+        args.guidance = _default_guidance()
+    for key in ("steps", "seeds", "repeats", "batch_size", "threads", "real_images"):
+        if getattr(args, key) < 1:
+            raise ValueError(f"--{key.replace('_', '-')} must be >= 1")
+    if args.real_images < 2:
+        raise ValueError("--real-images must be >= 2")
+    return args
+
+
+# ----------------------------------------------------------------------------- methods
+def all_methods(args: argparse.Namespace) -> list[Method]:
+    from .anchors import anchor_methods
+    from .methods import baseline_method, fora_method, specdiff_method
+
+    methods = [baseline_method()]
+    methods += [specdiff_method(cr) for cr in args.cache_ratios]
+    methods += [fora_method(iv) for iv in args.fora_intervals]
+    methods += anchor_methods()
+    return methods
+
+
+def select_methods(methods: list[Method], spec: str | None) -> list[Method]:
+    if not spec:
+        return methods
+    wanted = {w.strip() for w in spec.split(",") if w.strip()}
+    known = {m.name for m in methods} | {m.label for m in methods}
+    unknown = wanted - known
+    if unknown:
+        raise ValueError(f"unknown --methods {sorted(unknown)}; known: {sorted(known)}")
+    return [m for m in methods if m.name == "baseline" or m.name in wanted or m.label in wanted]
+
+
+# ----------------------------------------------------------------------------- workload
+def make_groups(num_images: int, batch_size: int, num_classes: int, image_shape: tuple[int, ...],
+                seed_offset: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(labels, noise) per sample() call: image i has seed ``seed_offset + i`` (its noise is what
+    ``sample(..., seed=seed)`` draws for one image) and label i mod num_classes."""
+    groups = []
+    for start in range(0, num_images, batch_size):
+        idx = list(range(start, min(num_images, start + batch_size)))
+        labels = torch.tensor([i % num_classes for i in idx], dtype=torch.long)
+        noise = torch.cat([torch.randn((1, *image_shape), generator=torch.Generator().manual_seed(seed_offset + i))
+                           for i in idx])
+        groups.append((labels, noise))
+    return groups
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _empty_row(method: Method, status: str, reason: str | None, workload: dict) -> dict:
+    row = {k: None for k in ROW_KEYS}
+    row.update(method=method.name, label=method.label, family=method.family, status=status, reason=reason,
+               config=reason if status != "ok" else None, identical_to_baseline=False, info={},
+               workload=workload)
+    return row
+
+
+def _finite(x):
+    if isinstance(x, float) and (math.isnan(x) or math.isinf(x)):
+        return None
+    return x
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace) -> None:
+        from ..demo import load_demo_model
+        from ..reference.classifier import features, load_classifier
+        from ..reference.data import make_dataset
+        from .metrics import CompileCounter
+
+        self.args = args
+        self.device = torch.device(args.device)
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError("--device cuda: CUDA is not available in this torch build / machine")
+        model, self.model_description = load_demo_model()
+        self.model = model.to(self.device).eval()
+        cfg = self.model.transformer.config
+        shape = (cfg.in_channels, cfg.sample_size, cfg.sample_size)
+        groups = make_groups(args.seeds, args.batch_size, self.model.num_classes, shape)
+        calibration = make_groups(args.calibration_seeds, args.batch_size, self.model.num_classes, shape,
+                                  seed_offset=CALIBRATION_SEED_OFFSET)
+        options = dict(skip_target=args.skip_target, fbc_threshold=args.fbc_threshold,
+                       dbcache_threshold=args.dbcache_threshold, magcache_threshold=args.magcache_threshold,
+                       taylorseer_interval=args.taylorseer_interval)
+        self.workload = Workload(self.model, args.steps, args.guidance, self.device, args.compiler, groups,
+                                 calibration, options)
+        self.labels = torch.cat([g[0] for g in groups])
+        self.classifier = load_classifier()
+        real, _ = make_dataset(args.real_images, seed=REAL_DATA_SEED)
+        self.real_features = features(real, self.classifier)
+        self.counter = CompileCounter()
+        self.reference: torch.Tensor | None = None
+        self.base_time: float | None = None
+        self.workload_info = dict(steps=args.steps, seeds=args.seeds, batch_size=args.batch_size,
+                                  guidance=args.guidance, repeats=args.repeats, threads=args.threads,
+                                  device=str(self.device), compiler=args.compiler,
+                                  model=self.model_description, torch=torch.__version__)
+
+    # ------------------------------------------------------------------ one row
+    def run(self, method: Method, progress=None) -> dict:
+        try:
+            return self._run(method, progress)
+        except SkipMethod as exc:
+            return _empty_row(method, "skipped", str(exc), self.workload_info)
+        except Exception as exc:  # one broken row must not lose the others
+            traceback.print_exc(file=sys.stderr)
+            return _empty_row(method, "error", f"{type(exc).__name__}: {exc}", self.workload_info)
+        finally:
+            gc.collect()
+            torch._dynamo.reset()
+
+    def _prepare(self, method: Method, phase) -> tuple[Prepared, Callable, float]:
+        """Build (calibrating anchors), then the warm-up call that compiles.
+        Returns (prepared, one-call function, seconds of the warm-up call)."""
+        wl = self.workload
+        phase("build/calibrate")
+        self.counter.start()
+        prepared: Prepared = method.build(wl)
+
+        def one(group) -> torch.Tensor:
+            with prepared.sample_context():
+                images = wl.run_group(prepared.denoiser, group, prepared.callback)
+            _sync(self.device)
+            return images
+
+        phase("warm-up (compile)")
+        t0 = time.perf_counter()
+        try:
+            one(wl.groups[0])
+        except Exception as exc:
+            if prepared.uncompiled is None or prepared.uncompiled is prepared.denoiser:
+                raise
+            prepared.denoiser = prepared.uncompiled
+            prepared.config += f"; torch.compile FAILED ({type(exc).__name__}: {str(exc)[:120]}), ran uncompiled"
+            self.counter.start()
+            t0 = time.perf_counter()
+            one(wl.groups[0])
+        return prepared, one, time.perf_counter() - t0
+
+    def _time(self, one: Callable, phase, progress) -> tuple[list[float], torch.Tensor]:
+        times, images = [], None
+        for r in range(self.args.repeats):
+            phase(f"timing {r + 1}/{self.args.repeats}")
+            t0 = time.perf_counter()
+            images = torch.cat([one(g).cpu() for g in self.workload.groups])
+            times.append(time.perf_counter() - t0)
+            if progress is not None:
+                progress.update(1)
+        return times, images
+
+    def retime(self, method: Method) -> float:
+        """Median workload seconds of ``method`` measured again (the baseline, at the end of a run,
+        so that slow drift of a shared machine does not favour the rows measured last)."""
+        try:
+            _, one, _ = self._prepare(method, lambda name: None)
+            times, _ = self._time(one, lambda name: None, None)
+            return statistics.median(times)
+        finally:
+            gc.collect()
+            torch._dynamo.reset()
+
+    def _run(self, method: Method, progress) -> dict:
+        from .metrics import module_bytes, peak_memory_mb, quality
+
+        wl, args = self.workload, self.args
+
+        def phase(name: str) -> None:
+            if progress is not None:
+                progress.set_postfix_str(f"{method.label}: {name}", refresh=True)
+
+        prepared, one, first = self._prepare(method, phase)
+        if progress is not None:
+            progress.update(1)
+        counts0 = prepared.counts()
+        times, images = self._time(one, phase, progress)
+        counts = prepared.counts() - counts0
+        median = statistics.median(times)
+        recompiles, graphs = self.counter.recompiles(), self.counter.graphs()
+
+        phase("memory")
+        held = module_bytes(self.model) + prepared.held_bytes()
+        peak = peak_memory_mb(lambda: one(wl.groups[0]), self.device, held)
+        if progress is not None:
+            progress.update(1)
+
+        phase("quality")
+        q = quality(images, self.reference, self.labels, self.real_features, self.classifier)
+        if self.reference is None:
+            self.reference, self.base_time = images, median
+        trajectories = args.repeats * len(wl.groups)
+        n0 = wl.groups[0][0].numel()
+        row = _empty_row(method, "ok", None, self.workload_info)
+        row.update(
+            config=prepared.config,
+            speedup=self.base_time / median,
+            time_s=median,
+            times_s=times,
+            ms_per_image=1000.0 * median / args.seeds,
+            psnr=_finite(q["psnr"]),
+            ssim=q["ssim"],
+            accuracy=q["accuracy"],
+            fd=_finite(q["fd"]),
+            peak_mem_mb=peak,
+            compile_s=max(0.0, first - median * n0 / args.seeds),
+            recompiles=recompiles,
+            graphs=graphs,
+            steps=args.steps,
+            full_steps=_per_trajectory(counts, "full", trajectories, args.steps, method.family),
+            partial_steps=counts.partial / trajectories if counts.steps else None,
+            identical_to_baseline=q["psnr"] is not None and math.isinf(q["psnr"]),
+            info={k: v for k, v in prepared.info().items() if v is not None},
+        )
+        return row
+
+
+def rebase(rows: list[dict], again: float) -> None:
+    """Speed-ups against the mean of the baseline's first and end-of-run medians."""
+    base = rows[0]
+    first = base["time_s"]
+    mean = (first + again) / 2
+    base["info"] = dict(base["info"] or {}, time_s_first=first, time_s_end=again)
+    base["time_s"] = mean
+    base["ms_per_image"] = 1000.0 * mean / base["workload"]["seeds"]
+    for r in rows:
+        if r["status"] == "ok":
+            r["speedup"] = 1.0 if r is base else mean / r["time_s"]
+
+
+def _per_trajectory(counts: StepCounts, field: str, trajectories: int, steps: int, family: str) -> float | None:
+    if family == "baseline":
+        return float(steps)
+    if counts.steps == 0:
+        return None
+    return getattr(counts, field) / trajectories
+
+
+# ----------------------------------------------------------------------------- output
+def _fmt(x, spec: str, none: str = "-") -> str:
+    return none if x is None else format(x, spec)
+
+
+def format_table(rows: list[dict]) -> str:
+    from tabulate import tabulate
+
+    table = []
+    for r in rows:
+        if r["status"] != "ok":
+            table.append([r["label"], f"{r['status'].upper()}: {r['reason']}"] + [""] * 9)
+            continue
+        if r["family"] == "baseline":
+            psnr = "ref"
+        elif r["identical_to_baseline"]:
+            psnr = "inf"
+        else:
+            psnr = _fmt(r["psnr"], ".2f")
+        full = "-" if r["full_steps"] is None else f"{r['full_steps']:.1f}"
+        if r["partial_steps"]:
+            full += f" +{r['partial_steps']:.1f}p"
+        table.append([
+            r["label"], r["config"], f"{r['speedup']:.2f}x", psnr,
+            "ref" if r["family"] == "baseline" else _fmt(r["ssim"], ".4f"),
+            _fmt(r["accuracy"], ".2f"), _fmt(r["fd"], ".2f"), f"{full}/{r['steps']}",
+            _fmt(r["peak_mem_mb"], ".1f"), _fmt(r["compile_s"], ".1f"), r["recompiles"],
+        ])
+    headers = ["method", "config", "speed-up", "PSNR dB", "SSIM", "acc", "FD", "full steps",
+               "peak MiB", "compile s", "recompiles"]
+    return tabulate(table, headers=headers, maxcolwidths=[None, 48] + [None] * 9, disable_numparse=True)
+
+
+def write_json(rows: list[dict], path: str) -> None:
+    with open(path, "w") as f:
+        json.dump(rows, f, indent=2, allow_nan=False, default=str)
+        f.write("\n")
+
+
+def _missing_packages(plot: bool) -> list[str]:
+    import importlib.util
+
+    needed = {"skimage": "scikit-image", "tqdm": "tqdm"}
+    if plot:
+        needed["matplotlib"] = "matplotlib"
+    return [pkg for mod, pkg in needed.items() if importlib.util.find_spec(mod) is None]
+
+
+def run(args: argparse.Namespace) -> int:
+    missing = _missing_packages(bool(args.plot))
+    if missing:
+        print(f"specdiff-fx bench: missing {', '.join(missing)}; install the bench extra: "
+              "pip install 'specdiff-fx[bench]'", file=sys.stderr)
+        return 2
+    from tqdm import tqdm
+
+    try:
+        args = _resolve(args)
+        methods = select_methods(all_methods(args), args.methods)
+    except ValueError as exc:
+        print(f"specdiff-fx bench: {exc}", file=sys.stderr)
+        return 2
+    old_threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads)
+    try:
+        bench = Bench(args)
+        info = bench.workload_info
+        print(f"model: {info['model']}; {args.steps} steps, CFG {args.guidance:g} (batched), {args.seeds} seed(s), "
+              f"{args.repeats} repeat(s), {args.threads} thread(s), device {info['device']}, "
+              f"compiler {args.compiler}", flush=True)
+        phases = 1 + args.repeats + 1
+        rows = []
+        with tqdm(total=len(methods) * phases, desc="bench", unit="run", file=sys.stderr,
+                  disable=True if args.no_progress else None) as progress:
+            for method in methods:
+                done = progress.n
+                rows.append(bench.run(method, progress))
+                if args.json:  # a long run keeps what it measured so far
+                    write_json(rows, args.json)
+                progress.update(done + phases - progress.n)  # skipped rows complete their phases
+                if rows[0]["status"] != "ok":
+                    print(f"specdiff-fx bench: the baseline failed ({rows[0]['reason']}); stopping",
+                          file=sys.stderr)
+                    break
+            if rows[0]["status"] == "ok" and len(rows) > 1:
+                progress.set_postfix_str("baseline: timing again", refresh=True)
+                rebase(rows, bench.retime(methods[0]))
+    except ValueError as exc:
+        print(f"specdiff-fx bench: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        torch.set_num_threads(old_threads)
+    print()
+    print(format_table(rows))
+    notes = [r for r in rows if r["status"] != "ok"]
+    if notes:
+        print(f"\n{len(notes)} row(s) did not run; see their reason above.")
+    if args.json:
+        write_json(rows, args.json)
+        print(f"\nrows written to {args.json}")
+    if args.plot:
+        from .plot import pareto_plot
+
+        pareto_plot(rows, args.plot)
+        print(f"Pareto plot written to {args.plot}")
+    return 0 if rows and rows[0]["status"] == "ok" else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="specdiff-fx bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
+    return run(parser.parse_args(argv))

@@ -1,0 +1,145 @@
+"""What a bench row runs: the workload, the prepared denoiser of one method, and our own methods.
+
+A :class:`Method` builds a :class:`Prepared` denoiser for a :class:`Workload`; the runner in
+:mod:`specdiff_fx.bench.command` times it, measures it and turns it into a row.  Our policies
+(and the uncached baseline) are here; third-party caches are in :mod:`specdiff_fx.bench.anchors`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Callable, ContextManager
+
+import torch
+
+COMPILERS = ("inductor", "eager", "none")
+
+
+class SkipMethod(Exception):
+    """The method cannot run here (package missing, model not supported); the row says why."""
+
+
+@dataclass
+class Workload:
+    """Everything a method needs to build itself; the same for every row of one run."""
+
+    model: torch.nn.Module  # ClassConditionalMMDiT
+    num_steps: int
+    guidance_scale: float
+    device: torch.device
+    compiler: str  # "inductor" | "eager" | "none" (see command.py)
+    groups: list[tuple[torch.Tensor, torch.Tensor]]  # (labels, noise) per sample() call
+    calibration_groups: list[tuple[torch.Tensor, torch.Tensor]]  # other seeds, for anchors' tuning
+    options: dict = field(default_factory=dict)  # anchor options from the command line
+
+    def run_group(self, denoiser: Callable, group, callback: Callable | None = None) -> torch.Tensor:
+        """One CFG sampling call (batch_cfg: one denoiser call per step)."""
+        from ..reference.model import sample
+
+        labels, noise = group
+        return sample(self.model, labels, num_steps=self.num_steps, guidance_scale=self.guidance_scale,
+                      transformer=denoiser, batch_cfg=True, device=self.device, noise=noise,
+                      callback=callback)
+
+    def compile(self, module: torch.nn.Module, fullgraph: bool) -> Callable:
+        """Plain torch.compile with the run's compiler (``none``: the module as is)."""
+        if self.compiler == "none":
+            return module
+        return torch.compile(module, backend=self.compiler, fullgraph=fullgraph, dynamic=False)
+
+    @property
+    def compile_note(self) -> str:
+        return {"inductor": "torch.compile(inductor)", "eager": "torch.compile(eager)",
+                "none": "not compiled"}[self.compiler]
+
+
+@dataclass
+class StepCounts:
+    """Denoiser steps seen and how many of them ran the full network (and partially, ours)."""
+
+    steps: int = 0
+    full: int = 0
+    partial: int = 0
+
+    def __sub__(self, other: "StepCounts") -> "StepCounts":
+        return StepCounts(self.steps - other.steps, self.full - other.full, self.partial - other.partial)
+
+
+@dataclass
+class Prepared:
+    """A method ready to sample: the denoiser for ``sample(transformer=...)`` and its hooks."""
+
+    denoiser: Callable
+    config: str
+    # entered around every sample() call (reset a cache's state, set its context)
+    sample_context: Callable[[], ContextManager] = contextlib.nullcontext
+    # per-step callback for sample() (counting skipped steps), or None
+    callback: Callable | None = None
+    # cumulative step counts since build
+    counts: Callable[[], StepCounts] = StepCounts
+    # bytes of tensors the method keeps alive between calls (CPU memory accounting)
+    held_bytes: Callable[[], int] = lambda: 0
+    # extra facts for the row (our runtime's fallback reason, anchors' tuned values)
+    info: Callable[[], dict] = dict
+    # the same denoiser uncompiled, to fall back to if torch.compile fails on it
+    uncompiled: Callable | None = None
+
+
+@dataclass
+class Method:
+    name: str  # the row's "method" (several rows may share it: specdiff at two cache ratios)
+    label: str  # unique row label, e.g. "specdiff cr=0.5"
+    family: str  # "baseline" | "specdiff-fx" | "diffusers" | "cache-dit"
+    build: Callable[[Workload], Prepared]
+
+
+# ----------------------------------------------------------------------------- ours
+def baseline_method() -> Method:
+    def build(wl: Workload) -> Prepared:
+        extra = "" if wl.compiler == "none" else ", fullgraph, dynamic=False"
+        return Prepared(wl.compile(wl.model.transformer, fullgraph=True), f"uncached; {wl.compile_note}{extra}")
+
+    return Method("baseline", "baseline", "baseline", build)
+
+
+def _backend_method(name: str, label: str, config_text: str, **backend_kwargs) -> Method:
+    def build(wl: Workload) -> Prepared:
+        from .. import get_runtime, make_backend
+
+        compiler = "inductor" if wl.compiler == "inductor" else "eager"
+        backend = make_backend(compiler=compiler, **backend_kwargs)
+        compiled = torch.compile(wl.model.transformer, backend=backend, fullgraph=True, dynamic=False)
+
+        def stats() -> dict:
+            try:
+                return get_runtime(compiled).stats()
+            except LookupError:  # not called yet
+                return {}
+
+        def counts() -> StepCounts:
+            s = stats()
+            return StepCounts(s.get("steps", 0), s.get("full_steps", 0), s.get("partial_steps", 0))
+
+        note = f"specdiff backend, compiler={compiler}"
+        if wl.compiler == "none":
+            note += " (our policies always need torch.compile)"
+        def info() -> dict:
+            s = stats()
+            return {k: s[k] for k in ("fallback", "cache_bytes", "kv_cache_bytes", "draft_steps",
+                                      "subset_tokens", "image_tokens") if k in s}
+
+        return Prepared(compiled, f"{config_text}; {note}", counts=counts,
+                        held_bytes=lambda: int(stats().get("cache_bytes", 0)), info=info)
+
+    return Method(name, label, "specdiff-fx", build)
+
+
+def specdiff_method(cache_ratio: float) -> Method:
+    return _backend_method("specdiff", f"specdiff cr={cache_ratio:g}", f"cache_ratio={cache_ratio:g}",
+                           policy="specdiff", cache_ratio=cache_ratio)
+
+
+def fora_method(interval: int, warmup_steps: int = 2) -> Method:
+    return _backend_method("fora", f"fora interval={interval}", f"interval={interval} warmup={warmup_steps}",
+                           policy="fora", interval=interval, warmup_steps=warmup_steps)
