@@ -1,0 +1,177 @@
+"""`specdiff-fx bench`: the quick CLI run end to end, and the bench's pieces on their own."""
+
+import argparse
+import json
+import math
+
+import pytest
+import torch
+
+from specdiff_fx.bench import command
+from specdiff_fx.bench.anchors import auto_threshold, skip_share
+from specdiff_fx.bench.methods import Method, StepCounts
+from specdiff_fx.bench.metrics import peak_memory_mb, ssim
+from specdiff_fx.bench.plot import pareto_front, pareto_plot
+
+EXPECTED_LABELS = [
+    "baseline", "specdiff cr=0.5", "specdiff cr=0.75", "fora interval=2", "fora interval=3",
+    "diffusers-firstblockcache", "diffusers-taylorseer", "diffusers-magcache", "cache-dit-dbcache",
+]
+REQUIRED = ("method", "config", "speedup", "psnr", "ssim", "accuracy", "fd", "peak_mem_mb", "compile_s",
+            "recompiles")
+
+
+# ----------------------------------------------------------------------------- end to end
+@pytest.mark.slow
+def test_quick_bench_cli_writes_every_row(tmp_path, capsys):
+    from specdiff_fx.cli import main
+
+    out, png = tmp_path / "bench.json", tmp_path / "pareto.png"
+    rc = main(["bench", "--quick", "--threads", "1", "--no-progress", "--json", str(out), "--plot", str(png)])
+    assert rc == 0
+    stdout = capsys.readouterr().out
+    assert "speed-up" in stdout and "PSNR dB" in stdout and "diffusers-taylorseer" in stdout
+
+    rows = json.loads(out.read_text())
+    assert [r["label"] for r in rows] == EXPECTED_LABELS
+    for row in rows:
+        assert all(key in row for key in REQUIRED), row
+        if row["status"] != "ok":  # only a missing third-party package may skip a row
+            assert row["family"] == "cache-dit" and row["status"] == "skipped" and row["reason"], row
+            continue
+        assert isinstance(row["config"], str) and row["config"]
+        assert isinstance(row["speedup"], float) and 0 < row["speedup"] < 100
+        assert 0.0 <= row["accuracy"] <= 1.0
+        assert isinstance(row["fd"], float) and row["fd"] >= 0
+        assert isinstance(row["peak_mem_mb"], float) and row["peak_mem_mb"] > 0
+        assert isinstance(row["compile_s"], float) and row["compile_s"] >= 0
+        assert isinstance(row["recompiles"], int) and row["recompiles"] >= 0
+        assert row["steps"] == 6
+        if row["method"] == "baseline":
+            continue
+        if row["identical_to_baseline"]:
+            assert row["psnr"] is None and row["ssim"] == pytest.approx(1.0)
+        else:
+            assert isinstance(row["psnr"], float) and 5 < row["psnr"] < 200
+            assert -1.0 <= row["ssim"] <= 1.0
+
+    base = rows[0]
+    assert base["speedup"] == 1.0 and base["psnr"] is None and base["ssim"] is None
+    assert base["full_steps"] == 6
+    by_label = {r["label"]: r for r in rows}
+    # the schedules that do not depend on data skip what they say
+    assert by_label["fora interval=2"]["full_steps"] == 4  # warm-up 0,1 then every 2nd: 0,1,3,5
+    assert by_label["diffusers-taylorseer"]["full_steps"] == 4  # 0,1,2 warm-up, then 4
+    for label in ("specdiff cr=0.5", "specdiff cr=0.75"):
+        assert by_label[label]["partial_steps"] > 0 and by_label[label]["info"].get("fallback") is None
+    for label in ("diffusers-firstblockcache", "cache-dit-dbcache"):
+        if by_label[label]["status"] == "ok":
+            assert "auto" in by_label[label]["config"] and by_label[label]["info"]["threshold"] > 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# ----------------------------------------------------------------------------- pieces
+def test_auto_threshold_finds_the_smallest_threshold_reaching_the_target():
+    calls = []
+
+    def share(threshold):  # skipped share grows with the threshold, reaches 0.5 at 0.2
+        calls.append(threshold)
+        return min(1.0, threshold / 0.4)
+
+    threshold, reached = auto_threshold(share, 0.5)
+    assert reached >= 0.5 and threshold == pytest.approx(0.2, rel=0.05)
+    assert len(calls) <= 10
+    assert auto_threshold(lambda th: 0.0, 0.5) == (4.0, 0.0)  # unreachable target: largest threshold
+
+
+def test_skip_share():
+    assert skip_share(StepCounts(steps=28, full=14)) == 0.5
+    assert skip_share(StepCounts()) == 0.0
+
+
+def test_make_groups_reproduces_sample_noise_and_cycles_labels():
+    groups = command.make_groups(5, 2, num_classes=3, image_shape=(3, 32, 32))
+    assert [g[0].tolist() for g in groups] == [[0, 1], [2, 0], [1]]
+    noise = torch.cat([g[1] for g in groups])
+    for seed in range(5):  # what sample(..., seed=seed) draws for one image
+        expected = torch.randn((1, 3, 32, 32), generator=torch.Generator().manual_seed(seed))
+        assert torch.equal(noise[seed : seed + 1], expected)
+
+
+def _methods():
+    noop = lambda wl: None  # noqa: E731
+    return [Method("baseline", "baseline", "baseline", noop), Method("fora", "fora interval=2", "specdiff-fx", noop),
+            Method("fora", "fora interval=3", "specdiff-fx", noop),
+            Method("diffusers-magcache", "diffusers-magcache", "diffusers", noop)]
+
+
+def test_select_methods_keeps_the_baseline_and_rejects_unknown_names():
+    methods = _methods()
+    assert [m.label for m in command.select_methods(methods, None)] == [m.label for m in methods]
+    assert [m.label for m in command.select_methods(methods, "diffusers-magcache")] == [
+        "baseline", "diffusers-magcache"]
+    assert [m.label for m in command.select_methods(methods, "fora interval=3")] == ["baseline", "fora interval=3"]
+    assert len(command.select_methods(methods, "fora")) == 3
+    with pytest.raises(ValueError, match="unknown"):
+        command.select_methods(methods, "nope")
+
+
+def test_ssim_is_one_for_identical_images_and_lower_for_noise():
+    g = torch.Generator().manual_seed(0)
+    a = torch.rand((2, 3, 32, 32), generator=g) * 2 - 1
+    assert ssim(a, a) == pytest.approx(1.0)
+    assert ssim(a + 0.3 * torch.randn(a.shape, generator=g), a) < 0.9
+
+
+def test_cpu_peak_memory_sees_tensor_allocations():
+    big = 32 * 2**20
+
+    def fn():
+        x = torch.ones(big // 4)  # float32: 32 MiB
+        return float(x.sum())
+
+    peak = peak_memory_mb(fn, torch.device("cpu"), held_bytes=2**20)
+    assert 33 <= peak < 40
+
+
+def _row(label, family, speedup, psnr, status="ok", identical=False):
+    row = {k: None for k in command.ROW_KEYS}
+    row.update(method=label.split()[0], label=label, family=family, status=status, config="c", speedup=speedup,
+               time_s=1.0 / speedup if speedup else None, psnr=psnr, ssim=0.9, accuracy=1.0, fd=1.0,
+               peak_mem_mb=10.0, compile_s=0.0, recompiles=0, steps=28, full_steps=14.0, partial_steps=None,
+               identical_to_baseline=identical, info={}, workload={"steps": 28, "seeds": 2, "compiler": "inductor"},
+               reason=None if status == "ok" else "package missing")
+    return row
+
+
+def test_pareto_front_and_plot(tmp_path):
+    assert pareto_front([(1.5, 30.0), (2.0, 25.0), (1.2, 28.0), (2.0, 20.0)]) == [(1.5, 30.0), (2.0, 25.0)]
+    rows = [_row("baseline", "baseline", 1.0, None), _row("fora interval=2", "specdiff-fx", 1.8, 31.0),
+            _row("diffusers-magcache", "diffusers", 1.2, None, identical=True),
+            _row("cache-dit-dbcache", "cache-dit", None, None, status="skipped")]
+    path = tmp_path / "p.png"
+    pareto_plot(rows, str(path))
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    table = command.format_table(rows)
+    assert "SKIPPED: package missing" in table and "inf" in table and "ref" in table
+
+
+def test_rebase_uses_the_mean_of_both_baseline_timings():
+    rows = [_row("baseline", "baseline", 1.0, None), _row("fora interval=2", "specdiff-fx", 2.0, 30.0)]
+    rows[0]["time_s"], rows[1]["time_s"] = 1.0, 0.5
+    command.rebase(rows, 1.2)
+    assert rows[0]["speedup"] == 1.0 and rows[0]["time_s"] == pytest.approx(1.1)
+    assert rows[1]["speedup"] == pytest.approx(2.2)
+    assert rows[0]["info"] == {"time_s_first": 1.0, "time_s_end": 1.2}
+
+
+def test_quick_defaults_and_explicit_options_win():
+    parser = argparse.ArgumentParser()
+    command.add_arguments(parser)
+    args = command._resolve(parser.parse_args(["--quick", "--steps", "4"]))
+    assert (args.steps, args.seeds, args.repeats, args.compiler) == (4, 2, 1, "none")
+    assert math.isclose(args.guidance, command._default_guidance())
+    full = command._resolve(parser.parse_args([]))
+    assert (full.steps, full.repeats, full.compiler) == (28, 3, "inductor")
+    with pytest.raises(ValueError):
+        command._resolve(parser.parse_args(["--seeds", "0"]))
