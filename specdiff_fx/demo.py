@@ -54,7 +54,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch threads (pinned)")
     parser.add_argument("--compiler", default="inductor", choices=["inductor", "eager"])
     parser.add_argument("--interval", type=int, default=3, help="fora: full step every N steps")
-    parser.add_argument("--cache-ratio", type=float, default=0.75,
+    parser.add_argument("--cache-ratio", type=float, default=0.7,
                         help="specdiff: share of image tokens not computed at partial steps")
 
 

@@ -35,7 +35,7 @@ def test_config_schedule_defaults_follow_the_policy():
     fora = SpecDiffConfig(policy="fora")
     spec = fora.replace(policy="specdiff")
     assert (fora.warmup_steps, fora.interval) == (2, 3)
-    assert (spec.warmup_steps, spec.reset_steps) == (4, (12, 20))
+    assert (spec.warmup_steps, spec.reset_steps) == (3, (14,))
     assert SpecDiffConfig(policy="specdiff", warmup_steps=2).warmup_steps == 2
 
 

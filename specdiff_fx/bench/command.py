@@ -191,6 +191,10 @@ class Bench:
         self.workload = Workload(self.model, args.steps, args.guidance, self.device, args.compiler, groups,
                                  calibration, options)
         self.labels = torch.cat([g[0] for g in groups])
+        sizes = {}
+        for group in groups:
+            sizes.setdefault(group[0].numel(), group)
+        self.warmup_groups = list(sizes.values())
         self.classifier = load_classifier()
         real, _ = make_dataset(args.real_images, seed=REAL_DATA_SEED)
         self.real_features = features(real, self.classifier)
@@ -229,10 +233,14 @@ class Bench:
             _sync(self.device)
             return images
 
+        def warm_up() -> None:  # one call per distinct batch size: compiles (and recompiles) happen here
+            for group in self.warmup_groups:
+                one(group)
+
         phase("warm-up (compile)")
         t0 = time.perf_counter()
         try:
-            one(wl.groups[0])
+            warm_up()
         except Exception as exc:
             if prepared.uncompiled is None or prepared.uncompiled is prepared.denoiser:
                 raise
@@ -240,7 +248,7 @@ class Bench:
             prepared.config += f"; torch.compile FAILED ({type(exc).__name__}: {str(exc)[:120]}), ran uncompiled"
             self.counter.start()
             t0 = time.perf_counter()
-            one(wl.groups[0])
+            warm_up()
         return prepared, one, time.perf_counter() - t0
 
     def _time(self, one: Callable, phase, progress) -> tuple[list[float], torch.Tensor]:
@@ -294,7 +302,7 @@ class Bench:
         if self.reference is None:
             self.reference, self.base_time = images, median
         trajectories = args.repeats * len(wl.groups)
-        n0 = wl.groups[0][0].numel()
+        warm_images = sum(g[0].numel() for g in self.warmup_groups)
         row = _empty_row(method, "ok", None, self.workload_info)
         row.update(
             config=prepared.config,
@@ -307,7 +315,7 @@ class Bench:
             accuracy=q["accuracy"],
             fd=_finite(q["fd"]),
             peak_mem_mb=peak,
-            compile_s=max(0.0, first - median * n0 / args.seeds),
+            compile_s=max(0.0, first - median * warm_images / args.seeds),
             recompiles=recompiles,
             graphs=graphs,
             steps=args.steps,
