@@ -33,6 +33,11 @@ def load_demo_model():
         return ClassConditionalMMDiT().eval(), "reference MMDiT architecture, RANDOM weights (no committed weights found)"
 
 
+def _synchronize() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def time_sampling(sample_fn, repeats: int) -> tuple[float, float, torch.Tensor]:
     """(first-call seconds incl. compile, median seconds of ``repeats`` warm calls, images)."""
     t0 = time.perf_counter()
@@ -40,8 +45,10 @@ def time_sampling(sample_fn, repeats: int) -> tuple[float, float, torch.Tensor]:
     first = time.perf_counter() - t0
     times = []
     for _ in range(repeats):
+        _synchronize()
         t0 = time.perf_counter()
         images = sample_fn()
+        _synchronize()
         times.append(time.perf_counter() - t0)
     return first, statistics.median(times), images
 
@@ -53,6 +60,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timed repeats (median is reported)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (pinned)")
     parser.add_argument("--compiler", default="inductor", choices=["inductor", "eager"])
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--interval", type=int, default=3, help="fora: full step every N steps")
     parser.add_argument("--cache-ratio", type=float, default=0.7,
                         help="specdiff: share of image tokens not computed at partial steps")
@@ -65,9 +73,11 @@ def run(args: argparse.Namespace) -> int:
 
     torch.set_num_threads(args.threads)
     model, description = load_demo_model()
+    model = model.to(args.device)
     labels = [i % model.num_classes for i in range(args.images)]
+    where = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU, {args.threads} threads"
     print(f"model: {description}; {args.steps} steps, CFG {args.guidance}, {args.images} images, "
-          f"{args.threads} threads, compiler {args.compiler}")
+          f"{where}, compiler {args.compiler}")
 
     methods = [
         ("baseline", "plain torch.compile", None),
@@ -97,7 +107,7 @@ def run(args: argparse.Namespace) -> int:
         rows.append([
             name, config, f"{first - median:.1f}", f"{median / args.images * 1000:.1f}",
             f"{base_time / median:.2f}x",
-            "ref" if images is reference else f"{psnr(images, reference):.1f}",
+            "ref" if images is reference else f"{psnr(images.cpu(), reference.cpu()):.1f}",
             f"{stats['full_steps'] // stats['trajectories']}/{args.steps}" if stats else f"{args.steps}/{args.steps}",
         ])
     print()
