@@ -175,3 +175,16 @@ def test_quick_defaults_and_explicit_options_win():
     assert (full.steps, full.repeats, full.compiler) == (28, 3, "inductor")
     with pytest.raises(ValueError):
         command._resolve(parser.parse_args(["--seeds", "0"]))
+    with pytest.raises(ValueError, match="multiple"):
+        command._resolve(parser.parse_args(["--seeds", "3", "--batch-size", "2"]))
+
+
+def test_dbcache_row_is_skipped_with_a_reason_without_cache_dit(monkeypatch):
+    import sys
+
+    from specdiff_fx.bench.anchors import build_dbcache
+    from specdiff_fx.bench.methods import SkipMethod
+
+    monkeypatch.setitem(sys.modules, "cache_dit", None)  # import fails as if not installed
+    with pytest.raises(SkipMethod, match="pip install cache-dit"):
+        build_dbcache(None)

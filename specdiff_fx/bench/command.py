@@ -9,7 +9,8 @@ classes).  Every row runs the same workload; the uncached baseline runs first, i
 - PSNR (dB) and SSIM against the baseline images of the same seeds;
 - class accuracy (reference classifier) and FD (Frechet distance of classifier features) against
   real images from ``reference.data``;
-- peak memory (see ``metrics.peak_memory_mb``), compile seconds (first call minus a warm call),
+- peak memory (see ``metrics.peak_memory_mb``), compile seconds (the first sample call minus the
+  same call warm),
   dynamo recompilations (``metrics.CompileCounter``).
 """
 
@@ -63,7 +64,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "anchors (our policies: eager compiler); explicit options still win")
     g.add_argument("--steps", type=int, help="sampling steps (default 28; quick 6)")
     g.add_argument("--seeds", type=int, help="images, one per seed 0..N-1, labels cycling (default 8; quick 2)")
-    g.add_argument("--batch-size", type=int, default=1, help="images per sample() call (default 1)")
+    g.add_argument("--batch-size", type=int, default=1,
+                   help="images per sample() call (default 1; must divide --seeds)")
     g.add_argument("--guidance", type=float, help="CFG scale (default: reference.model.sample's default)")
     g.add_argument("--repeats", type=int, help="timed repeats of the workload, median reported (default 3; quick 1)")
     g.add_argument("--threads", type=int, default=2, help="torch threads, pinned (default 2)")
@@ -105,6 +107,9 @@ def _resolve(args: argparse.Namespace) -> argparse.Namespace:
     for key in ("steps", "seeds", "repeats", "batch_size", "threads", "real_images"):
         if getattr(args, key) < 1:
             raise ValueError(f"--{key.replace('_', '-')} must be >= 1")
+    if args.seeds % args.batch_size:
+        # one input shape for every call: no recompiles, one runtime per compiled method
+        raise ValueError(f"--seeds ({args.seeds}) must be a multiple of --batch-size ({args.batch_size})")
     if args.real_images < 2:
         raise ValueError("--real-images must be >= 2")
     return args
@@ -191,10 +196,7 @@ class Bench:
         self.workload = Workload(self.model, args.steps, args.guidance, self.device, args.compiler, groups,
                                  calibration, options)
         self.labels = torch.cat([g[0] for g in groups])
-        sizes = {}
-        for group in groups:
-            sizes.setdefault(group[0].numel(), group)
-        self.warmup_groups = list(sizes.values())
+        self.warmup_groups = groups[:1]  # every group has the same shape (see _resolve)
         self.classifier = load_classifier()
         real, _ = make_dataset(args.real_images, seed=REAL_DATA_SEED)
         self.real_features = features(real, self.classifier)
@@ -233,7 +235,7 @@ class Bench:
             _sync(self.device)
             return images
 
-        def warm_up() -> None:  # one call per distinct batch size: compiles (and recompiles) happen here
+        def warm_up() -> None:  # compiles (and recompiles) happen here
             for group in self.warmup_groups:
                 one(group)
 
