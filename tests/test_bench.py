@@ -27,7 +27,7 @@ def test_quick_bench_cli_writes_every_row(tmp_path, capsys):
     from specdiff_fx.cli import main
 
     out, png = tmp_path / "bench.json", tmp_path / "pareto.png"
-    rc = main(["bench", "--quick", "--threads", "1", "--no-progress", "--json", str(out), "--plot", str(png)])
+    rc = main(["bench", "--quick", "--no-progress", "--json", str(out), "--plot", str(png)])
     assert rc == 0
     stdout = capsys.readouterr().out
     assert "speed-up" in stdout and "PSNR dB" in stdout and "diffusers-taylorseer" in stdout
@@ -169,10 +169,10 @@ def test_quick_defaults_and_explicit_options_win():
     parser = argparse.ArgumentParser()
     command.add_arguments(parser)
     args = command._resolve(parser.parse_args(["--quick", "--steps", "4"]))
-    assert (args.steps, args.seeds, args.repeats, args.compiler) == (4, 2, 1, "none")
+    assert (args.steps, args.seeds, args.repeats, args.threads, args.compiler) == (4, 2, 1, 1, "none")
     assert math.isclose(args.guidance, command._default_guidance())
     full = command._resolve(parser.parse_args([]))
-    assert (full.steps, full.repeats, full.compiler) == (28, 3, "inductor")
+    assert (full.steps, full.repeats, full.threads, full.compiler) == (28, 3, 2, "inductor")
     with pytest.raises(ValueError):
         command._resolve(parser.parse_args(["--seeds", "0"]))
     with pytest.raises(ValueError, match="multiple"):

@@ -60,7 +60,7 @@ def _threshold(text: str):
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("workload")
     g.add_argument("--quick", action="store_true",
-                   help="CI smoke test: 2 seeds, 6 steps, 1 repeat, no torch.compile for the baseline and "
+                   help="CI smoke test: 2 seeds, 6 steps, 1 repeat, 1 thread, no torch.compile for the baseline and "
                         "anchors (our policies: eager compiler); explicit options still win")
     g.add_argument("--steps", type=int, help="sampling steps (default 28; quick 6)")
     g.add_argument("--seeds", type=int, help="images, one per seed 0..N-1, labels cycling (default 8; quick 2)")
@@ -68,7 +68,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="images per sample() call (default 1; must divide --seeds)")
     g.add_argument("--guidance", type=float, help="CFG scale (default: reference.model.sample's default)")
     g.add_argument("--repeats", type=int, help="timed repeats of the workload, median reported (default 3; quick 1)")
-    g.add_argument("--threads", type=int, default=2, help="torch threads, pinned (default 2)")
+    g.add_argument("--threads", type=int,
+                   help="torch threads, pinned (default 2; quick 1: on shared cores 2 threads can stall badly)")
     g.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
     g.add_argument("--compiler", choices=COMPILERS,
                    help="inductor (default), eager (torch.compile backend=eager), or none (baseline and anchors "
@@ -97,7 +98,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _resolve(args: argparse.Namespace) -> argparse.Namespace:
     quick = args.quick
-    defaults = dict(steps=(6, 28), seeds=(2, 8), repeats=(1, 3), compiler=("none", "inductor"),
+    defaults = dict(steps=(6, 28), seeds=(2, 8), repeats=(1, 3), threads=(1, 2), compiler=("none", "inductor"),
                     real_images=(240, 1200), calibration_seeds=(1, 2))
     for key, (q, full) in defaults.items():
         if getattr(args, key) is None:
