@@ -123,7 +123,7 @@ class SpecDiffBackend:
         reuse, _ = build_branch_reuse_variant(gm, branches)
         trace_artifacts({FULL: record, REUSE: reuse},
                         {"branches": [dataclasses.asdict(b) for b in branches]})
-        buffers = [BufferSpec(s.input_name, s.shape, s.dtype, s.device) for s in specs]
+        buffers = [BufferSpec(s.input_name, s.shape, s.dtype, s.device, s.role) for s in specs]
         examples = list(example_inputs) + [
             torch.zeros(b.shape, dtype=b.dtype, device=b.device) for b in buffers
         ]

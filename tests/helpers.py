@@ -77,3 +77,14 @@ def hook_reference(case, names, timesteps, plan, *, batch=2, seed=0):
         return outs
     finally:
         hooks.remove()
+
+
+class PlainMLP(torch.nn.Module):
+    """A timestep-conditioned model with no residual branch."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 8))
+
+    def forward(self, x, timestep):
+        return self.net(x) * timestep

@@ -8,7 +8,7 @@ import torch
 from specdiff_fx import SpecDiffConfig, get_runtime, make_backend, specdiff_backend
 from specdiff_fx.tiny_models import build_tiny
 
-from helpers import HOOKED_MODULES, TIMESTEPS_10, assert_all_close, compile_with, hook_reference, run_steps
+from helpers import HOOKED_MODULES, TIMESTEPS_10, PlainMLP, assert_all_close, compile_with, hook_reference, run_steps
 
 FAMILIES = ["dit", "pixart", "sd3", "flux", "unet"]
 
@@ -179,15 +179,6 @@ def test_separate_cond_uncond_calls_match_running_alone():
 
 
 # ----------------------------------------------------------------------------- fallback
-class PlainMLP(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.net = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 8))
-
-    def forward(self, x, timestep):
-        return self.net(x) * timestep
-
-
 def test_model_without_branches_falls_back_loudly():
     model = PlainMLP()
     compiled, _ = compile_with(model, compiler="eager")

@@ -4,6 +4,8 @@ import torch
 from specdiff_fx.passes.residual_branches import count_kinds, find_residual_branches
 from specdiff_fx.tiny_models import build_tiny
 
+from helpers import PlainMLP
+
 EXPECTED = {
     # DiT: adaLN-Zero blocks, gated self-attention + gated MLP per block.
     "dit": {"self_attention": 2, "feed_forward": 2},
@@ -68,15 +70,6 @@ def test_unet_nested_residuals_resolve_to_outermost(capture):
     assert all(".attentions." in b.owner and "transformer_blocks" not in b.owner for b in transformers)
     # inner BasicTransformerBlock adds are part of the outer body, not branches of their own
     assert not any("transformer_blocks" in b.owner for b in branches)
-
-
-class PlainMLP(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.net = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 8))
-
-    def forward(self, x, timestep):
-        return self.net(x) * timestep
 
 
 class Elementwise(torch.nn.Module):

@@ -14,47 +14,29 @@ runtime can hand the same buffer list to either.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-import torch
 import torch.fx as fx
 
 from .graph_copy import add_static_input, copy_graph_module, find_node, recompile
 from .graph_queries import tensor_meta
 from .residual_branches import ResidualBranch
+from .variant_inputs import VariantInput
 
 RECORD_TAG = "branch_record"
 REUSE_TAG = "branch_reuse"
 CACHE_INPUT_TAG = "branch_cache_input"
+BRANCH_CACHE = "branch_cache"
 
 
-@dataclass(frozen=True)
-class CacheSpec:
-    """A runtime-owned buffer a variant expects as an extra input."""
-
-    input_name: str
-    branch: str
-    shape: tuple[int, ...]
-    dtype: torch.dtype
-    device: torch.device
-
-    @property
-    def nbytes(self) -> int:
-        numel = 1
-        for s in self.shape:
-            numel *= int(s)
-        return numel * torch.empty((), dtype=self.dtype).element_size()
-
-
-def _cache_specs(gm: fx.GraphModule, branches: list[ResidualBranch]) -> list[CacheSpec]:
+def _cache_specs(gm: fx.GraphModule, branches: list[ResidualBranch]) -> list[VariantInput]:
     specs = []
     for i, br in enumerate(branches):
         meta = tensor_meta(find_node(gm, br.cached))
         if meta is None:
             raise ValueError(f"branch {br.name}: value {br.cached!r} has no tensor metadata")
         specs.append(
-            CacheSpec(
+            VariantInput(
                 input_name=f"specdiff_cache_{i}",
+                role=BRANCH_CACHE,
                 branch=br.name,
                 shape=tuple(int(s) for s in meta.shape),
                 dtype=meta.dtype,
@@ -73,7 +55,7 @@ def _tag(node: fx.Node, kind: str, like: fx.Node) -> fx.Node:
 
 def build_branch_record_variant(
     gm: fx.GraphModule, branches: list[ResidualBranch]
-) -> tuple[fx.GraphModule, list[CacheSpec]]:
+) -> tuple[fx.GraphModule, list[VariantInput]]:
     """Copy of ``gm`` that also writes every branch output into its cache input."""
     specs = _cache_specs(gm, branches)
     out = copy_graph_module(gm)
@@ -90,7 +72,7 @@ def build_branch_record_variant(
 
 def build_branch_reuse_variant(
     gm: fx.GraphModule, branches: list[ResidualBranch]
-) -> tuple[fx.GraphModule, list[CacheSpec]]:
+) -> tuple[fx.GraphModule, list[VariantInput]]:
     """Copy of ``gm`` where every residual add reads its branch from the cache input."""
     specs = _cache_specs(gm, branches)
     out = copy_graph_module(gm)

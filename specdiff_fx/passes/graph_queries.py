@@ -63,30 +63,25 @@ def node_inputs(node: fx.Node) -> list[fx.Node]:
     return list(node.all_input_nodes)
 
 
-def ancestors(nodes: Iterable[fx.Node]) -> set[fx.Node]:
-    """All transitive inputs of ``nodes`` (the nodes themselves excluded)."""
+def _closure(nodes: Iterable[fx.Node], step) -> set[fx.Node]:
     seen: set[fx.Node] = set()
-    stack = [i for n in nodes for i in n.all_input_nodes]
+    stack = [m for n in nodes for m in step(n)]
     while stack:
         n = stack.pop()
-        if n in seen:
-            continue
-        seen.add(n)
-        stack.extend(n.all_input_nodes)
+        if n not in seen:
+            seen.add(n)
+            stack.extend(step(n))
     return seen
+
+
+def ancestors(nodes: Iterable[fx.Node]) -> set[fx.Node]:
+    """All transitive inputs of ``nodes`` (the nodes themselves excluded)."""
+    return _closure(nodes, lambda n: n.all_input_nodes)
 
 
 def descendants(nodes: Iterable[fx.Node]) -> set[fx.Node]:
     """All transitive users of ``nodes`` (the nodes themselves excluded)."""
-    seen: set[fx.Node] = set()
-    stack = [u for n in nodes for u in n.users]
-    while stack:
-        n = stack.pop()
-        if n in seen:
-            continue
-        seen.add(n)
-        stack.extend(n.users)
-    return seen
+    return _closure(nodes, lambda n: n.users)
 
 
 def placeholders(gm: fx.GraphModule) -> list[fx.Node]:

@@ -12,12 +12,11 @@
 * draft: the full computation plus importance recording, and no cache writes, so a
   speculative draft trajectory never touches the main trajectory's caches.
 
-All runtime-owned buffers are extra static inputs described by :class:`TokenBufferSpec`.
+All runtime-owned buffers are extra static inputs described by :class:`~.variant_inputs.VariantInput`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import sympy
@@ -28,6 +27,7 @@ from . import token_ops
 from .graph_copy import add_static_input, copy_graph_module, recompile
 from .graph_queries import tensor_meta
 from .token_axis import IMAGE, N, TokenAxis, TokenRegion
+from .variant_inputs import VariantInput
 
 INDEX, REUSE_MASK, MIX_WEIGHTS = "index", "reuse_mask", "mix_weights"
 HISTORY, KV, IMPORTANCE = "history", "kv", "importance"
@@ -37,22 +37,6 @@ TAG_GATHER, TAG_SCATTER, TAG_KV, TAG_SCORE, TAG_CONST = (
 TAG_WRITE, TAG_INPUT = "cache_write", "token_cache_input"
 
 
-@dataclass(frozen=True)
-class TokenBufferSpec:
-    input_name: str
-    role: str
-    shape: tuple[int, ...]
-    dtype: torch.dtype
-    device: torch.device
-
-    @property
-    def nbytes(self) -> int:
-        numel = 1
-        for s in self.shape:
-            numel *= int(s)
-        return numel * torch.empty((), dtype=self.dtype).element_size()
-
-
 def _meta(node: fx.Node):
     meta = tensor_meta(node)
     if meta is None:
@@ -60,9 +44,9 @@ def _meta(node: fx.Node):
     return meta
 
 
-def _spec(gm: fx.GraphModule, name: str, role: str, shape, dtype, device) -> tuple[TokenBufferSpec, fx.Node]:
+def _spec(gm: fx.GraphModule, name: str, role: str, shape, dtype, device) -> tuple[VariantInput, fx.Node]:
     node = add_static_input(gm, name, kind=TAG_INPUT)
-    return TokenBufferSpec(name, role, tuple(int(s) for s in shape), dtype, device), node
+    return VariantInput(name, role, tuple(int(s) for s in shape), dtype, device), node
 
 
 def _tag(node: fx.Node, kind: str, like: fx.Node, writes: bool = False) -> fx.Node:

@@ -6,6 +6,7 @@ what makes a stale read (another trajectory, a previous input signature) impossi
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -21,10 +22,7 @@ class BufferSpec:
 
     @property
     def nbytes(self) -> int:
-        numel = 1
-        for s in self.shape:
-            numel *= int(s)
-        return numel * torch.empty((), dtype=self.dtype).element_size()
+        return math.prod(int(s) for s in self.shape) * torch.empty((), dtype=self.dtype).element_size()
 
 
 class CacheSlot:
