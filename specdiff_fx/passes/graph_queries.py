@@ -18,10 +18,6 @@ _ADD_TARGETS = {operator.add, operator.iadd, torch.add}
 _MUL_TARGETS = {operator.mul, operator.imul, torch.mul}
 
 
-def is_call(node: fx.Node) -> bool:
-    return node.op in ("call_function", "call_method", "call_module")
-
-
 def is_add(node: fx.Node) -> bool:
     if node.op == "call_function":
         return node.target in _ADD_TARGETS
@@ -59,10 +55,6 @@ def tensor_meta(node: fx.Node):
     return value if isinstance(value, torch.Tensor) else None
 
 
-def node_inputs(node: fx.Node) -> list[fx.Node]:
-    return list(node.all_input_nodes)
-
-
 def _closure(nodes: Iterable[fx.Node], step) -> set[fx.Node]:
     seen: set[fx.Node] = set()
     stack = [m for n in nodes for m in step(n)]
@@ -82,7 +74,3 @@ def ancestors(nodes: Iterable[fx.Node]) -> set[fx.Node]:
 def descendants(nodes: Iterable[fx.Node]) -> set[fx.Node]:
     """All transitive users of ``nodes`` (the nodes themselves excluded)."""
     return _closure(nodes, lambda n: n.users)
-
-
-def placeholders(gm: fx.GraphModule) -> list[fx.Node]:
-    return list(gm.graph.find_nodes(op="placeholder"))

@@ -30,6 +30,17 @@ def _signature(args: Sequence[Any], indices: Sequence[int]) -> tuple:
     return tuple(sig)
 
 
+def _plain_entry(entry: dict) -> dict:
+    """A plan entry with tensor-valued details turned into rounded floats."""
+    out = dict(entry, calls=list(entry["calls"]))
+    if "details" in entry:
+        out["details"] = [
+            {k: round(float(v), 1) if isinstance(v, torch.Tensor) else v for k, v in d.items()}
+            for d in entry["details"]
+        ]
+    return out
+
+
 class SpecDiffRuntime:
     """Runs one dynamo graph's variants across denoising steps.
 
@@ -149,7 +160,7 @@ class SpecDiffRuntime:
             "invalidations": self._invalidations,
             "cache_slots": len(self.slots._slots),
             "cache_bytes": self.slots.allocated_bytes,
-            "plan": [dict(e, calls=list(e["calls"])) for e in self._plan],
+            "plan": [_plain_entry(e) for e in self._plan],
             **self._extra_stats(),
             **self.info,
         }

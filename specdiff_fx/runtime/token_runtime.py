@@ -190,10 +190,10 @@ class TokenRuntime(SpecDiffRuntime):
         slot.push_history(event.timestep)
         slot.count += 1
         slot.count.scatter_(1, index, 0)
-        batch = index.shape[0]
-        c2 = int(reuse.sum()) / batch
+        # counts stay tensors until stats() is read: no device sync per step
+        c2 = reuse.sum() / index.shape[0]
         details = {
-            "c1": self.k, "c2": round(c2, 1), "c3": round(self.n - self.k - c2, 1),
+            "c1": self.k, "c2": c2, "c3": self.n - self.k - c2,
             "refresh_ratio": self.k / self.n,
             "est_flops_saved": 1.0 - self.flops[PARTIAL] / self.flops[FULL]
             if self.flops.get(FULL) and self.flops.get(PARTIAL) else 1.0 - self.k / self.n,
