@@ -14,7 +14,7 @@ from specdiff_fx.bench.metrics import peak_memory_mb, ssim
 from specdiff_fx.bench.plot import pareto_front, pareto_plot
 
 EXPECTED_LABELS = [
-    "baseline", "specdiff cr=0.5", "specdiff cr=0.75", "fora interval=2", "fora interval=3",
+    "baseline", "specdiff cr=0.5", "specdiff cr=0.7", "specdiff cr=0.8", "fora interval=2", "fora interval=3",
     "diffusers-firstblockcache", "diffusers-taylorseer", "diffusers-magcache", "cache-dit-dbcache",
 ]
 REQUIRED = ("method", "config", "speedup", "psnr", "ssim", "accuracy", "fd", "peak_mem_mb", "compile_s",
@@ -60,9 +60,9 @@ def test_quick_bench_cli_writes_every_row(tmp_path, capsys):
     assert base["full_steps"] == 6
     by_label = {r["label"]: r for r in rows}
     # the schedules that do not depend on data skip what they say
-    assert by_label["fora interval=2"]["full_steps"] == 4  # warm-up 0,1 then every 2nd: 0,1,3,5
+    assert by_label["fora interval=2"]["full_steps"] == 4  # warm-up 0, 1, then every 2nd: 2, 4
     assert by_label["diffusers-taylorseer"]["full_steps"] == 4  # 0,1,2 warm-up, then 4
-    for label in ("specdiff cr=0.5", "specdiff cr=0.75"):
+    for label in ("specdiff cr=0.5", "specdiff cr=0.7", "specdiff cr=0.8"):
         assert by_label[label]["partial_steps"] > 0 and by_label[label]["info"].get("fallback") is None
     for label in ("diffusers-firstblockcache", "cache-dit-dbcache"):
         if by_label[label]["status"] == "ok":
