@@ -53,14 +53,20 @@ def _tag(node: fx.Node, kind: str, like: fx.Node) -> fx.Node:
     return node
 
 
+def _copy_with_cache_inputs(gm: fx.GraphModule, branches: list[ResidualBranch]):
+    """A copy of ``gm`` with one cache input per branch: (copy, specs, [(branch, cache node)])."""
+    specs = _cache_specs(gm, branches)
+    out = copy_graph_module(gm)
+    caches = [add_static_input(out, spec.input_name, kind=CACHE_INPUT_TAG) for spec in specs]
+    return out, specs, list(zip(branches, caches))
+
+
 def build_branch_record_variant(
     gm: fx.GraphModule, branches: list[ResidualBranch]
 ) -> tuple[fx.GraphModule, list[VariantInput]]:
     """Copy of ``gm`` that also writes every branch output into its cache input."""
-    specs = _cache_specs(gm, branches)
-    out = copy_graph_module(gm)
-    for spec, br in zip(specs, branches):
-        cache = add_static_input(out, spec.input_name, kind=CACHE_INPUT_TAG)
+    out, specs, pairs = _copy_with_cache_inputs(gm, branches)
+    for br, cache in pairs:
         value = find_node(out, br.cached)
         add = find_node(out, br.add)
         with out.graph.inserting_after(value):
@@ -74,10 +80,8 @@ def build_branch_reuse_variant(
     gm: fx.GraphModule, branches: list[ResidualBranch]
 ) -> tuple[fx.GraphModule, list[VariantInput]]:
     """Copy of ``gm`` where every residual add reads its branch from the cache input."""
-    specs = _cache_specs(gm, branches)
-    out = copy_graph_module(gm)
-    for spec, br in zip(specs, branches):
-        cache = add_static_input(out, spec.input_name, kind=CACHE_INPUT_TAG)
+    out, specs, pairs = _copy_with_cache_inputs(gm, branches)
+    for br, cache in pairs:
         consumer = find_node(out, br.add if br.cached == br.output else br.output)
         consumer.replace_input_with(find_node(out, br.cached), cache)
         consumer.meta["specdiff"] = REUSE_TAG
