@@ -144,12 +144,13 @@ class SpecDiffBackend:
         except TokenAxisError as exc:
             raise UnsupportedGraph(f"token-level caching not possible: {exc}") from exc
         k = max(2, min(region.num_tokens, round((1.0 - cfg.cache_ratio) * region.num_tokens)))
-        record, record_specs = build_token_record_variant(gm, region)
+        stride = cfg.importance_query_stride
+        record, record_specs = build_token_record_variant(gm, region, stride)
         partial, partial_specs = build_token_partial_variant(gm, region, k)
         graphs = {"original": gm, FULL: record, PARTIAL: partial}
         built = {FULL: (record, record_specs), PARTIAL: (partial, partial_specs)}
         if cfg.draft_steps >= 2:
-            draft, draft_specs = build_token_draft_variant(gm, region)
+            draft, draft_specs = build_token_draft_variant(gm, region, stride)
             graphs[DRAFT] = draft
             built[DRAFT] = (draft, draft_specs)
         trace_artifacts({name: g for name, g in graphs.items() if name != "original"},

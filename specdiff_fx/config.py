@@ -36,6 +36,8 @@ class SpecDiffConfig:
     draft_steps:   specdiff: steps of the self-speculative draft (0 or 1 disables it).
     draft_update:  specdiff: ``f(x, model_output, t, t_next, scale) -> x_next`` advancing
                    the draft; default: Euler step of a velocity (flow-matching) model.
+    importance_query_stride: specdiff: 1 scores tokens by the exact attention they receive;
+                   s > 1 estimates it from every s-th query at 1/s of the cost.
     compiler:      ``"inductor"`` (default) or ``"eager"`` to run the rewritten graphs
                    uncompiled, for fast tests and debugging.
     inductor_config: ``config_patches`` passed to Inductor's ``compile_fx``.
@@ -51,6 +53,7 @@ class SpecDiffConfig:
     score_lambda: float = 1.0
     draft_steps: int = 2
     draft_update: Callable | None = None
+    importance_query_stride: int = 4
     compiler: str = "inductor"
     inductor_config: dict = field(default_factory=dict)
     timestep_input: str | None = None
@@ -86,6 +89,9 @@ class SpecDiffConfig:
             raise ValueError(f"SpecDiffConfig.score_lambda must be >= 0, got {self.score_lambda!r}")
         if not isinstance(self.draft_steps, int) or self.draft_steps < 0:
             raise ValueError(f"SpecDiffConfig.draft_steps must be an int >= 0, got {self.draft_steps!r}")
+        if not isinstance(self.importance_query_stride, int) or self.importance_query_stride < 1:
+            raise ValueError(
+                f"SpecDiffConfig.importance_query_stride must be an int >= 1, got {self.importance_query_stride!r}")
         if self.draft_update is not None and not callable(self.draft_update):
             raise TypeError("SpecDiffConfig.draft_update must be callable")
         if not isinstance(self.inductor_config, dict):

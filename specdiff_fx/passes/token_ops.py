@@ -60,10 +60,16 @@ def complete_kv(cache: torch.Tensor, fresh: torch.Tensor, positions: torch.Tenso
 
 
 def attention_received(query: torch.Tensor, key: torch.Tensor, scale: float | None,
-                       offset: int, count: int) -> torch.Tensor:
+                       offset: int, count: int, query_stride: int = 1) -> torch.Tensor:
     """Attention each key token in ``[offset, offset + count)`` receives, summed over heads
-    and queries: ``(batch, count)``.  Exact softmax(QK^T) - run only at full steps."""
+    and queries: ``(batch, count)``; run only at full and draft steps.
+
+    ``query_stride=1`` is exact.  ``s > 1`` estimates it from every s-th query (a
+    strided sample that covers the whole image), at 1/s of the cost.
+    """
     scale = key.shape[-1] ** -0.5 if scale is None else scale
+    if query_stride > 1:
+        query = query[:, :, ::query_stride]
     logits = torch.matmul(query.float(), key.float().transpose(-1, -2)) * scale
     received = torch.softmax(logits, dim=-1).sum(dim=(1, 2))
     return received[:, offset: offset + count]

@@ -72,7 +72,7 @@ def _image_segment(layout: TokenAxis, n: int) -> tuple[int, int]:
     raise ValueError("layout has no image segment")
 
 
-def _record_sites(out: fx.GraphModule, region: TokenRegion, write_kv: bool):
+def _record_sites(out: fx.GraphModule, region: TokenRegion, write_kv: bool, query_stride: int = 1):
     """Insert K/V cache writes (optionally) and importance recording at attention sites."""
     nodes = {n.name: n for n in out.graph.nodes}
     specs, received = [], []
@@ -91,7 +91,8 @@ def _record_sites(out: fx.GraphModule, region: TokenRegion, write_kv: bool):
             offset, count = _image_segment(site.key_layout, region.num_tokens)
             with out.graph.inserting_before(sdpa):
                 received.append(_tag(out.graph.call_function(
-                    token_ops.attention_received, (query, key, site.scale, offset, count)), TAG_SCORE, sdpa))
+                    token_ops.attention_received, (query, key, site.scale, offset, count, query_stride)),
+                    TAG_SCORE, sdpa))
     return specs, received
 
 
@@ -111,10 +112,11 @@ def _record_importance(out: fx.GraphModule, region: TokenRegion, received: list[
     return spec
 
 
-def build_token_record_variant(gm: fx.GraphModule, region: TokenRegion):
-    """Full computation that refreshes K/V caches and history and records importance."""
+def build_token_record_variant(gm: fx.GraphModule, region: TokenRegion, query_stride: int = 1):
+    """Full computation that refreshes K/V caches and history and records importance
+    (exactly, or estimated from every ``query_stride``-th query)."""
     out = copy_graph_module(gm)
-    specs, received = _record_sites(out, region, write_kv=True)
+    specs, received = _record_sites(out, region, write_kv=True, query_stride=query_stride)
     specs.append(_record_importance(out, region, received))
     exit_node = next(n for n in out.graph.nodes if n.name == region.exit)
     meta = _meta(exit_node)
@@ -127,10 +129,10 @@ def build_token_record_variant(gm: fx.GraphModule, region: TokenRegion):
     return _finish(out), specs
 
 
-def build_token_draft_variant(gm: fx.GraphModule, region: TokenRegion):
+def build_token_draft_variant(gm: fx.GraphModule, region: TokenRegion, query_stride: int = 1):
     """Full computation that only records importance (no cache is touched)."""
     out = copy_graph_module(gm)
-    _, received = _record_sites(out, region, write_kv=False)
+    _, received = _record_sites(out, region, write_kv=False, query_stride=query_stride)
     spec = _record_importance(out, region, received)
     return _finish(out), [spec]
 
