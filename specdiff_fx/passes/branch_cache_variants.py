@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch.fx as fx
 
-from .graph_copy import add_static_input, copy_graph_module, find_node, recompile
+from .graph_copy import add_static_input, copy_graph_module, find_node, recompile, tag_inserted
 from .graph_queries import tensor_meta
 from .residual_branches import ResidualBranch
 from .variant_inputs import VariantInput
@@ -46,13 +46,6 @@ def _cache_specs(gm: fx.GraphModule, branches: list[ResidualBranch]) -> list[Var
     return specs
 
 
-def _tag(node: fx.Node, kind: str, like: fx.Node) -> fx.Node:
-    node.meta["specdiff"] = kind
-    if "nn_module_stack" in like.meta:
-        node.meta["nn_module_stack"] = dict(like.meta["nn_module_stack"])
-    return node
-
-
 def _copy_with_cache_inputs(gm: fx.GraphModule, branches: list[ResidualBranch]):
     """A copy of ``gm`` with one cache input per branch: (copy, specs, [(branch, cache node)])."""
     specs = _cache_specs(gm, branches)
@@ -70,9 +63,9 @@ def build_branch_record_variant(
         value = find_node(out, br.cached)
         add = find_node(out, br.add)
         with out.graph.inserting_after(value):
-            detached = _tag(out.graph.call_method("detach", (value,)), RECORD_TAG, add)
+            detached = tag_inserted(out.graph.call_method("detach", (value,)), RECORD_TAG, add)
         with out.graph.inserting_after(detached):
-            _tag(out.graph.call_method("copy_", (cache, detached)), RECORD_TAG, add)
+            tag_inserted(out.graph.call_method("copy_", (cache, detached)), RECORD_TAG, add)
     return recompile(out), specs
 
 

@@ -54,6 +54,18 @@ def add_static_input(gm: fx.GraphModule, name: str, *, kind: str) -> fx.Node:
     return node
 
 
+def tag_inserted(node: fx.Node, kind: str, like: fx.Node, writes: bool = False) -> fx.Node:
+    """Mark a node the rewrite inserted (``meta['specdiff']``) and give it the module stack
+    of the node it belongs to, so reports and diffs place it in its block, not at the root.
+    ``writes`` marks an in-place cache write that dead-code elimination must keep."""
+    node.meta["specdiff"] = kind
+    if writes:
+        node.meta["specdiff_writes"] = True
+    if "nn_module_stack" in like.meta:
+        node.meta["nn_module_stack"] = dict(like.meta["nn_module_stack"])
+    return node
+
+
 def find_node(gm: fx.GraphModule, name: str) -> fx.Node:
     for node in gm.graph.nodes:
         if node.name == name:

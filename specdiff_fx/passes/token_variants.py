@@ -24,7 +24,7 @@ import torch
 import torch.fx as fx
 
 from . import token_ops
-from .graph_copy import add_static_input, copy_graph_module, recompile
+from .graph_copy import add_static_input, copy_graph_module, recompile, tag_inserted
 from .graph_queries import tensor_meta
 from .token_axis import IMAGE, N, TokenAxis, TokenRegion
 from .variant_inputs import VariantInput
@@ -47,15 +47,6 @@ def _meta(node: fx.Node):
 def _spec(gm: fx.GraphModule, name: str, role: str, shape, dtype, device) -> tuple[VariantInput, fx.Node]:
     node = add_static_input(gm, name, kind=TAG_INPUT)
     return VariantInput(name, role, tuple(int(s) for s in shape), dtype, device), node
-
-
-def _tag(node: fx.Node, kind: str, like: fx.Node, writes: bool = False) -> fx.Node:
-    node.meta["specdiff"] = kind
-    if writes:
-        node.meta["specdiff_writes"] = True
-    if "nn_module_stack" in like.meta:
-        node.meta["nn_module_stack"] = dict(like.meta["nn_module_stack"])
-    return node
 
 
 def _finish(gm: fx.GraphModule) -> fx.GraphModule:
@@ -85,12 +76,12 @@ def _record_sites(out: fx.GraphModule, region: TokenRegion, write_kv: bool, quer
                 spec, cache = _spec(out, f"specdiff_{role_name}cache_{i}", KV, meta.shape, meta.dtype, meta.device)
                 specs.append(spec)
                 with out.graph.inserting_before(sdpa):
-                    det = _tag(out.graph.call_method("detach", (value_node,)), TAG_WRITE, sdpa)
-                    _tag(out.graph.call_method("copy_", (cache, det)), TAG_WRITE, sdpa, writes=True)
+                    det = tag_inserted(out.graph.call_method("detach", (value_node,)), TAG_WRITE, sdpa)
+                    tag_inserted(out.graph.call_method("copy_", (cache, det)), TAG_WRITE, sdpa, writes=True)
         if site.query_layout.axis == 2 and site.key_layout.axis == 2:
             offset, count = _image_segment(site.key_layout, region.num_tokens)
             with out.graph.inserting_before(sdpa):
-                received.append(_tag(out.graph.call_function(
+                received.append(tag_inserted(out.graph.call_function(
                     token_ops.attention_received, (query, key, site.scale, offset, count, query_stride)),
                     TAG_SCORE, sdpa))
     return specs, received
@@ -106,9 +97,9 @@ def _record_importance(out: fx.GraphModule, region: TokenRegion, received: list[
     total, anchor = received[0], received[-1]
     for r in received[1:]:
         with out.graph.inserting_after(anchor):
-            total = anchor = _tag(out.graph.call_function(torch.add, (total, r)), TAG_SCORE, r)
+            total = anchor = tag_inserted(out.graph.call_function(torch.add, (total, r)), TAG_SCORE, r)
     with out.graph.inserting_after(total):
-        _tag(out.graph.call_method("copy_", (buf, total)), TAG_SCORE, received[-1], writes=True)
+        tag_inserted(out.graph.call_method("copy_", (buf, total)), TAG_SCORE, received[-1], writes=True)
     return spec
 
 
@@ -123,9 +114,9 @@ def build_token_record_variant(gm: fx.GraphModule, region: TokenRegion, query_st
     spec, hist = _spec(out, "specdiff_history_out", HISTORY, meta.shape, meta.dtype, meta.device)
     specs.append(spec)
     with out.graph.inserting_after(exit_node):
-        det = _tag(out.graph.call_method("detach", (exit_node,)), TAG_WRITE, exit_node)
+        det = tag_inserted(out.graph.call_method("detach", (exit_node,)), TAG_WRITE, exit_node)
     with out.graph.inserting_after(det):
-        _tag(out.graph.call_method("copy_", (hist, det)), TAG_WRITE, exit_node, writes=True)
+        tag_inserted(out.graph.call_method("copy_", (hist, det)), TAG_WRITE, exit_node, writes=True)
     return _finish(out), specs
 
 
@@ -185,7 +176,7 @@ def build_token_partial_variant(gm: fx.GraphModule, region: TokenRegion, k: int)
 
     # 2. the subset enters the blocks
     with out.graph.inserting_after(entry):
-        subset = _tag(out.graph.call_function(token_ops.gather_tokens, (entry, index, 1)), TAG_GATHER, entry)
+        subset = tag_inserted(out.graph.call_function(token_ops.gather_tokens, (entry, index, 1)), TAG_GATHER, entry)
     for user in list(entry.users):
         if user in in_region:
             user.replace_input_with(entry, subset)
@@ -197,7 +188,7 @@ def build_token_partial_variant(gm: fx.GraphModule, region: TokenRegion, k: int)
         segs = tuple((kind, int(sympy.sympify(s).subs(N, region.num_tokens))) for kind, s in layout.segments)
         if segs not in positions:
             with out.graph.inserting_after(weights):
-                positions[segs] = _tag(out.graph.call_function(token_ops.layout_positions, (index, segs)),
+                positions[segs] = tag_inserted(out.graph.call_function(token_ops.layout_positions, (index, segs)),
                                        TAG_GATHER, entry)
         return positions[segs]
 
@@ -206,7 +197,7 @@ def build_token_partial_variant(gm: fx.GraphModule, region: TokenRegion, k: int)
         consumer = nodes[consumer_name]
         operand = consumer.args[arg_index]
         with out.graph.inserting_before(consumer):
-            gathered = _tag(out.graph.call_function(
+            gathered = tag_inserted(out.graph.call_function(
                 token_ops.gather_positions, (operand, positions_for(layout), axis, _meta(consumer).dim())),
                 TAG_GATHER, consumer)
         consumer.update_arg(arg_index, gathered)
@@ -220,7 +211,7 @@ def build_token_partial_variant(gm: fx.GraphModule, region: TokenRegion, k: int)
             spec, cache = _spec(out, f"specdiff_{role_name}cache_{i}", KV, full_meta.shape, full_meta.dtype, device)
             specs.append(spec)
             with out.graph.inserting_before(sdpa):
-                completed = _tag(out.graph.call_function(
+                completed = tag_inserted(out.graph.call_function(
                     token_ops.complete_kv, (cache, fresh, positions_for(site.key_layout), site.key_layout.axis)),
                     TAG_KV, sdpa)
             if fresh in sdpa.args:
@@ -232,13 +223,13 @@ def build_token_partial_variant(gm: fx.GraphModule, region: TokenRegion, k: int)
     # 6. exit: compose C1/C2/C3 and run the model's own exit on all tokens
     users = [u for u in exit_node.users]
     with out.graph.inserting_after(exit_node):
-        composed = _tag(out.graph.call_function(
+        composed = tag_inserted(out.graph.call_function(
             token_ops.compose_tokens, (exit_node, index, hist[0], hist[1], hist[2], weights, reuse_mask)),
             TAG_SCATTER, exit_node)
     with out.graph.inserting_after(composed):
-        det = _tag(out.graph.call_method("detach", (composed,)), TAG_WRITE, exit_node)
+        det = tag_inserted(out.graph.call_method("detach", (composed,)), TAG_WRITE, exit_node)
     with out.graph.inserting_after(det):
-        _tag(out.graph.call_method("copy_", (hist[2], det)), TAG_WRITE, exit_node, writes=True)
+        tag_inserted(out.graph.call_method("copy_", (hist[2], det)), TAG_WRITE, exit_node, writes=True)
     for user in users:
         user.replace_input_with(exit_node, composed)
     return _finish(out), specs
