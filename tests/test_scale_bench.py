@@ -1,0 +1,84 @@
+"""The scale benchmark: every step kind timed, shares and schedule arithmetic right, formula matches buffers."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from specdiff_fx.bench import scale
+from specdiff_fx.cli import main
+
+
+def _args(tmp_path, *extra):
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    scale.add_arguments(parser)
+    args = parser.parse_args(["--quick", "--out", str(tmp_path / "s.json"), "--plot", str(tmp_path / "s.png"),
+                              *extra])
+    return scale.resolve(args)
+
+
+def test_image_tokens():
+    assert scale.image_tokens_for(1024) == 4096
+    assert scale.image_tokens_for(512) == 1024
+    with pytest.raises(ValueError):
+        scale.image_tokens_for(1000)
+
+
+def test_schedule_costs_arithmetic():
+    shares = {"fora_full_record": 1.0, "fora_reuse": 0.0, "specdiff_full_record": 1.0,
+              "specdiff_partial_cr0.8": 0.2, "specdiff_draft": 1.0}
+    out = scale.schedule_costs(shares, [0.8])
+    # fora defaults: warm-up 0, 1, then every 3rd from step 2: 2, 5, ..., 26 -> 11 full of 28
+    assert out["fora"]["full_steps"] == 11
+    assert out["fora"]["speedup"] == pytest.approx(28 / 11)
+    # specdiff defaults: warm-up 3 + reset at 14 = 4 full, 24 partial, 1 draft call
+    sd = out["specdiff_cr0.8"]
+    assert (sd["full_steps"], sd["draft_calls"]) == (4, 1)
+    assert sd["speedup"] == pytest.approx(28 / (4 + 24 * 0.2 + 1))
+    assert sd["speedup"] == pytest.approx(sd["ideal_speedup"])
+    slower = scale.schedule_costs(dict(shares, **{"specdiff_partial_cr0.8": 0.3}), [0.8])
+    assert slower["specdiff_cr0.8"]["speedup"] < sd["speedup"]
+
+
+def test_quick_run_times_every_kind(tmp_path):
+    result = scale.run_scale(_args(tmp_path), log=lambda _: None)
+    assert not result["errors"]
+    expected = {"plain", "fora_full_record", "fora_reuse", "specdiff_full_record", "specdiff_draft",
+                "specdiff_partial_cr0.5", "specdiff_partial_cr0.8", "specdiff_partial_cr0.9"}
+    assert set(result["kinds"]) == expected
+    for kind, row in result["kinds"].items():
+        assert row["ms"] > 0 and row["share"] > 0, kind
+        assert row["peak_mem_mb"] is not None and row["peak_mem_mb"] > 0, kind
+    assert result["kinds"]["specdiff_partial_cr0.8"]["ideal_share"] == pytest.approx(13 / 64)
+    assert set(result["schedule"]) == {"fora", "specdiff_cr0.5", "specdiff_cr0.8", "specdiff_cr0.9"}
+    written = json.loads((tmp_path / "s.json").read_text())
+    assert written["model"]["image_tokens"] == 64 and written["batch"] == 2
+    assert (tmp_path / "s.png").stat().st_size > 0
+
+
+def test_kv_formula_matches_runtime_buffers(tmp_path):
+    result = scale.run_scale(_args(tmp_path, "--ratios", "0.8", "--no-fora", "--no-draft", "--no-memory"),
+                             log=lambda _: None)
+    group = result["groups"]["specdiff cr 0.8"]
+    assert group["kv_cache_bytes"] / 2**20 == pytest.approx(result["kv_cache_formula_mb"])
+
+
+@pytest.mark.parametrize("family", ["flux-dev", "pixart-sigma"])
+def test_other_families_build_and_rewrite(tmp_path, family):
+    result = scale.run_scale(_args(tmp_path, "--family", family, "--ratios", "0.8", "--no-fora", "--no-memory",
+                                   "--plot", ""), log=lambda _: None)
+    assert not result["errors"], result["errors"]
+    assert result["kinds"]["specdiff_partial_cr0.8"]["ms"] > 0
+    assert result["groups"]["specdiff cr 0.8"]["kv_cache_bytes"] / 2**20 == pytest.approx(
+        result["kv_cache_formula_mb"])
+
+
+def test_cli_scale_quick(tmp_path, capsys):
+    rc = main(["scale", "--quick", "--ratios", "0.8", "--no-fora", "--no-draft", "--no-memory",
+               "--out", str(tmp_path / "c.json"), "--plot", ""])
+    assert rc == 0
+    assert "specdiff_partial_cr0.8" in capsys.readouterr().out
+    assert json.loads((tmp_path / "c.json").read_text())["compiler"] == "eager"
