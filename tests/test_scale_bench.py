@@ -82,3 +82,29 @@ def test_cli_scale_quick(tmp_path, capsys):
     assert rc == 0
     assert "specdiff_partial_cr0.8" in capsys.readouterr().out
     assert json.loads((tmp_path / "c.json").read_text())["compiler"] == "eager"
+
+
+def test_runtime_host_time_excludes_variant_time():
+    """stats() reports the runtime's own Python per call; time inside a variant is not in it."""
+    import time
+
+    import torch
+
+    from specdiff_fx.runtime import FULL, SpecDiffRuntime
+
+    def slow_variant(*args):
+        time.sleep(0.02)
+        return args[1]
+
+    runtime = SpecDiffRuntime(policy="off", variants={FULL: slow_variant}, timestep_index=0,
+                              signature_indices=[1])
+    x = torch.zeros(2, 3)
+    for t in (900.0, 800.0, 700.0):
+        start = time.perf_counter()
+        runtime(torch.tensor([t]), x)
+        assert time.perf_counter() - start >= 0.02
+    host = runtime.stats()["host_ms_per_call"]
+    assert host["calls"] == 3
+    assert 0.0 < host["median"] < 5.0 and host["mean"] <= host["max"] < 20.0
+    runtime.reset()
+    assert runtime.stats()["host_ms_per_call"]["calls"] == 0

@@ -6,7 +6,10 @@ module: dynamo would guard on it and recompile every step.
 
 from __future__ import annotations
 
+import statistics
+import time
 import warnings
+from collections import deque
 from typing import Any, Callable, Sequence
 
 import torch
@@ -41,6 +44,23 @@ def _plain_entry(entry: dict) -> dict:
     return out
 
 
+class _TimedVariant:
+    """A compiled variant that adds its wall time to its runtime's per-call clock, so the
+    runtime's own Python (host work) per call is the call's time minus the variants' time."""
+
+    __slots__ = ("fn", "clock")
+
+    def __init__(self, fn: Callable, clock: list[float]) -> None:
+        self.fn, self.clock = fn, clock
+
+    def __call__(self, *args: Any) -> Any:
+        start = time.perf_counter()
+        try:
+            return self.fn(*args)
+        finally:
+            self.clock[0] += time.perf_counter() - start
+
+
 class SpecDiffRuntime:
     """Runs one dynamo graph's variants across denoising steps.
 
@@ -65,7 +85,8 @@ class SpecDiffRuntime:
         if FULL not in variants:
             raise ValueError("a runtime needs a 'full' variant")
         self.policy = policy
-        self.variants = dict(variants)
+        self._variant_clock = [0.0]  # seconds spent inside compiled variants during this call
+        self.variants = {name: _TimedVariant(fn, self._variant_clock) for name, fn in variants.items()}
         self.schedule = schedule if schedule is not None else AlwaysFull()
         self.timestep_index = timestep_index
         self.signature_indices = list(signature_indices)
@@ -81,6 +102,8 @@ class SpecDiffRuntime:
     def __call__(self, *args: Any) -> Any:
         if self.fallback is not None or self.timestep_index is None:
             return self.variants[FULL](*args)
+        start = time.perf_counter()
+        self._variant_clock[0] = 0.0
         sig = _signature(args, self.signature_indices)
         if sig != self._signature:
             # Dynamo guards make this rare; with dynamic shapes it is the last line of defence.
@@ -89,6 +112,7 @@ class SpecDiffRuntime:
         event = self.tracker.observe(self._read_timestep(args))
         out, kind, details = self._run_step(args, event)
         self._record(event, kind, details)
+        self._host_s.append(time.perf_counter() - start - self._variant_clock[0])
         return out
 
     def invalidate(self) -> None:
@@ -131,6 +155,7 @@ class SpecDiffRuntime:
         self._cached_steps = 0
         self._invalidations = 0
         self._plan: list[dict] = []
+        self._host_s: deque[float] = deque(maxlen=4096)  # host seconds of the latest calls
 
     def _record(self, event, kind: str, details: dict | None = None) -> None:
         self._calls += 1
@@ -161,9 +186,18 @@ class SpecDiffRuntime:
             "cache_slots": len(self.slots._slots),
             "cache_bytes": self.slots.allocated_bytes,
             "plan": [_plain_entry(e) for e in self._plan],
+            "host_ms_per_call": self._host_stats(),
             **self._extra_stats(),
             **self.info,
         }
+
+    def _host_stats(self) -> dict:
+        """The runtime's own Python per call (step detection, scores, bookkeeping; on CUDA also
+        any device-to-host read), excluding time inside the compiled variants."""
+        if not self._host_s:
+            return {"mean": None, "median": None, "max": None, "calls": 0}
+        ms = [s * 1000.0 for s in self._host_s]
+        return {"mean": statistics.fmean(ms), "median": statistics.median(ms), "max": max(ms), "calls": len(ms)}
 
     def _extra_stats(self) -> dict:
         return {}
