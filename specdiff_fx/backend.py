@@ -25,6 +25,7 @@ from .passes import (
     find_graph_inputs,
     find_residual_branches,
 )
+from .passes.forecast_variants import ForecastError, build_forecast_record_variant, build_forecast_variant
 from .passes.token_axis import TokenAxisError, analyze_token_axis
 from .passes.token_variants import (
     build_token_draft_variant,
@@ -33,11 +34,13 @@ from .passes.token_variants import (
 )
 from .runtime import (
     DRAFT,
+    FORECAST,
     FULL,
     PARTIAL,
     REUSE,
     AlwaysFull,
     BufferSpec,
+    ForecastRuntime,
     FullStepSchedule,
     SpecDiffRuntime,
     TokenRuntime,
@@ -119,6 +122,8 @@ class SpecDiffBackend:
             raise UnsupportedGraph("no residual branches found in the graph")
         if cfg.policy == "specdiff":
             return self._token_runtime(gm, example_inputs, inputs, branches, common)
+        if cfg.policy == "taylor":
+            return self._forecast_runtime(gm, example_inputs, branches, common)
         record, specs = build_branch_record_variant(gm, branches)
         reuse, _ = build_branch_reuse_variant(gm, branches)
         trace_artifacts({FULL: record, REUSE: reuse},
@@ -134,6 +139,35 @@ class SpecDiffBackend:
             schedule=FullStepSchedule(cfg.warmup_steps, cfg.interval, cfg.reset_steps),
             info={"branches": len(branches), "branch_kinds": count_kinds(branches)},
             graphs={"original": gm, FULL: record, REUSE: reuse},
+            **common,
+        )
+
+    def _forecast_runtime(self, gm, example_inputs, branches, common) -> ForecastRuntime:
+        cfg = self.config
+        probe = tuple(b.name for b in branches if b.block == branches[0].block) if cfg.probe else ()
+        try:
+            record, specs = build_forecast_record_variant(gm, branches, cfg.taylor_order)
+            forecast, _ = build_forecast_variant(gm, branches, cfg.taylor_order, probe)
+        except ForecastError as exc:
+            raise UnsupportedGraph(f"forecasting not possible: {exc}") from exc
+        trace_artifacts({FULL: record, FORECAST: forecast},
+                        {"branches": [dataclasses.asdict(b) for b in branches], "probe": list(probe)})
+        buffers = [BufferSpec(s.input_name, s.shape, s.dtype, s.device, s.role) for s in specs]
+        examples = list(example_inputs) + [
+            torch.zeros(b.shape, dtype=b.dtype, device=b.device) for b in buffers
+        ]
+        return ForecastRuntime(
+            policy=cfg.policy,
+            variants={FULL: self.compile(record, examples), FORECAST: self.compile(forecast, examples)},
+            buffer_specs=buffers,
+            schedule=FullStepSchedule(cfg.warmup_steps, cfg.interval, cfg.reset_steps),
+            order=cfg.taylor_order,
+            variable=cfg.forecast_variable,
+            tolerance=cfg.tolerance,
+            probe=cfg.probe,
+            info={"branches": len(branches), "branch_kinds": count_kinds(branches),
+                  "probe_branches": len(probe)},
+            graphs={"original": gm, FULL: record, FORECAST: forecast},
             **common,
         )
 

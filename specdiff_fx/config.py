@@ -5,11 +5,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields, replace
 from typing import Callable
 
-POLICIES = ("off", "fora", "specdiff")
+POLICIES = ("off", "fora", "taylor", "specdiff")
 # Schedule defaults per policy (warm-up full steps, interval, reset steps).
 _SCHEDULE_DEFAULTS = {
     "off": (1, 1, ()),
     "fora": (2, 3, ()),
+    # Measured on the reference model (specdiff-fx bench): see README "Results".
+    "taylor": (3, 5, ()),
     # Measured on the reference model at 28 steps (examples/tune_specdiff.py): three warm-up
     # full steps and one reset mid-way keep PSNR ~29 dB at cache_ratio 0.7 with 4 full steps.
     "specdiff": (3, 1, (14,)),
@@ -24,7 +26,9 @@ class SpecDiffConfig:
     policy:        ``"off"`` (plain compile, step tracking only), ``"fora"`` (recompute every
                    residual branch at full steps, reuse every branch output in between),
                    ``"specdiff"`` (token-level: only the most important image tokens are
-                   computed at partial steps; see DESIGN.md §1).
+                   computed at partial steps; see docs/design.md), ``"taylor"`` (full steps
+                   record per-branch finite differences, cached steps *forecast* every branch
+                   as ``F + k·ΔF (+ k²/2·Δ²F)``).
     warmup_steps:  full steps at the start of each trajectory (default per policy).
     interval:      fora: after warm-up, one full step every ``interval`` steps (1 = all full).
     reset_steps:   extra steps that are always full (default per policy).
@@ -38,6 +42,13 @@ class SpecDiffConfig:
                    the draft; default: Euler step of a velocity (flow-matching) model.
     importance_query_stride: specdiff: 1 scores tokens by the exact attention they receive;
                    s > 1 estimates it from every s-th query at 1/s of the cost.
+    taylor_order:  taylor: 1 (default) or 2, the order of the branch forecast.
+    forecast_variable: taylor: ``"step"`` (k counts steps) or ``"timestep"`` (k is the
+                   timestep distance, following a sampler's uneven spacing).
+    probe:         taylor: the cached-step graph still computes the first block and compares
+                   it with its forecast: a forecast-error estimate per step in ``stats()``.
+    tolerance:     taylor: when the probe's error estimate exceeds it, the next step is
+                   full (needs ``probe``; turned on with it).  ``None``: fixed schedule only.
     compiler:      ``"inductor"`` (default) or ``"eager"`` to run the rewritten graphs
                    uncompiled, for fast tests and debugging.
     inductor_config: ``config_patches`` passed to Inductor's ``compile_fx``.
@@ -54,6 +65,10 @@ class SpecDiffConfig:
     draft_steps: int = 2
     draft_update: Callable | None = None
     importance_query_stride: int = 4
+    taylor_order: int = 1
+    forecast_variable: str = "step"
+    probe: bool = False
+    tolerance: float | None = None
     compiler: str = "inductor"
     inductor_config: dict = field(default_factory=dict)
     timestep_input: str | None = None
@@ -92,6 +107,18 @@ class SpecDiffConfig:
         if not isinstance(self.importance_query_stride, int) or self.importance_query_stride < 1:
             raise ValueError(
                 f"SpecDiffConfig.importance_query_stride must be an int >= 1, got {self.importance_query_stride!r}")
+        if self.taylor_order not in (1, 2):
+            raise ValueError(f"SpecDiffConfig.taylor_order must be 1 or 2, got {self.taylor_order!r}")
+        if self.forecast_variable not in ("step", "timestep"):
+            raise ValueError(
+                f"SpecDiffConfig.forecast_variable must be 'step' or 'timestep', got {self.forecast_variable!r}")
+        if self.tolerance is not None:
+            if not isinstance(self.tolerance, (int, float)) or isinstance(self.tolerance, bool) \
+                    or not self.tolerance > 0:
+                raise ValueError(f"SpecDiffConfig.tolerance must be a number > 0 or None, got {self.tolerance!r}")
+            object.__setattr__(self, "probe", True)  # the tolerance is checked against the probe
+        if not isinstance(self.probe, bool):
+            raise TypeError(f"SpecDiffConfig.probe must be a bool, got {self.probe!r}")
         if self.draft_update is not None and not callable(self.draft_update):
             raise TypeError("SpecDiffConfig.draft_update must be callable")
         if not isinstance(self.inductor_config, dict):

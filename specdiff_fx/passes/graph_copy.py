@@ -77,3 +77,9 @@ def recompile(gm: fx.GraphModule) -> fx.GraphModule:
     gm.graph.lint()
     gm.recompile()
     return gm
+
+
+def eliminate_dead_code_keeping_writes(gm: fx.GraphModule) -> None:
+    """Dead-code elimination that keeps the in-place cache writes a rewrite inserted
+    (``tag_inserted(..., writes=True)``): their results are unused, their effect is the point."""
+    gm.graph.eliminate_dead_code(is_impure_node=lambda n: n.is_impure() or n.meta.get("specdiff_writes", False))

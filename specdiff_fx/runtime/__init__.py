@@ -4,12 +4,14 @@ Knows torch only; the backend hands it compiled variants and buffer descriptions
 """
 
 from .cache_slots import BufferSpec, CacheSlot, CacheSlots
+from .forecast_runtime import FORECAST, ForecastRuntime
 from .runtime import FULL, REUSE, SpecDiffRuntime, warn_fallback
 from .schedule import AlwaysFull, FullStepSchedule
 from .step_tracker import StepEvent, StepTracker
 from .token_runtime import DRAFT, PARTIAL, TokenRuntime, TokenSlot, flow_matching_update
 
 __all__ = [
+    "FORECAST", "ForecastRuntime",
     "DRAFT", "PARTIAL", "TokenRuntime", "TokenSlot", "flow_matching_update",
     "AlwaysFull", "BufferSpec", "CacheSlot", "CacheSlots", "FULL", "FullStepSchedule",
     "REUSE", "SpecDiffRuntime", "StepEvent", "StepTracker", "warn_fallback",

@@ -1,0 +1,186 @@
+"""Branch-level forecasting (TaylorSeer-class): *record* and *forecast* graphs from one graph.
+
+Plain reuse (``branch_cache_variants``) feeds a cached step the branch value of the last
+full step: ``g(t) ≈ g(t_last)``.  Flow-matching moves every token's input at every step,
+so that error grows linearly with the distance to the last full step.  A forecast
+extrapolates instead: with per-branch finite differences kept at full steps,
+
+    g(t_last + k) ≈ F + k·D1 + k²/2·D2          (F = g(t_last); D1, D2 the differences)
+
+which is first- (or second-) order accurate in k, so the error grows as k² (k³).
+
+* record (full steps): the original computation, plus, per branch, in place
+  ``D2 ← c1·(D1_new − D1)``, ``D1 ← D1_new = c0·(g − F)``, ``F ← g`` (all read before any
+  write; order 2 only keeps D2).  ``c0 = 1/d`` and ``c1 = 2/(d + d_prev)`` are Newton's
+  divided differences over the distances ``d`` between full steps; the runtime sets them
+  to 0 where a difference has no history yet, which makes the forecast a plain reuse.
+* forecast (cached steps): each branch's consumer (the gate mul or the residual add) reads
+  ``F + a1·D1 (+ a2·D2)`` with ``a1 = k``, ``a2 = k²/2``; dead-code elimination drops the
+  branch bodies; the gate is recomputed every step.
+
+Every distance and coefficient is a runtime-owned tensor input (``specdiff_taylor_coef``:
+``[c0, c1, a1, a2]``), never a Python constant: any schedule runs the same two compiled
+graphs, with zero recompiles.
+
+Optional probe: with ``probe_branches`` the forecast variant still *computes* those branches
+(e.g. the first block's) and writes ``mean|g − forecast| / mean|g|`` over them into the
+``specdiff_taylor_err`` input: a forecast-error estimate the runtime reads at the next
+step to decide whether to refresh (the probe branches use their computed value).
+
+Both variants take the original inputs followed by the same buffers in the same order.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.fx as fx
+
+from .graph_copy import (
+    add_static_input,
+    copy_graph_module,
+    eliminate_dead_code_keeping_writes,
+    find_node,
+    recompile,
+    tag_inserted,
+)
+from .graph_queries import tensor_meta
+from .residual_branches import ResidualBranch
+from .variant_inputs import VariantInput
+
+FORECAST_RECORD_TAG = "forecast_record"
+FORECAST_TAG = "forecast"
+FORECAST_PROBE_TAG = "forecast_probe"
+FORECAST_INPUT_TAG = "forecast_input"
+TAYLOR_TERM = "taylor_term"      # role of F, D1, D2 buffers
+TAYLOR_COEF = "taylor_coef"      # role of the [c0, c1, a1, a2] coefficient buffer
+FORECAST_ERROR = "forecast_error"  # role of the probe's error estimate buffer
+COEF_INPUT = "specdiff_taylor_coef"
+ERROR_INPUT = "specdiff_taylor_err"
+ORDERS = (1, 2)
+
+
+class ForecastError(ValueError):
+    """The graph cannot be given forecast variants (names the branch and why)."""
+
+
+def _term_specs(gm: fx.GraphModule, branches: list[ResidualBranch], order: int) -> list[VariantInput]:
+    specs = []
+    for i, br in enumerate(branches):
+        meta = tensor_meta(find_node(gm, br.cached))
+        if meta is None:
+            raise ForecastError(f"branch {br.name}: value {br.cached!r} has no tensor metadata")
+        if not meta.dtype.is_floating_point:
+            raise ForecastError(f"branch {br.name}: value {br.cached!r} is {meta.dtype}, not floating point")
+        for j in range(order + 1):
+            specs.append(VariantInput(
+                input_name=f"specdiff_taylor_{i}_{j}", role=TAYLOR_TERM, branch=br.name,
+                shape=tuple(int(s) for s in meta.shape), dtype=meta.dtype, device=meta.device,
+            ))
+    return specs
+
+
+def forecast_input_specs(gm: fx.GraphModule, branches: list[ResidualBranch], order: int = 1) -> list[VariantInput]:
+    """The extra inputs both variants take: per branch ``order + 1`` terms, then coef, then error."""
+    if order not in ORDERS:
+        raise ForecastError(f"forecast order must be one of {ORDERS}, got {order!r}")
+    if not branches:
+        raise ForecastError("no residual branches to forecast")
+    specs = _term_specs(gm, branches, order)
+    device = specs[0].device
+    specs.append(VariantInput(COEF_INPUT, TAYLOR_COEF, (4,), torch.float32, device))
+    specs.append(VariantInput(ERROR_INPUT, FORECAST_ERROR, (1,), torch.float32, device))
+    return specs
+
+
+def _copy_with_inputs(gm, branches, order):
+    specs = forecast_input_specs(gm, branches, order)
+    out = copy_graph_module(gm)
+    nodes = [add_static_input(out, s.input_name, kind=FORECAST_INPUT_TAG) for s in specs]
+    terms = [nodes[i * (order + 1):(i + 1) * (order + 1)] for i in range(len(branches))]
+    return out, specs, terms, nodes[-2], nodes[-1]
+
+
+def _call(graph: fx.Graph, fn, args, like: fx.Node, tag: str) -> fx.Node:
+    return tag_inserted(graph.call_function(fn, args), tag, like)
+
+
+def build_forecast_record_variant(
+    gm: fx.GraphModule, branches: list[ResidualBranch], order: int = 1
+) -> tuple[fx.GraphModule, list[VariantInput]]:
+    """Copy of ``gm`` that also updates every branch's Taylor terms in place."""
+    out, specs, terms, coef, _ = _copy_with_inputs(gm, branches, order)
+    g_ = out.graph
+    for br, (f_prev, *diffs) in zip(branches, terms):
+        value = find_node(out, br.cached)
+        add = find_node(out, br.add)
+        # inserting_before(next) keeps consecutive inserts in program order
+        with g_.inserting_before(value.next):
+            g = tag_inserted(g_.call_method("detach", (value,)), FORECAST_RECORD_TAG, add)
+            c0 = _call(g_, operator.getitem, (coef, 0), add, FORECAST_RECORD_TAG)
+            delta = _call(g_, operator.sub, (g, f_prev), add, FORECAST_RECORD_TAG)
+            d1_new = _call(g_, operator.mul, (delta, c0), add, FORECAST_RECORD_TAG)
+            writes = []
+            if order == 2:
+                c1 = _call(g_, operator.getitem, (coef, 1), add, FORECAST_RECORD_TAG)
+                step = _call(g_, operator.sub, (d1_new, diffs[0]), add, FORECAST_RECORD_TAG)
+                writes.append((diffs[1], _call(g_, operator.mul, (step, c1), add, FORECAST_RECORD_TAG)))
+            writes += [(diffs[0], d1_new), (f_prev, g)]
+            for buf, new in writes:  # every read above happens before the first write
+                tag_inserted(g_.call_method("copy_", (buf, new)), FORECAST_RECORD_TAG, add, writes=True)
+    return recompile(out), specs
+
+
+def _forecast_value(graph: fx.Graph, f_prev, diffs, coef, like) -> fx.Node:
+    """``F + a1·D1 (+ a2·D2)`` inserted before ``like``."""
+    with graph.inserting_before(like):
+        value = f_prev
+        for j, diff in enumerate(diffs):
+            a = _call(graph, operator.getitem, (coef, 2 + j), like, FORECAST_TAG)
+            term = _call(graph, operator.mul, (diff, a), like, FORECAST_TAG)
+            value = _call(graph, operator.add, (value, term), like, FORECAST_TAG)
+    return value
+
+
+def build_forecast_variant(
+    gm: fx.GraphModule,
+    branches: list[ResidualBranch],
+    order: int = 1,
+    probe_branches: tuple[str, ...] = (),
+) -> tuple[fx.GraphModule, list[VariantInput]]:
+    """Copy of ``gm`` where every branch consumer reads its forecast (bodies dropped),
+    except the ``probe_branches`` (names), which are computed and measure the forecast error."""
+    unknown = set(probe_branches) - {b.name for b in branches}
+    if unknown:
+        raise ForecastError(f"probe branches {sorted(unknown)} are not residual branches of this graph")
+    out, specs, terms, coef, err = _copy_with_inputs(gm, branches, order)
+    g_ = out.graph
+    num = den = last = None
+    for br, (f_prev, *diffs) in zip(branches, terms):
+        consumer = find_node(out, br.add if br.cached == br.output else br.output)
+        value = find_node(out, br.cached)
+        forecast = _forecast_value(g_, f_prev, diffs, coef, consumer)
+        if br.name not in probe_branches:
+            consumer.replace_input_with(value, forecast)
+            consumer.meta["specdiff"] = FORECAST_TAG
+            continue
+        # probe: keep the computed value; accumulate sum|g - forecast| and sum|g| in fp32
+        with g_.inserting_before(consumer):
+            def probe(fn, *args, **kwargs):
+                node = g_.call_function(fn, args, kwargs)
+                return tag_inserted(node, FORECAST_PROBE_TAG, consumer)
+
+            computed = tag_inserted(g_.call_method("detach", (value,)), FORECAST_PROBE_TAG, consumer)
+            d = probe(torch.sum, probe(torch.abs, probe(torch.sub, computed, forecast)), dtype=torch.float32)
+            r = probe(torch.sum, probe(torch.abs, computed), dtype=torch.float32)
+            num = d if num is None else probe(operator.add, num, d)
+            den = r if den is None else probe(operator.add, den, r)
+            last = consumer
+    if num is not None:
+        with g_.inserting_before(den.next):
+            safe = _call(g_, torch.clamp_min, (den, 1e-12), last, FORECAST_PROBE_TAG)
+            rel = _call(g_, operator.truediv, (num, safe), last, FORECAST_PROBE_TAG)
+            tag_inserted(g_.call_method("copy_", (err, rel)), FORECAST_PROBE_TAG, last, writes=True)
+    eliminate_dead_code_keeping_writes(out)
+    return recompile(out), specs
