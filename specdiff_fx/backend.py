@@ -25,7 +25,12 @@ from .passes import (
     find_graph_inputs,
     find_residual_branches,
 )
-from .passes.forecast_variants import ForecastError, build_forecast_record_variant, build_forecast_variant
+from .passes.forecast_variants import (
+    ForecastError,
+    build_forecast_record_variant,
+    build_forecast_variant,
+    lite_targets,
+)
 from .passes.token_axis import TokenAxisError, analyze_token_axis
 from .passes.token_variants import (
     build_token_draft_variant,
@@ -146,12 +151,13 @@ class SpecDiffBackend:
         cfg = self.config
         probe = tuple(b.name for b in branches if b.block == branches[0].block) if cfg.probe else ()
         try:
-            record, specs = build_forecast_record_variant(gm, branches, cfg.taylor_order)
-            forecast, _ = build_forecast_variant(gm, branches, cfg.taylor_order, probe)
+            targets = lite_targets(gm, branches, cfg.group_blocks) if cfg.lite else branches
+            record, specs = build_forecast_record_variant(gm, targets, cfg.taylor_order)
+            forecast, _ = build_forecast_variant(gm, targets, cfg.taylor_order, probe)
         except ForecastError as exc:
             raise UnsupportedGraph(f"forecasting not possible: {exc}") from exc
         trace_artifacts({FULL: record, FORECAST: forecast},
-                        {"branches": [dataclasses.asdict(b) for b in branches], "probe": list(probe)})
+                        {"targets": [dataclasses.asdict(t) for t in targets], "probe": list(probe)})
         buffers = [BufferSpec(s.input_name, s.shape, s.dtype, s.device, s.role) for s in specs]
         examples = list(example_inputs) + [
             torch.zeros(b.shape, dtype=b.dtype, device=b.device) for b in buffers
@@ -166,7 +172,7 @@ class SpecDiffBackend:
             tolerance=cfg.tolerance,
             probe=cfg.probe,
             info={"branches": len(branches), "branch_kinds": count_kinds(branches),
-                  "probe_branches": len(probe)},
+                  "forecast_targets": len(targets), "probe_branches": len(probe)},
             graphs={"original": gm, FULL: record, FORECAST: forecast},
             **common,
         )
@@ -209,6 +215,7 @@ class SpecDiffBackend:
             subset_size=k,
             num_tokens=region.num_tokens,
             c2_share=cfg.c2_share,
+            c3=cfg.c3,
             score_lambda=cfg.score_lambda,
             draft_steps=cfg.draft_steps,
             latent_index=_latent_input_index(gm, inputs),

@@ -36,6 +36,9 @@ class SpecDiffConfig:
                    (C2 + C3); the computed subset has k = round((1 - cache_ratio) * N).
     c2_share:      specdiff: score-mass share of the lowest-scoring tokens that reuse
                    their last value as is (C2); the rest of the cached tokens mix history (C3).
+    c3:            specdiff: how cached tokens other than C2 are composed: ``"history"`` (the
+                   paper's weighted average of the last three outputs) or ``"forecast"``
+                   (per-token linear extrapolation through the last two outputs).
     score_lambda:  specdiff: λ in exp(λ · cached_count), the anti-starvation term.
     draft_steps:   specdiff: steps of the self-speculative draft (0 or 1 disables it).
     draft_update:  specdiff: ``f(x, model_output, t, t_next, scale) -> x_next`` advancing
@@ -49,6 +52,10 @@ class SpecDiffConfig:
                    it with its forecast: a forecast-error estimate per step in ``stats()``.
     tolerance:     taylor: when the probe's error estimate exceeds it, the next step is
                    full (needs ``probe``; turned on with it).  ``None``: fixed schedule only.
+    lite:          taylor: forecast one residual per chain of blocks (``output − input`` of a
+                   group of ``group_blocks`` consecutive blocks per stream; None: the whole
+                   stack) instead of every branch: cached steps skip whole blocks.
+    group_blocks:  taylor lite: blocks per forecast group (None: one group per stream).
     compiler:      ``"inductor"`` (default) or ``"eager"`` to run the rewritten graphs
                    uncompiled, for fast tests and debugging.
     inductor_config: ``config_patches`` passed to Inductor's ``compile_fx``.
@@ -61,6 +68,7 @@ class SpecDiffConfig:
     reset_steps: tuple[int, ...] | None = None
     cache_ratio: float = 0.7
     c2_share: float = 0.3
+    c3: str = "history"
     score_lambda: float = 1.0
     draft_steps: int = 2
     draft_update: Callable | None = None
@@ -68,6 +76,8 @@ class SpecDiffConfig:
     taylor_order: int = 1
     forecast_variable: str = "step"
     probe: bool = False
+    lite: bool = False
+    group_blocks: int | None = None
     tolerance: float | None = None
     compiler: str = "inductor"
     inductor_config: dict = field(default_factory=dict)
@@ -100,6 +110,8 @@ class SpecDiffConfig:
             raise ValueError(f"SpecDiffConfig.cache_ratio must be in [0, 1), got {self.cache_ratio!r}")
         if not isinstance(self.c2_share, (int, float)) or not 0.0 <= float(self.c2_share) < 1.0:
             raise ValueError(f"SpecDiffConfig.c2_share must be in [0, 1), got {self.c2_share!r}")
+        if self.c3 not in ("history", "forecast"):
+            raise ValueError(f"SpecDiffConfig.c3 must be 'history' or 'forecast', got {self.c3!r}")
         if not isinstance(self.score_lambda, (int, float)) or self.score_lambda < 0:
             raise ValueError(f"SpecDiffConfig.score_lambda must be >= 0, got {self.score_lambda!r}")
         if not isinstance(self.draft_steps, int) or self.draft_steps < 0:
@@ -117,6 +129,11 @@ class SpecDiffConfig:
                     or not self.tolerance > 0:
                 raise ValueError(f"SpecDiffConfig.tolerance must be a number > 0 or None, got {self.tolerance!r}")
             object.__setattr__(self, "probe", True)  # the tolerance is checked against the probe
+        if self.group_blocks is not None and (not isinstance(self.group_blocks, int) or self.group_blocks < 1):
+            raise ValueError(f"SpecDiffConfig.group_blocks must be an int >= 1 or None, got {self.group_blocks!r}")
+        if self.lite and self.probe:
+            raise ValueError("SpecDiffConfig: the probe (and tolerance) needs per-branch forecasting; "
+                             "set lite=False")
         if not isinstance(self.probe, bool):
             raise TypeError(f"SpecDiffConfig.probe must be a bool, got {self.probe!r}")
         if self.draft_update is not None and not callable(self.draft_update):

@@ -289,3 +289,101 @@ def test_config_validation():
     with pytest.raises(ValueError, match="tolerance"):
         SpecDiffConfig(policy="taylor", tolerance=-1.0)
     assert SpecDiffConfig(policy="taylor", tolerance=0.1).probe
+
+
+# ----------------------------------------------------------------------------- lite
+def test_lite_targets_chain_each_stream(capture):
+    from specdiff_fx.passes.forecast_variants import ResidualChain, lite_targets
+
+    expected = {"dit": {"image": 4}, "sd3": {"image": 4, "context": 2}, "flux": {"image": 2, "context": 2, "joint": 1}}
+    for family, chains in expected.items():
+        case = build_tiny(family)
+        gm, _ = capture(case.model, case.make_inputs())
+        targets = lite_targets(gm, find_residual_branches(gm))
+        assert all(isinstance(t, ResidualChain) for t in targets)
+        assert {t.stream: len(t.branches) for t in targets} == chains, family
+        grouped = lite_targets(gm, find_residual_branches(gm), group_blocks=1)
+        assert all(len(t.blocks) == 1 for t in grouped)
+    # a UNet ResNet with conv_shortcut changes shape: it stays a per-branch target
+    case = build_tiny("unet")
+    gm, _ = capture(case.model, case.make_inputs())
+    targets = lite_targets(gm, find_residual_branches(gm))
+    assert any(not isinstance(t, ResidualChain) for t in targets)
+    assert any(isinstance(t, ResidualChain) for t in targets)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_lite_record_then_forecast_at_same_inputs(family, capture):
+    """Terms recorded at X with no difference yet forecast the recorded residual: the lite
+    forecast graph reproduces the original at X with whole blocks removed."""
+    from specdiff_fx.passes.forecast_variants import lite_targets
+
+    case = build_tiny(family)
+    gm, example = capture(case.model, case.make_inputs())
+    targets = lite_targets(gm, find_residual_branches(gm))
+    record, specs = build_forecast_record_variant(gm, targets)
+    forecast, _ = build_forecast_variant(gm, targets)
+    per_branch, _ = build_forecast_variant(gm, find_residual_branches(gm))
+    assert len(forecast.graph.nodes) < len(per_branch.graph.nodes)
+    bufs = [torch.zeros(s.shape, dtype=s.dtype) for s in specs]
+    reference = _run(gm, example)
+    assert torch.equal(_run(record, example + bufs), reference)
+    _set_coef(bufs, [0.0, 0.0, 2.0, 2.0])
+    torch.testing.assert_close(_run(forecast, example + bufs), reference, atol=1e-5, rtol=1e-5)
+
+
+def test_lite_trajectory_equals_stack_forecast_reference():
+    """DiT: the lite forecast step equals x0 + F + k·D1 on the residual of the whole block stack,
+    computed with hooks on the first and last block."""
+    case = build_tiny("dit")
+    model, _ = compile_with(case.model, policy="taylor", compiler="eager", lite=True, warmup_steps=2, interval=3)
+    got = run_steps(case, model, TIMESTEPS_10)
+    plan = [e["calls"][0] for e in get_runtime(model).stats()["plan"]]
+    blocks = case.model.transformer_blocks
+    state = {"hist": []}
+
+    def pre(module, args, kwargs):
+        state["x0"] = args[0] if args else kwargs["hidden_states"]
+
+    def post(module, args, kwargs, output):
+        residual = output - state["x0"]
+        if state["mode"] == "full":
+            state["hist"] = (state["hist"] + [(residual, state["x"])])[-2:]
+            return None
+        (r1, x1), (r2, x2) = state["hist"]
+        return state["x0"] + r2 + (state["x"] - x2) * (r2 - r1) / (x2 - x1)
+
+    handles = [blocks[0].register_forward_pre_hook(pre, with_kwargs=True),
+               blocks[-1].register_forward_hook(post, with_kwargs=True)]
+    try:
+        want = []
+        with torch.no_grad():
+            for step, (t, kind) in enumerate(zip(TIMESTEPS_10, plan)):
+                state.update(mode=kind, x=float(step))
+                want.append(case.output(case.model(**case.make_inputs(timestep=t))).clone())
+    finally:
+        for h in handles:
+            h.remove()
+    assert plan.count("forecast") == 5  # full at 0, 1, 2, 5, 8
+    assert_all_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_lite_runs_every_family_without_recompiles(family):
+    torch._dynamo.utils.counters.clear()
+    case = build_tiny(family)
+    model, _ = compile_with(case.model, policy="taylor", compiler="eager", lite=True)
+    for _ in range(3):
+        got = run_steps(case, model, TIMESTEPS_10)
+        assert all(torch.isfinite(g).all() for g in got)
+    s = get_runtime(model).stats()
+    assert s["fallback"] is None and s["trajectories"] == 3 and s["cached_steps"] > 0
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+    assert not torch._dynamo.utils.counters["recompiles"]
+
+
+def test_lite_and_probe_are_exclusive():
+    from specdiff_fx import SpecDiffConfig
+
+    with pytest.raises(ValueError, match="lite"):
+        SpecDiffConfig(policy="taylor", lite=True, tolerance=0.1)

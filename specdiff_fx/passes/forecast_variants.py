@@ -33,6 +33,7 @@ Both variants take the original inputs followed by the same buffers in the same 
 from __future__ import annotations
 
 import operator
+from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
@@ -61,28 +62,45 @@ ERROR_INPUT = "specdiff_taylor_err"
 ORDERS = (1, 2)
 
 
+@dataclass(frozen=True)
+class ResidualChain:
+    """A run of residual branches of one stream where each leaves the stream at the previous
+    one's add: ``output = source + Σ branches``.  Lite forecasting caches ``output − source``
+    once per chain instead of every branch."""
+
+    name: str
+    stream: str
+    source: str                 # the stream value entering the first branch
+    output: str                 # the last branch's residual add
+    branches: tuple[str, ...]
+    blocks: tuple[str, ...]
+
+
 class ForecastError(ValueError):
     """The graph cannot be given forecast variants (names the branch and why)."""
 
 
-def _term_specs(gm: fx.GraphModule, branches: list[ResidualBranch], order: int) -> list[VariantInput]:
+def _term_specs(gm: fx.GraphModule, targets: list, order: int) -> list[VariantInput]:
+    """``order + 1`` term buffers per forecast target (a branch's cached value, a chain's output)."""
     specs = []
-    for i, br in enumerate(branches):
-        meta = tensor_meta(find_node(gm, br.cached))
+    for i, target in enumerate(targets):
+        node_name = target.cached if isinstance(target, ResidualBranch) else target.output
+        meta = tensor_meta(find_node(gm, node_name))
         if meta is None:
-            raise ForecastError(f"branch {br.name}: value {br.cached!r} has no tensor metadata")
+            raise ForecastError(f"{target.name}: value {node_name!r} has no tensor metadata")
         if not meta.dtype.is_floating_point:
-            raise ForecastError(f"branch {br.name}: value {br.cached!r} is {meta.dtype}, not floating point")
+            raise ForecastError(f"{target.name}: value {node_name!r} is {meta.dtype}, not floating point")
         for j in range(order + 1):
             specs.append(VariantInput(
-                input_name=f"specdiff_taylor_{i}_{j}", role=TAYLOR_TERM, branch=br.name,
+                input_name=f"specdiff_taylor_{i}_{j}", role=TAYLOR_TERM, branch=target.name,
                 shape=tuple(int(s) for s in meta.shape), dtype=meta.dtype, device=meta.device,
             ))
     return specs
 
 
-def forecast_input_specs(gm: fx.GraphModule, branches: list[ResidualBranch], order: int = 1) -> list[VariantInput]:
-    """The extra inputs both variants take: per branch ``order + 1`` terms, then coef, then error."""
+def forecast_input_specs(gm: fx.GraphModule, branches: list, order: int = 1) -> list[VariantInput]:
+    """The extra inputs both variants take: per target (branch or chain) ``order + 1`` terms,
+    then the coefficients, then the error estimate."""
     if order not in ORDERS:
         raise ForecastError(f"forecast order must be one of {ORDERS}, got {order!r}")
     if not branches:
@@ -107,29 +125,41 @@ def _call(graph: fx.Graph, fn, args, like: fx.Node, tag: str) -> fx.Node:
 
 
 def build_forecast_record_variant(
-    gm: fx.GraphModule, branches: list[ResidualBranch], order: int = 1
+    gm: fx.GraphModule, branches: list, order: int = 1
 ) -> tuple[fx.GraphModule, list[VariantInput]]:
-    """Copy of ``gm`` that also updates every branch's Taylor terms in place."""
+    """Copy of ``gm`` that also updates every target's Taylor terms in place (a branch: its
+    cached value; a :class:`ResidualChain`: its residual ``output − source``)."""
     out, specs, terms, coef, _ = _copy_with_inputs(gm, branches, order)
     g_ = out.graph
-    for br, (f_prev, *diffs) in zip(branches, terms):
-        value = find_node(out, br.cached)
-        add = find_node(out, br.add)
-        # inserting_before(next) keeps consecutive inserts in program order
-        with g_.inserting_before(value.next):
-            g = tag_inserted(g_.call_method("detach", (value,)), FORECAST_RECORD_TAG, add)
-            c0 = _call(g_, operator.getitem, (coef, 0), add, FORECAST_RECORD_TAG)
-            delta = _call(g_, operator.sub, (g, f_prev), add, FORECAST_RECORD_TAG)
-            d1_new = _call(g_, operator.mul, (delta, c0), add, FORECAST_RECORD_TAG)
-            writes = []
-            if order == 2:
-                c1 = _call(g_, operator.getitem, (coef, 1), add, FORECAST_RECORD_TAG)
-                step = _call(g_, operator.sub, (d1_new, diffs[0]), add, FORECAST_RECORD_TAG)
-                writes.append((diffs[1], _call(g_, operator.mul, (step, c1), add, FORECAST_RECORD_TAG)))
-            writes += [(diffs[0], d1_new), (f_prev, g)]
-            for buf, new in writes:  # every read above happens before the first write
-                tag_inserted(g_.call_method("copy_", (buf, new)), FORECAST_RECORD_TAG, add, writes=True)
+    for target, term in zip(branches, terms):
+        if isinstance(target, ResidualChain):
+            last = find_node(out, target.output)
+            with g_.inserting_before(last.next):
+                value = _call(g_, operator.sub, (last, find_node(out, target.source)), last, FORECAST_RECORD_TAG)
+            _insert_record(g_, value, term, coef, last, order)
+        else:
+            _insert_record(g_, find_node(out, target.cached), term, coef, find_node(out, target.add), order)
     return recompile(out), specs
+
+
+def _insert_record(g_: fx.Graph, value: fx.Node, terms: list[fx.Node], coef: fx.Node, like: fx.Node,
+                   order: int) -> None:
+    """After ``value``: D2 ← c1·(D1_new − D1), D1 ← D1_new = c0·(value − F), F ← value."""
+    f_prev, *diffs = terms
+    # inserting_before(next) keeps consecutive inserts in program order
+    with g_.inserting_before(value.next):
+        g = tag_inserted(g_.call_method("detach", (value,)), FORECAST_RECORD_TAG, like)
+        c0 = _call(g_, operator.getitem, (coef, 0), like, FORECAST_RECORD_TAG)
+        delta = _call(g_, operator.sub, (g, f_prev), like, FORECAST_RECORD_TAG)
+        d1_new = _call(g_, operator.mul, (delta, c0), like, FORECAST_RECORD_TAG)
+        writes = []
+        if order == 2:
+            c1 = _call(g_, operator.getitem, (coef, 1), like, FORECAST_RECORD_TAG)
+            step = _call(g_, operator.sub, (d1_new, diffs[0]), like, FORECAST_RECORD_TAG)
+            writes.append((diffs[1], _call(g_, operator.mul, (step, c1), like, FORECAST_RECORD_TAG)))
+        writes += [(diffs[0], d1_new), (f_prev, g)]
+        for buf, new in writes:  # every read above happens before the first write
+            tag_inserted(g_.call_method("copy_", (buf, new)), FORECAST_RECORD_TAG, like, writes=True)
 
 
 def _forecast_value(graph: fx.Graph, f_prev, diffs, coef, like) -> fx.Node:
@@ -145,12 +175,14 @@ def _forecast_value(graph: fx.Graph, f_prev, diffs, coef, like) -> fx.Node:
 
 def build_forecast_variant(
     gm: fx.GraphModule,
-    branches: list[ResidualBranch],
+    branches: list,
     order: int = 1,
     probe_branches: tuple[str, ...] = (),
 ) -> tuple[fx.GraphModule, list[VariantInput]]:
     """Copy of ``gm`` where every branch consumer reads its forecast (bodies dropped),
-    except the ``probe_branches`` (names), which are computed and measure the forecast error."""
+    except the ``probe_branches`` (names), which are computed and measure the forecast error.
+    A :class:`ResidualChain` target's output becomes ``source + forecast``: whole blocks drop
+    out, adaLN gates included."""
     unknown = set(probe_branches) - {b.name for b in branches}
     if unknown:
         raise ForecastError(f"probe branches {sorted(unknown)} are not residual branches of this graph")
@@ -158,6 +190,13 @@ def build_forecast_variant(
     g_ = out.graph
     num = den = last = None
     for br, (f_prev, *diffs) in zip(branches, terms):
+        if isinstance(br, ResidualChain):
+            last = find_node(out, br.output)
+            forecast = _forecast_value(g_, f_prev, diffs, coef, last.next)
+            with g_.inserting_after(forecast):
+                value = _call(g_, operator.add, (find_node(out, br.source), forecast), last, FORECAST_TAG)
+            last.replace_all_uses_with(value)
+            continue
         consumer = find_node(out, br.add if br.cached == br.output else br.output)
         value = find_node(out, br.cached)
         forecast = _forecast_value(g_, f_prev, diffs, coef, consumer)
@@ -184,3 +223,46 @@ def build_forecast_variant(
             tag_inserted(g_.call_method("copy_", (err, rel)), FORECAST_PROBE_TAG, last, writes=True)
     eliminate_dead_code_keeping_writes(out)
     return recompile(out), specs
+
+
+# ----------------------------------------------------------------------------- lite: chains
+def _chain_link(gm: fx.GraphModule, br: ResidualBranch) -> bool:
+    """A branch can join a chain if its skip is the stream itself (source and add share a shape)."""
+    src, add = tensor_meta(find_node(gm, br.source)), tensor_meta(find_node(gm, br.add))
+    return src is not None and add is not None and tuple(src.shape) == tuple(add.shape)
+
+
+def lite_targets(gm: fx.GraphModule, branches: list[ResidualBranch],
+                 group_blocks: int | None = None) -> list:
+    """Forecast targets of lite mode: chains of consecutive branches per stream, cut every
+    ``group_blocks`` blocks (None: never); a branch whose skip changes shape (a ResNet's
+    ``conv_shortcut``) stays a per-branch target."""
+    if group_blocks is not None and group_blocks < 1:
+        raise ForecastError(f"group_blocks must be >= 1 or None, got {group_blocks!r}")
+    order = {n.name: i for i, n in enumerate(gm.graph.nodes)}
+    runs: list[list[ResidualBranch]] = []
+    open_by_stream: dict[str, list[ResidualBranch]] = {}
+    for br in sorted(branches, key=lambda b: order[b.add]):
+        if not _chain_link(gm, br):
+            runs.append([br])
+            open_by_stream.pop(br.stream, None)
+            continue
+        current = open_by_stream.get(br.stream)
+        blocks = {b.block for b in current} if current else set()
+        if current and current[-1].add == br.source and (
+                group_blocks is None or br.block in blocks or len(blocks) < group_blocks):
+            current.append(br)
+            continue
+        current = [br]
+        runs.append(current)
+        open_by_stream[br.stream] = current
+    targets: list = []
+    for run in runs:
+        if not _chain_link(gm, run[0]):
+            targets.append(run[0])
+            continue
+        blocks = tuple(dict.fromkeys(b.block for b in run))
+        targets.append(ResidualChain(f"chain{len(targets)}:{run[0].stream}:{blocks[0]}..{blocks[-1]}",
+                                     run[0].stream, run[0].source, run[-1].add,
+                                     tuple(b.name for b in run), blocks))
+    return targets

@@ -17,6 +17,7 @@ from .runtime import FULL, SpecDiffRuntime
 from .scoring import (
     classify_tokens,
     draft_timesteps,
+    forecast_mix_weights,
     future_importance,
     history_mix_weights,
     token_scores,
@@ -24,6 +25,8 @@ from .scoring import (
 
 PARTIAL = "partial"
 DRAFT = "draft"
+# how C3 tokens are composed from the ring of the last outputs
+C3_MODES = {"history": history_mix_weights, "forecast": forecast_mix_weights}
 
 
 def flow_matching_update(x: torch.Tensor, model_output: torch.Tensor, t: float, t_next: float,
@@ -108,9 +111,13 @@ class TokenRuntime(SpecDiffRuntime):
         latent_index: int | None,
         draft_update: Callable | None = None,
         flops: dict | None = None,
+        c3: str = "history",
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        if c3 not in C3_MODES:
+            raise ValueError(f"c3 must be one of {tuple(C3_MODES)}, got {c3!r}")
+        self.c3 = c3
         self.record_specs, self.partial_specs, self.draft_specs = list(record_specs), list(partial_specs), list(draft_specs)
         self.k, self.n = subset_size, num_tokens
         self.c2_share, self.lam = c2_share, score_lambda
@@ -185,7 +192,7 @@ class TokenRuntime(SpecDiffRuntime):
         index, reuse = classify_tokens(scores, self.k, self.c2_share)
         slot.index.copy_(index)
         slot.reuse_mask.copy_(reuse)
-        slot.mix_weights.copy_(history_mix_weights(slot.ring_timesteps, event.timestep))
+        slot.mix_weights.copy_(C3_MODES[self.c3](slot.ring_timesteps, event.timestep))
         out = self.variants[PARTIAL](*args, *slot.buffers_for(self.partial_specs))
         slot.push_history(event.timestep)
         slot.count += 1
@@ -211,6 +218,7 @@ class TokenRuntime(SpecDiffRuntime):
         slots = list(self.token_slots.values())
         return {
             "draft_steps": self._draft_calls,
+            "c3": self.c3,
             "partial_steps": self._cached_steps,
             "image_tokens": self.n,
             "subset_tokens": self.k,
