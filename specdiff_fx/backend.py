@@ -31,6 +31,7 @@ from .passes.forecast_variants import (
     build_forecast_variant,
     lite_targets,
 )
+from .passes.collectives import has_collectives, prune_dead_collectives
 from .passes.token_axis import TokenAxisError, analyze_token_axis
 from .passes.token_variants import (
     build_token_draft_variant,
@@ -96,6 +97,9 @@ class SpecDiffBackend:
     def __call__(self, gm: fx.GraphModule, example_inputs: Sequence[Any], **_: Any) -> Callable:
         try:
             runtime = self.build_runtime(gm, example_inputs)
+            # inspection sees the variants as compiled (see _without_dead_collectives)
+            runtime.graphs = {name: g if name == "original" else _without_dead_collectives(g)
+                              for name, g in runtime.graphs.items()}
         except UnsupportedGraph as exc:
             runtime = self._fallback(gm, example_inputs, str(exc))
         except Exception as exc:  # a bug of ours must not break the user's compile
@@ -126,6 +130,10 @@ class SpecDiffBackend:
         if not branches:
             raise UnsupportedGraph("no residual branches found in the graph")
         if cfg.policy == "specdiff":
+            if has_collectives(gm):
+                raise UnsupportedGraph(
+                    "context parallelism: token-level caching of a graph with collectives is not "
+                    "supported (docs/context_parallel.md); use policy 'fora' or 'taylor'")
             return self._token_runtime(gm, example_inputs, inputs, branches, common)
         if cfg.policy == "taylor":
             return self._forecast_runtime(gm, example_inputs, branches, common)
@@ -228,6 +236,7 @@ class SpecDiffBackend:
         )
 
     def compile(self, gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable:
+        gm = _without_dead_collectives(gm)
         if self.config.compiler == "eager":
             return gm
         from torch._inductor.compile_fx import compile_fx
@@ -256,6 +265,13 @@ class SpecDiffBackend:
             if runtime is not None and (owned & params or (not owned and not params)):
                 return runtime
         return None
+
+
+def _without_dead_collectives(gm: fx.GraphModule) -> fx.GraphModule:
+    """Under context parallelism, a variant that drops branch bodies must drop their
+    collectives too: ``wait_tensor`` is impure, so dead-code elimination keeps them (and
+    the projections feeding them).  Structural, so every rank drops the same ones."""
+    return prune_dead_collectives(gm) if has_collectives(gm) else gm
 
 
 def _example_buffer(spec, num_tokens: int) -> torch.Tensor:

@@ -1,0 +1,301 @@
+"""Caching under diffusers' context parallelism (Ulysses), two processes on gloo.
+
+Each test spawns two ranks (``torch.multiprocessing``, file init, a 60 s process-group
+timeout so a desync fails instead of hanging).  Every rank runs a tiny diffusers model
+with ``enable_parallelism(ContextParallelConfig(ulysses_degree=2))`` through our backend
+and writes what it saw; the test process compares that with a single-process run of the
+same policy.  Collectives are counted two ways: in the variant graphs
+(``collectives_summary``) and at run time per step (``torch.profiler`` events of
+``_c10d_functional::*`` ops, with their recorded shapes for bytes).
+
+diffusers 0.42.1 divides by ``torch.accelerator.device_count()``, which is 0 on a
+CPU-only torch; the spawned test ranks set it to 1 before enabling parallelism (test
+setup only -- the product never patches anything).
+"""
+
+from __future__ import annotations
+
+import datetime
+import math
+import os
+import re
+import warnings
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from specdiff_fx import make_backend
+from specdiff_fx.config import POLICIES
+from specdiff_fx.passes.collectives import COLLECTIVE_OPS
+from specdiff_fx.tiny_models import TinyCase, build_tiny
+
+WORLD = 2
+TIMEOUT_S = 60
+# Two trajectories: the second checks that a new trajectory runs without recompiling.
+TIMESTEPS = [1000.0 - 120.0 * i for i in range(8)]
+CACHING_POLICIES = [p for p in ("fora", "taylor") if p in POLICIES]
+
+
+# ----------------------------------------------------------------------------- cases
+def cp_flux(seed: int = 0) -> TinyCase:
+    """The tiny FLUX of tiny_models with 6 text tokens (both streams shard over 2 ranks)."""
+    case = build_tiny("flux", seed=seed)
+    base = case.make_inputs
+
+    def make_inputs(batch: int = 2, timestep: float = 500.0, seed: int = 0) -> dict:
+        inputs = base(batch=batch, timestep=timestep, seed=seed)
+        g = torch.Generator().manual_seed(seed + 1)
+        inputs.update(encoder_hidden_states=torch.randn(batch, 6, 12, generator=g),
+                      txt_ids=torch.zeros(6, 3), return_dict=False)
+        return inputs
+
+    return TinyCase("flux", case.model, make_inputs)
+
+
+def cp_qwen_image(seed: int = 0) -> TinyCase:
+    """A tiny Qwen-Image (its _cp_plan shards at the first block and the RoPE tables)."""
+    from diffusers import QwenImageTransformer2DModel
+
+    torch.manual_seed(seed)
+    model = QwenImageTransformer2DModel(
+        patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=8,
+        num_attention_heads=2, joint_attention_dim=12, axes_dims_rope=(2, 2, 4),
+    ).eval()
+
+    def make_inputs(batch: int = 2, timestep: float = 500.0, seed: int = 0) -> dict:
+        g = torch.Generator().manual_seed(seed)
+        return dict(
+            hidden_states=torch.randn(batch, 16, 16, generator=g),
+            encoder_hidden_states=torch.randn(batch, 6, 12, generator=g),
+            encoder_hidden_states_mask=torch.ones(batch, 6, dtype=torch.long),
+            timestep=torch.full((batch,), float(timestep) / 1000.0),
+            img_shapes=[[(1, 4, 4)]] * batch,
+            return_dict=False,
+        )
+
+    return TinyCase("qwen_image", model, make_inputs)
+
+
+CP_CASES = {"flux": cp_flux, "qwen_image": cp_qwen_image}
+
+
+def _to(inputs: dict, device: str) -> dict:
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+
+
+def _profiled_collectives(prof) -> tuple[dict[str, int], int]:
+    """(count per collective op, message bytes) of the ``_c10d_functional`` calls a step made."""
+    counts: dict[str, int] = {}
+    total = 0
+    for event in prof.events():
+        namespace, _, op = event.name.partition("::")
+        if namespace != "_c10d_functional" or op not in COLLECTIVE_OPS:
+            continue
+        counts[op] = counts.get(op, 0) + 1
+        shape = event.input_shapes[0] if event.input_shapes else []
+        dtype = getattr(torch, str(event.input_dtypes[0]).split(" ")[0].lower(), torch.float32) \
+            if event.input_dtypes else torch.float32
+        size = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        if COLLECTIVE_OPS[op].size_of == "output":  # all_gather: the gathered tensor
+            size *= WORLD
+        total += size
+    return counts, total
+
+
+# ----------------------------------------------------------------------------- one rank
+def _rank_main(rank: int, init_file: str, out_dir: str, family: str, config: dict,
+               backend_name: str, timesteps: list[float], trajectories: int) -> None:
+    import torch.distributed as dist
+    from torch.profiler import ProfilerActivity, profile
+
+    from specdiff_fx import get_runtime
+    from specdiff_fx.passes.collectives import collectives_summary
+
+    torch.set_num_threads(1)
+    device = f"cuda:{rank}" if backend_name == "nccl" else "cpu"
+    if backend_name == "nccl":
+        torch.cuda.set_device(rank)
+    elif torch.accelerator.device_count() == 0:  # diffusers 0.42.1 divides by it (see module doc)
+        torch.accelerator.device_count = lambda: 1
+    dist.init_process_group(backend_name, init_method=f"file://{init_file}", rank=rank, world_size=WORLD,
+                            timeout=datetime.timedelta(seconds=TIMEOUT_S))
+    try:
+        from diffusers import ContextParallelConfig
+
+        case = CP_CASES[family]()
+        case.model.to(device)
+        case.model.enable_parallelism(config=ContextParallelConfig(ulysses_degree=WORLD))
+        backend = make_backend(**config)
+        model = torch.compile(case.model, backend=backend, fullgraph=True, dynamic=False)
+        outputs, step_collectives = [], []
+        with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for _ in range(trajectories):
+                for t in timesteps:
+                    inputs = _to(case.make_inputs(batch=2, timestep=t), device)
+                    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+                        out = case.output(model(**inputs))
+                    outputs.append(out.detach().cpu().clone())
+                    step_collectives.append(_profiled_collectives(prof))
+        runtime = get_runtime(model)
+        stats = runtime.stats()
+        graphs = {name: collectives_summary(g).as_dict() for name, g in runtime.graphs.items()}
+        torch.save({
+            "outputs": outputs,
+            "step_collectives": step_collectives,
+            "plan": stats["plan"],
+            "fallback": stats["fallback"],
+            "warnings": [str(w.message) for w in caught if str(w.message).startswith("specdiff")],
+            "graphs": graphs,
+            "codes": {name: g.code for name, g in runtime.graphs.items() if name != "original"},
+            "unique_graphs": torch._dynamo.utils.counters["stats"]["unique_graphs"],
+        }, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def run_ranks(tmp_path, family: str, config: dict, *, backend_name: str = "gloo",
+              timesteps=TIMESTEPS, trajectories: int = 2) -> list[dict]:
+    out_dir = tmp_path / "ranks"
+    out_dir.mkdir()
+    mp.spawn(_rank_main, nprocs=WORLD, join=True,
+             args=(str(tmp_path / "pg_init"), str(out_dir), family, config, backend_name,
+                   list(timesteps), trajectories))
+    return [torch.load(out_dir / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+
+
+def single_process(family: str, config: dict, *, timesteps=TIMESTEPS, trajectories: int = 2):
+    case = CP_CASES[family]()
+    model = torch.compile(case.model, backend=make_backend(**config), fullgraph=True, dynamic=False)
+    outs = []
+    with torch.no_grad():
+        for _ in range(trajectories):
+            for t in timesteps:
+                outs.append(case.output(model(**case.make_inputs(batch=2, timestep=t))).clone())
+    return outs, model
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+def _check_against_single_process(ranks, reference):
+    for rank in ranks:
+        assert rank["fallback"] is None
+        assert rank["unique_graphs"] == 1, "one graph per rank, no recompiles"
+        assert len(rank["outputs"]) == len(reference)
+        for step, (got, want) in enumerate(zip(rank["outputs"], reference)):
+            err = rel_err(got, want)
+            assert err <= 1e-4, f"step {step}: rel err {err:.2e}"
+
+
+def _rank_neutral(codes: dict[str, str]) -> dict[str, str]:
+    """Variant code with the shard each rank selects (``chunk[rank]``) made rank-neutral."""
+    return {k: re.sub(r"(chunk(?:_\d+)?)\[\d+\]", r"\1[rank]", code) for k, code in codes.items()}
+
+
+def _full_and_cached_steps(rank):
+    """Per-step (calls, collective count, bytes) of the latest trajectory, split by kind."""
+    steps = len(rank["plan"])
+    latest = rank["step_collectives"][-steps:]
+    full = [c for e, c in zip(rank["plan"], latest) if e["calls"] == ["full"]]
+    cached = [c for e, c in zip(rank["plan"], latest) if e["calls"] != ["full"]]
+    return full, cached
+
+
+# ----------------------------------------------------------------------------- tests
+@pytest.mark.parametrize("policy", CACHING_POLICIES)
+@pytest.mark.parametrize("family", sorted(CP_CASES))
+def test_ulysses_caching_matches_single_process_and_skips_communication(tmp_path, family, policy):
+    config = dict(policy=policy, compiler="eager")
+    ranks = run_ranks(tmp_path, family, config)
+    reference, ref_model = single_process(family, config)
+    _check_against_single_process(ranks, reference)
+
+    from specdiff_fx import get_runtime
+    assert ranks[0]["plan"] == ranks[1]["plan"] == get_runtime(ref_model).stats()["plan"], \
+        "schedules depend on the timestep only: both ranks and the single process agree"
+    # every rank compiles the same variants, up to which shard it takes of each input
+    assert _rank_neutral(ranks[0]["codes"]) == _rank_neutral(ranks[1]["codes"])
+    assert ranks[0]["codes"] != ranks[1]["codes"], "the shard index differs (or this check means nothing)"
+    for kind in ranks[0]["graphs"]:
+        assert [(c["node"], c["op"], c["shape"]) for c in ranks[0]["graphs"][kind]["calls"]] == \
+            [(c["node"], c["op"], c["shape"]) for c in ranks[1]["graphs"][kind]["calls"]]
+
+    cached_kind = next(k for k in ranks[0]["graphs"] if k not in ("original", "full"))
+    for rank in ranks:
+        graphs = rank["graphs"]
+        full_graph, cached_graph = graphs["full"], graphs[cached_kind]
+        assert full_graph["count"] == graphs["original"]["count"] > 0
+        assert cached_graph["count"] <= 0.2 * full_graph["count"], (family, cached_graph["counts"])
+        # the collective that produces the output (the exit all_gather) stays
+        assert cached_graph["counts"].get("all_gather_into_tensor", 0) >= 1
+        assert all(c["branch"] is None for c in cached_graph["calls"])
+        assert any(c["branch"] for c in full_graph["calls"]), "the analysis maps collectives to branches"
+
+        full, cached = _full_and_cached_steps(rank)
+        assert full and cached, rank["plan"]
+        for counts, size in full:  # measured at run time = counted in the graph
+            assert counts == full_graph["counts"] and size == full_graph["bytes"]
+        for counts, size in cached:
+            assert counts == cached_graph["counts"] and size == cached_graph["bytes"]
+        assert sum(cached[0][0].values()) <= 0.2 * sum(full[0][0].values())
+
+
+def test_rank_plans_identical_over_uneven_timesteps(tmp_path):
+    """A schedule that depends only on the timestep agrees on every rank by construction;
+    here with uneven spacing and a non-default schedule."""
+    timesteps = [1000.0, 970.0, 900.0, 750.0, 730.0, 500.0, 200.0, 190.0]
+    config = dict(policy="fora", compiler="eager", warmup_steps=1, interval=2)
+    ranks = run_ranks(tmp_path, "flux", config, timesteps=timesteps, trajectories=1)
+    assert ranks[0]["plan"] == ranks[1]["plan"]
+    assert [e["calls"] for e in ranks[0]["plan"]] == [
+        ["full"], ["full"], ["reuse"], ["full"], ["reuse"], ["full"], ["reuse"], ["full"]]
+    reference, _ = single_process("flux", config, timesteps=timesteps, trajectories=1)
+    _check_against_single_process(ranks, reference)
+
+
+def test_specdiff_falls_back_loudly_under_context_parallelism(tmp_path):
+    """Token selection per shard is not implemented: the graph compiles plain, with the reason."""
+    timesteps = TIMESTEPS[:3]
+    ranks = run_ranks(tmp_path, "flux", dict(policy="specdiff", compiler="eager"),
+                      timesteps=timesteps, trajectories=1)
+    for rank in ranks:
+        assert rank["fallback"] is not None and rank["fallback"].startswith("context parallelism")
+        assert len(rank["warnings"]) == 1 and "context parallelism" in rank["warnings"][0]
+        full, cached = _full_and_cached_steps(rank)
+        assert not cached
+    # the plain compile computes every step: it equals the uncached single-process model
+    reference, _ = single_process("flux", dict(policy="off", compiler="eager"),
+                                  timesteps=timesteps, trajectories=1)
+    for rank in ranks:
+        for step, (got, want) in enumerate(zip(rank["outputs"], reference)):
+            assert rel_err(got, want) <= 1e-4, f"step {step}"
+
+
+def test_ulysses_fora_inductor(tmp_path):
+    """The one Inductor test: pruned variants compile and run with Inductor's collectives."""
+    config = dict(policy="fora", compiler="inductor")
+    timesteps = TIMESTEPS[:6]
+    ranks = run_ranks(tmp_path, "flux", config, timesteps=timesteps, trajectories=1)
+    reference, _ = single_process("flux", dict(policy="fora", compiler="eager"),
+                                  timesteps=timesteps, trajectories=1)
+    _check_against_single_process(ranks, reference)
+    for rank in ranks:
+        full, cached = _full_and_cached_steps(rank)
+        assert full and cached
+        assert sum(cached[0][0].values()) <= 0.2 * sum(full[0][0].values())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2,
+                    reason="needs 2 GPUs (NCCL)")
+def test_ulysses_fora_nccl(tmp_path):
+    config = dict(policy="fora", compiler="inductor")
+    ranks = run_ranks(tmp_path, "flux", config, backend_name="nccl", trajectories=1)
+    reference, _ = single_process("flux", dict(policy="fora", compiler="eager"), trajectories=1)
+    for rank in ranks:
+        for step, (got, want) in enumerate(zip(rank["outputs"], reference)):
+            assert rel_err(got, want) <= 1e-4, f"step {step}"
+        full, cached = _full_and_cached_steps(rank)
+        assert sum(cached[0][0].values()) <= 0.2 * sum(full[0][0].values())
