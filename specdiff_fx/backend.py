@@ -33,6 +33,7 @@ from .passes.forecast_variants import (
 )
 from .passes.collectives import has_collectives, prune_dead_collectives
 from .passes.token_axis import TokenAxisError, analyze_token_axis
+from .passes.token_forecast import build_token_forecast_variant
 from .passes.token_variants import (
     build_token_draft_variant,
     build_token_partial_variant,
@@ -216,7 +217,8 @@ class SpecDiffBackend:
         return TokenRuntime(
             policy=cfg.policy,
             variants=variants,
-            schedule=FullStepSchedule(cfg.warmup_steps, None, cfg.reset_steps),
+            schedule=FullStepSchedule(cfg.warmup_steps, None, cfg.reset_steps,
+                                      cfg.partial_every if FORECAST in built else None),
             record_specs=runtime_specs(record_specs),
             partial_specs=runtime_specs(partial_specs),
             draft_specs=runtime_specs(built[DRAFT][1]) if DRAFT in built else [],

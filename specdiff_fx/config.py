@@ -39,6 +39,9 @@ class SpecDiffConfig:
     c3:            specdiff: how cached tokens other than C2 are composed: ``"history"`` (the
                    paper's weighted average of the last three outputs) or ``"forecast"``
                    (per-token linear extrapolation through the last two outputs).
+    partial_every: specdiff with ``c3="forecast"``: every n-th step after a full step is partial
+                   (computes the top tokens, which correct their forecast); the others compute
+                   no token at all (every token forecast, blocks skipped).  1: all partial.
     score_lambda:  specdiff: λ in exp(λ · cached_count), the anti-starvation term.
     draft_steps:   specdiff: steps of the self-speculative draft (0 or 1 disables it).
     draft_update:  specdiff: ``f(x, model_output, t, t_next, scale) -> x_next`` advancing
@@ -69,6 +72,7 @@ class SpecDiffConfig:
     cache_ratio: float = 0.7
     c2_share: float = 0.3
     c3: str = "history"
+    partial_every: int = 1
     score_lambda: float = 1.0
     draft_steps: int = 2
     draft_update: Callable | None = None
@@ -112,6 +116,11 @@ class SpecDiffConfig:
             raise ValueError(f"SpecDiffConfig.c2_share must be in [0, 1), got {self.c2_share!r}")
         if self.c3 not in ("history", "forecast"):
             raise ValueError(f"SpecDiffConfig.c3 must be 'history' or 'forecast', got {self.c3!r}")
+        if not isinstance(self.partial_every, int) or isinstance(self.partial_every, bool) or self.partial_every < 1:
+            raise ValueError(f"SpecDiffConfig.partial_every must be an int >= 1, got {self.partial_every!r}")
+        if self.partial_every > 1 and self.c3 != "forecast":
+            raise ValueError("SpecDiffConfig.partial_every > 1 makes steps where no token is computed; "
+                             "they need c3='forecast'")
         if not isinstance(self.score_lambda, (int, float)) or self.score_lambda < 0:
             raise ValueError(f"SpecDiffConfig.score_lambda must be >= 0, got {self.score_lambda!r}")
         if not isinstance(self.draft_steps, int) or self.draft_steps < 0:

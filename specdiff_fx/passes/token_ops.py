@@ -82,8 +82,15 @@ def compose_tokens(fresh: torch.Tensor, index: torch.Tensor, hist0: torch.Tensor
     C1 (``index``): the fresh values.  C2 (``reuse_mask``): the last value ``hist0``.
     C3 (the rest): ``w0*hist0 + w1*hist1 + w2*hist2`` with the runtime's weights.
     """
-    w = mix_weights.to(hist0.dtype)
-    mixed = w[0] * hist0 + w[1] * hist1 + w[2] * hist2
+    mixed = mix_history(hist0, hist1, hist2, mix_weights)
     base = torch.where(reuse_mask.unsqueeze(-1), hist0, mixed)
     rows = torch.arange(index.shape[0], device=index.device).unsqueeze(1)
     return base.index_put((rows, index), fresh.to(base.dtype))
+
+
+def mix_history(hist0: torch.Tensor, hist1: torch.Tensor, hist2: torch.Tensor,
+                mix_weights: torch.Tensor) -> torch.Tensor:
+    """``w0*hist0 + w1*hist1 + w2*hist2``: C3 tokens of a partial step, every token of a
+    forecast step (the weights average or extrapolate, as the runtime chooses)."""
+    w = mix_weights.to(hist0.dtype)
+    return w[0] * hist0 + w[1] * hist1 + w[2] * hist2

@@ -25,6 +25,7 @@ from .scoring import (
 
 PARTIAL = "partial"
 DRAFT = "draft"
+FORECAST_TOKENS = "forecast"
 # how C3 tokens are composed from the ring of the last outputs
 C3_MODES = {"history": history_mix_weights, "forecast": forecast_mix_weights}
 
@@ -61,8 +62,43 @@ class TokenSlot:
         self.his: torch.Tensor | None = None
         self.fut: list[tuple[float, torch.Tensor]] = []
         self.trajectory: int | None = None
+        # c3="forecast": per-token Taylor terms of the exit features and each token's stamp
+        self.value: torch.Tensor | None = None      # F: last computed value per token
+        self.slope: torch.Tensor | None = None      # D1 per token (per step of position)
+        self.stamp: torch.Tensor | None = None      # position where each token was computed
 
-    def buffers_for(self, specs: Sequence[BufferSpec]) -> list[torch.Tensor]:
+    def forecast_into(self, target: torch.Tensor, x: float) -> None:
+        """Write every token's forecast ``F + (x − stamp)·D1`` into ``target``."""
+        k = (x - self.stamp).unsqueeze(-1).to(self.value.dtype)
+        torch.addcmul(self.value, k, self.slope, out=target)
+
+    def record_all(self, exit_features: torch.Tensor, x: float) -> None:
+        """A full step computed every token: re-base all of them (their own distances)."""
+        if self.value is None:
+            self.value = exit_features.clone()
+            self.slope = torch.zeros_like(exit_features)
+            self.stamp = torch.full(exit_features.shape[:2], x, device=exit_features.device)
+            return
+        dist = (x - self.stamp).clamp_min(1e-6).unsqueeze(-1).to(exit_features.dtype)
+        torch.div(exit_features - self.value, dist, out=self.slope)
+        self.value.copy_(exit_features)
+        self.stamp.fill_(x)
+
+    def record_subset(self, exit_features: torch.Tensor, index: torch.Tensor, x: float) -> None:
+        """A partial step computed the tokens ``index`` (B, k): they correct their forecast
+        and start a new line from their fresh value, at their own step stamp."""
+        rows = torch.arange(index.shape[0], device=index.device).unsqueeze(1)
+        fresh = exit_features[rows, index]
+        dist = (x - self.stamp[rows, index]).clamp_min(1e-6).unsqueeze(-1).to(fresh.dtype)
+        self.slope[rows, index] = (fresh - self.value[rows, index]) / dist
+        self.value[rows, index] = fresh
+        self.stamp[rows, index] = x
+
+    def buffers_for(self, specs: Sequence[BufferSpec], forecast: bool = False) -> list[torch.Tensor]:
+        """Buffers in the order of ``specs``; ``forecast``: the token forecast variant's
+        (the partial variant's weights and history ring, nothing else)."""
+        if forecast:
+            specs = [s for s in specs if s.role in ("mix_weights", "history")]
         out = []
         for s in specs:
             if s.role == "kv":
@@ -140,6 +176,8 @@ class TokenRuntime(SpecDiffRuntime):
     def _reset_stats(self) -> None:
         super()._reset_stats()
         self._draft_calls = 0
+        self._partial_calls = 0
+        self._forecast_calls = 0
 
     def _slot(self, index: int) -> TokenSlot:
         if index not in self.token_slots:
@@ -152,6 +190,8 @@ class TokenRuntime(SpecDiffRuntime):
         fresh_trajectory = slot.trajectory != event.trajectory
         if fresh_trajectory or self.schedule.is_full(event.step) or not slot.ring_timesteps:
             return self._full_step(args, event, slot, fresh_trajectory)
+        if self.schedule.kind(event.step) == "cached" and FORECAST_TOKENS in self.variants:
+            return self._forecast_step(args, event, slot)
         return self._partial_step(args, event, slot)
 
     def _full_step(self, args, event, slot: TokenSlot, fresh_trajectory: bool):
@@ -159,6 +199,10 @@ class TokenRuntime(SpecDiffRuntime):
         slot.push_history(event.timestep)
         slot.his = slot.importance.clone()
         slot.count.zero_()
+        if fresh_trajectory:
+            slot.value = slot.slope = slot.stamp = None
+        if self.c3 == "forecast":
+            slot.record_all(slot.ring[0], float(event.step))
         if fresh_trajectory:
             slot.trajectory = event.trajectory
             slot.ring_timesteps = [event.timestep]
@@ -191,10 +235,20 @@ class TokenRuntime(SpecDiffRuntime):
         scores = token_scores(slot.his, fut, slot.count, self.lam)
         index, reuse = classify_tokens(scores, self.k, self.c2_share)
         slot.index.copy_(index)
-        slot.reuse_mask.copy_(reuse)
-        slot.mix_weights.copy_(C3_MODES[self.c3](slot.ring_timesteps, event.timestep))
+        if self.c3 == "forecast":
+            # every token not computed takes its own forecast, written where C2 reads (history_0)
+            slot.reuse_mask.fill_(True)
+            slot.forecast_into(slot.ring[0], float(event.step))
+        else:
+            slot.reuse_mask.copy_(reuse)
+            slot.mix_weights.copy_(C3_MODES[self.c3](slot.ring_timesteps, event.timestep))
         out = self.variants[PARTIAL](*args, *slot.buffers_for(self.partial_specs))
+        self._partial_calls += 1
         slot.push_history(event.timestep)
+        if self.c3 == "forecast":
+            slot.record_subset(slot.ring[0], index, float(event.step))
+            reuse = slot.reuse_mask.clone()
+            reuse.scatter_(1, index, False)
         slot.count += 1
         slot.count.scatter_(1, index, 0)
         # counts stay tensors until stats() is read: no device sync per step
@@ -207,7 +261,21 @@ class TokenRuntime(SpecDiffRuntime):
         }
         return out, PARTIAL, details
 
+    def _forecast_step(self, args, event, slot: TokenSlot):
+        """No token computed: every token's own forecast, blocks skipped (token forecast variant)."""
+        slot.forecast_into(slot.ring[0], float(event.step))
+        slot.mix_weights.copy_(torch.tensor([1.0, 0.0, 0.0]))
+        out = self.variants[FORECAST_TOKENS](*args, *slot.buffers_for(self.partial_specs, forecast=True))
+        self._forecast_calls += 1
+        slot.push_history(event.timestep)
+        slot.count += 1
+        return out, FORECAST_TOKENS, {"c1": 0, "c2": self.n, "c3": 0, "refresh_ratio": 0.0,
+                                      "est_flops_saved": 1.0 - self.flops[FORECAST_TOKENS] / self.flops[FULL]
+                                      if self.flops.get(FULL) and self.flops.get(FORECAST_TOKENS) else 1.0}
+
     def buffer_specs_for(self, variant: str) -> list[BufferSpec]:
+        if variant == FORECAST_TOKENS and variant in self.variants:
+            return [s for s in self.partial_specs if s.role in ("mix_weights", "history")]
         specs = {FULL: self.record_specs, PARTIAL: self.partial_specs, DRAFT: self.draft_specs}
         if variant not in self.variants:
             raise KeyError(f"no variant {variant!r}; have {sorted(self.variants)}")
@@ -219,7 +287,8 @@ class TokenRuntime(SpecDiffRuntime):
         return {
             "draft_steps": self._draft_calls,
             "c3": self.c3,
-            "partial_steps": self._cached_steps,
+            "partial_steps": self._partial_calls,
+            "forecast_steps": self._forecast_calls,
             "image_tokens": self.n,
             "subset_tokens": self.k,
             "cache_slots": len(slots),
