@@ -105,7 +105,7 @@ def _profiled_collectives(prof) -> tuple[dict[str, int], int]:
 
 # ----------------------------------------------------------------------------- one rank
 def _rank_main(rank: int, init_file: str, out_dir: str, family: str, config: dict,
-               backend_name: str, timesteps: list[float], trajectories: int) -> None:
+               backend_name: str, timesteps: list[float], trajectories: int, inspect: bool) -> None:
     import torch.distributed as dist
     from torch.profiler import ProfilerActivity, profile
 
@@ -141,6 +141,12 @@ def _rank_main(rank: int, init_file: str, out_dir: str, family: str, config: dic
         runtime = get_runtime(model)
         stats = runtime.stats()
         graphs = {name: collectives_summary(g).as_dict() for name, g in runtime.graphs.items()}
+        report = ""
+        if inspect:
+            from specdiff_fx.inspect.report import inspect_runtime
+            from specdiff_fx.inspect.text import render_text
+
+            report = render_text(inspect_runtime(runtime, title=family))
         torch.save({
             "outputs": outputs,
             "step_collectives": step_collectives,
@@ -150,18 +156,19 @@ def _rank_main(rank: int, init_file: str, out_dir: str, family: str, config: dic
             "graphs": graphs,
             "codes": {name: g.code for name, g in runtime.graphs.items() if name != "original"},
             "unique_graphs": torch._dynamo.utils.counters["stats"]["unique_graphs"],
+            "report": report,
         }, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
 
 def run_ranks(tmp_path, family: str, config: dict, *, backend_name: str = "gloo",
-              timesteps=TIMESTEPS, trajectories: int = 2) -> list[dict]:
+              timesteps=TIMESTEPS, trajectories: int = 2, inspect: bool = False) -> list[dict]:
     out_dir = tmp_path / "ranks"
     out_dir.mkdir()
     mp.spawn(_rank_main, nprocs=WORLD, join=True,
              args=(str(tmp_path / "pg_init"), str(out_dir), family, config, backend_name,
-                   list(timesteps), trajectories))
+                   list(timesteps), trajectories, inspect))
     return [torch.load(out_dir / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
 
 
@@ -209,7 +216,8 @@ def _full_and_cached_steps(rank):
 @pytest.mark.parametrize("family", sorted(CP_CASES))
 def test_ulysses_caching_matches_single_process_and_skips_communication(tmp_path, family, policy):
     config = dict(policy=policy, compiler="eager")
-    ranks = run_ranks(tmp_path, family, config)
+    show = family == "flux" and policy == "fora"  # inspect's collectives table, once
+    ranks = run_ranks(tmp_path, family, config, inspect=show)
     reference, ref_model = single_process(family, config)
     _check_against_single_process(ranks, reference)
 
@@ -241,6 +249,13 @@ def test_ulysses_caching_matches_single_process_and_skips_communication(tmp_path
         for counts, size in cached:
             assert counts == cached_graph["counts"] and size == cached_graph["bytes"]
         assert sum(cached[0][0].values()) <= 0.2 * sum(full[0][0].values())
+    if show:
+        report = ranks[0]["report"]
+        assert "Collectives per call" in report
+        table = report[report.index("Collectives per call"):].split("\n\n")[0]
+        reuse_row = next(line for line in table.splitlines() if line.startswith("reuse "))
+        assert " 1 " in reuse_row and "all_gather_into_tensor×1" in reuse_row, reuse_row
+        print(table)
 
 
 def test_rank_plans_identical_over_uneven_timesteps(tmp_path):
@@ -277,7 +292,7 @@ def test_specdiff_falls_back_loudly_under_context_parallelism(tmp_path):
 def test_ulysses_fora_inductor(tmp_path):
     """The one Inductor test: pruned variants compile and run with Inductor's collectives."""
     config = dict(policy="fora", compiler="inductor")
-    timesteps = TIMESTEPS[:6]
+    timesteps = TIMESTEPS[:4]  # full, full, reuse, reuse
     ranks = run_ranks(tmp_path, "flux", config, timesteps=timesteps, trajectories=1)
     reference, _ = single_process("flux", dict(policy="fora", compiler="eager"),
                                   timesteps=timesteps, trajectories=1)

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from ..backend import UnsupportedGraph, get_runtime, make_backend
 from ..passes import block_of, find_residual_branches, group_nodes_by_block, module_path_of
 from ..passes.branch_cache_variants import CACHE_INPUT_TAG, RECORD_TAG, REUSE_TAG
+from ..passes.collectives import CollectivesSummary, collectives_summary
 from ..passes.graph_queries import is_attention, is_conv, is_heavy, tensor_meta
 from ..passes.residual_branches import ResidualBranch
 from ..passes.token_variants import (
@@ -99,6 +100,7 @@ class VariantInfo:
     flops: Cost
     cache: Cost
     notes: tuple[str, ...] = ()      # caveats on the numbers (unmodelled ops, traced shapes)
+    collectives: CollectivesSummary = field(default_factory=CollectivesSummary)  # one call's
 
     @property
     def runs_at(self) -> str:
@@ -116,6 +118,8 @@ class InspectionReport:
     attention: list[AttentionSite]
     variants: list[VariantInfo]
     buffers: tuple = field(default=())
+    original_collectives: CollectivesSummary = field(default_factory=CollectivesSummary)
+    fallback: str | None = None      # why the backend compiles this graph plainly (names the node)
 
     def flop_ratio(self, variant: VariantInfo) -> float:
         full = self.original_flops.value
@@ -285,9 +289,10 @@ def build_report(original: fx.GraphModule, variants: dict[str, fx.GraphModule],
         flops = graph_flops(run.graph, sizes, run.shapes)
         notes = tuple(n for n in (note, _unmodelled_note(flops)) if n)
         graph_diff = _attribute_inputs(diff(original, run.graph, name=run.name), modules)
-        reports.append(VariantInfo(run.name, run.graph, graph_diff, flops, memory, notes))
+        reports.append(VariantInfo(run.name, run.graph, graph_diff, flops, memory, notes,
+                                   collectives_summary(run.graph, branches)))
     return InspectionReport(title, policy, sizes, original, graph_flops(original, sizes), infos, sites,
-                            reports, tuple(distinct))
+                            reports, tuple(distinct), collectives_summary(original, branches))
 
 
 def _unmodelled_note(flops: Cost) -> str:
@@ -307,11 +312,21 @@ def inspect_runtime(runtime: SpecDiffRuntime, original: fx.GraphModule | None = 
     graphs = dict(runtime.graphs)
     original = graphs.pop("original", original)
     if runtime.fallback is not None:
-        raise ValueError(f"the backend fell back to a plain compile: {runtime.fallback}")
+        if original is None:
+            raise ValueError(f"the backend fell back to a plain compile: {runtime.fallback}")
+        return fallback_report(original, runtime.policy, title, runtime.fallback)
     if original is None:
         raise ValueError("this runtime kept no graphs to inspect")
     variants = graphs or {FULL: original}  # policy "off" runs the original graph
     return build_report(original, variants, _variant_buffers(runtime, variants), runtime.policy, title)
+
+
+def fallback_report(original: fx.GraphModule, policy: str, title: str, reason: str) -> InspectionReport:
+    """What a model that falls back still shows: its branches and attention sites, the one
+    variant that runs (the original graph, compiled plainly) and the reason, which names
+    the node the passes stopped at."""
+    report = build_report(original, {FULL: original}, {}, policy, title)
+    return dataclasses.replace(report, fallback=reason)
 
 
 def _variant_buffers(runtime: SpecDiffRuntime, variants: dict[str, fx.GraphModule]) -> dict[str, list]:
@@ -324,13 +339,14 @@ def inspect_graph(gm: fx.GraphModule, example_inputs: Sequence[Any], policy: str
     """Build ``policy``'s variants of ``gm`` exactly as the backend does (uncompiled), and report.
 
     ``gm`` and ``example_inputs`` are what dynamo hands a backend (see :func:`capture_graph`).
-    Raises ValueError where the backend would fall back to a plain compile, with its reason.
+    Where the backend would fall back to a plain compile, the report says so with its reason
+    (``report.fallback``) and shows the branches and attention sites found.
     """
     backend = make_backend(policy=policy, compiler="eager")
     try:
         runtime = backend.build_runtime(gm, example_inputs)
     except UnsupportedGraph as exc:
-        raise ValueError(f"the backend would fall back to a plain compile: {exc}") from exc
+        return fallback_report(gm, policy, title, str(exc))
     return inspect_runtime(runtime, gm, title)
 
 

@@ -66,6 +66,21 @@ def variant_rows(report: InspectionReport) -> tuple[list[str], list[list]]:
             "× original", "cache memory"], rows
 
 
+def collective_rows(report: InspectionReport) -> tuple[list[str], list[list]]:
+    """Collectives each variant issues per call (context parallelism), with bytes by formula.
+
+    ``bytes``: message sizes (nccl-tests convention); ``bus bytes``: what each rank sends.
+    """
+    rows = []
+    for name, summary in [("original", report.original_collectives)] + [(v.name, v.collectives) for v in report.variants]:
+        counts = ", ".join(f"{op}×{n}" for op, n in summary.counts().items()) or "-"
+        branches = sum(1 for c in summary.calls if c.branch)
+        size, bus = summary.total_bytes(), summary.total_bus_bytes()
+        rows.append([name, summary.count, counts, f"{branches} in branches, {summary.count - branches} outside",
+                     "?" if size is None else format_count(size, "B"), "?" if bus is None else format_count(bus, "B")])
+    return ["graph", "collectives", "ops", "where", "bytes per call", "bus bytes per rank"], rows
+
+
 def formula_lines(report: InspectionReport) -> list[str]:
     lines = [f"FLOPs(original) = {formula(report.original_flops.expr)} = {format_count(report.original_flops.value)}"]
     for v in report.variants:
@@ -92,6 +107,8 @@ def change_rows(report: InspectionReport, by_module: bool = False) -> tuple[list
 def render_text(report: InspectionReport, *, nodes: bool = False, code_diff: bool = False) -> str:
     """The whole report as text; ``nodes`` lists changes per module, ``code_diff`` adds unified diffs."""
     parts = [f"model: {report.title} · {summary_line(report)}"]
+    if report.fallback:
+        parts.append(f"\nFALLBACK: policy {report.policy} compiles this graph plainly: {report.fallback}")
 
     def table(title: str, headers: list[str], rows: list[list]) -> None:
         parts.append(f"\n{title}\n" + (tabulate(rows, headers=headers) if rows else "(none)"))
@@ -99,6 +116,9 @@ def render_text(report: InspectionReport, *, nodes: bool = False, code_diff: boo
     table("Residual branches", *branch_rows(report))
     table("Attention sites", *attention_rows(report))
     table("Variants (compared with the original graph)", *variant_rows(report))
+    if report.original_collectives.count:
+        table("Collectives per call (context parallelism; bytes by formula from traced shapes)",
+              *collective_rows(report))
     parts.append("\n" + "\n".join(formula_lines(report)))
     table("Changes by kind and " + ("module" if nodes else "block"), *change_rows(report, by_module=nodes))
     if code_diff:
