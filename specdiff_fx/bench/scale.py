@@ -312,6 +312,8 @@ def run_scale(args: argparse.Namespace, log: Callable[[str], None] = print) -> d
     device = torch.device(args.device)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
     torch.set_num_threads(args.threads)
+    if args.cudagraphs and (device.type != "cuda" or args.compiler != "inductor"):
+        raise ValueError("--cudagraphs needs --device cuda and the inductor compiler")
     case = build_model(args.family, args.resolution, batch=args.batch, layers=args.layers, width=args.width,
                        head_dim=args.head_dim, text_tokens=args.text_tokens, dtype=dtype, device=device)
     ratios = list(args.ratios)
@@ -328,7 +330,11 @@ def run_scale(args: argparse.Namespace, log: Callable[[str], None] = print) -> d
     start = time.perf_counter()
     gm, inputs = capture_graph(case)
     log(f"  traced in {time.perf_counter() - start:.1f}s ({len(inputs)} graph inputs)")
-    cfg_extra = dict(inductor_config=dict(args.inductor_config or {}))
+    patches = dict(args.inductor_config or {})
+    if args.cudagraphs:
+        patches["triton.cudagraphs"] = True
+    result["cudagraphs"] = bool(args.cudagraphs)
+    cfg_extra = dict(inductor_config=patches)
 
     start = time.perf_counter()
     plain = gm if args.compiler == "eager" else _inductor(gm, inputs, cfg_extra["inductor_config"])
@@ -357,6 +363,8 @@ def run_scale(args: argparse.Namespace, log: Callable[[str], None] = print) -> d
             continue
         result["compile_s"][name] = time.perf_counter() - start
         fns = {"plain": plain_fn, **group.kinds}
+        if args.cudagraphs:  # each call is a new cudagraph-tree step (outputs are not kept)
+            fns = {k: _new_step(fn) for k, fn in fns.items()}
         times = time_round_robin(fns, repeats=args.repeats, calls=args.calls, warmup=args.warmup, device=device)
         plain_ms = statistics.median(times["plain"])
         result["groups"][name] = {"plain_ms": plain_ms, **group.info}
@@ -386,6 +394,13 @@ def run_scale(args: argparse.Namespace, log: Callable[[str], None] = print) -> d
     if args.plot:
         scale_plot(result, args.plot)
     return result
+
+
+def _new_step(fn: Callable[[], Any]) -> Callable[[], Any]:
+    def call():
+        torch.compiler.cudagraph_mark_step_begin()
+        return fn()
+    return call
 
 
 def _param_bytes(model: torch.nn.Module) -> int:
@@ -475,6 +490,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup", type=int, default=2, help="untimed calls per kind first")
     parser.add_argument("--no-draft", action="store_true", help="skip the draft variant")
     parser.add_argument("--no-fora", action="store_true", help="skip the fora variants")
+    parser.add_argument("--cudagraphs", action="store_true",
+                        help="CUDA only: Inductor's CUDA graphs (triton.cudagraphs) for plain and every variant")
     parser.add_argument("--no-memory", action="store_true", help="skip peak-memory measurement")
     parser.add_argument("--quick", action="store_true",
                         help="seconds-long smoke test: 128 px (64 tokens), 1 layer x 64, 8 text tokens, eager, "

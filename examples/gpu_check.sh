@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# One GPU check for issue 10, sized for a short device lease (about 7 minutes of wall time).
+#
+# Why a script: device time is scarce and each machine start costs minutes, so everything the
+# GPU must show runs in one prepared command, each stage under its own timeout, each writing
+# its JSON under $OUT as soon as it has numbers (a stage cut short still returns what it had).
+#
+# Expects: the device image's python3 with torch + CUDA, the repo as the working directory,
+# wheels of diffusers (and its missing pure-python deps) in .whl/ (carry=[".whl"]).
+# The project is not pip-installed there (its pin wants a newer torch): PYTHONPATH=. instead.
+#
+# Stages:
+#   1. nvidia-smi, torch version
+#   2. scale bench, SD3-medium shape (24 layers x 1536, 24 heads x 64), 1024^2 = 4096 image
+#      tokens + 333 text tokens, bf16, CFG batch 2, Inductor, CUDA graphs off
+#   3. the same with Inductor's CUDA graphs (triton.cudagraphs) for plain and specdiff cr 0.8
+#   4. runtime host time per call on the reference model at batch 1 (eager variants: the
+#      variants' own time is excluded from host time anyway)
+# Environment knobs: SCALE_TIMEOUT, CG_TIMEOUT, HOST_TIMEOUT (seconds), SCALE_ARGS (extra args
+# for stage 2, e.g. "--layers 1 --resolution 256" for a smoke test on CPU with DEVICE=cpu).
+set -u
+OUT=${OUT:-out/gpu_check}
+mkdir -p "$OUT"
+DEVICE=${DEVICE:-cuda}
+DTYPE=${DTYPE:-bfloat16}
+SCALE_ARGS=${SCALE_ARGS:-}
+export PYTHONUNBUFFERED=1 TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-/tmp/inductor_cache}
+
+if ls .whl/*.whl >/dev/null 2>&1 && [ "${SKIP_WHEELS:-0}" != 1 ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    || { echo "wheel install failed"; exit 1; }
+  export PYTHONPATH=/tmp/site:.
+else
+  export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH}
+fi
+PY=${PY:-python3}
+
+echo "== stage 1: machine"
+nvidia-smi 2>&1 | head -15 || true
+$PY -c "import torch, diffusers; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'diffusers', diffusers.__version__, 'gpu', torch.cuda.get_device_name() if torch.cuda.is_available() else None)"
+
+echo "== stage 2: scale bench, SD3-medium shape, cudagraphs off"
+timeout "${SCALE_TIMEOUT:-300}" $PY -m specdiff_fx scale --family sd3-medium --resolution 1024 --batch 2 \
+  --dtype "$DTYPE" --device "$DEVICE" --threads 8 --repeats 10 --calls 3 --warmup 3 --ratios 0.8,0.9,0.5 \
+  --out "$OUT/scale_sd3_medium.json" --plot "$OUT/scale_sd3_medium.png" $SCALE_ARGS 2>&1 | grep -v "kept in float32"
+echo "stage 2 exit ${PIPESTATUS[0]}"
+
+echo "== stage 3: scale bench, cudagraphs on (plain and specdiff cr 0.8)"
+timeout "${CG_TIMEOUT:-150}" $PY -m specdiff_fx scale --family sd3-medium --resolution 1024 --batch 2 \
+  --dtype "$DTYPE" --device "$DEVICE" --threads 8 --repeats 10 --calls 3 --warmup 3 --ratios 0.8 \
+  --no-fora --no-draft --cudagraphs --out "$OUT/scale_sd3_medium_cudagraphs.json" --plot "" $SCALE_ARGS 2>&1 \
+  | grep -v "kept in float32"
+echo "stage 3 exit ${PIPESTATUS[0]}"
+
+echo "== stage 4: runtime host time per call, reference model, batch 1 (CFG)"
+timeout "${HOST_TIMEOUT:-60}" $PY examples/host_time.py --compiler eager --device "$DEVICE" --samples 2 \
+  --out "$OUT/host_time.json" 2>&1 | grep -v "kept in float32"
+echo "stage 4 exit ${PIPESTATUS[0]}"
