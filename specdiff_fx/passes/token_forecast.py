@@ -15,6 +15,16 @@ needs correcting can skip the blocks entirely:
 The variant takes the partial variant's history and weight buffers (same names and roles),
 so the runtime hands it the same ring.  Mixing full, partial and forecast steps in one
 trajectory is the runtime schedule's choice (``runtime/schedule.py``).
+
+Residual form.  What is forecast is each token's *residual* over the blocks, ``exit − entry``,
+not its exit features: the entry (patch embedding of the current latents) is exact and cheap
+at every step, and only the blocks' contribution is extrapolated — the same split that makes
+branch-level lite forecasting hold up.  So with :func:`forecast_residuals`:
+
+* the record and partial variants also write the entry features of every token into the
+  ``specdiff_entry_out`` buffer (the runtime derives fresh residuals from it);
+* the partial variant's composition reads ``entry + history_0`` for uncomputed tokens, and the
+  forecast variant's exit is ``entry + mix(ring)``: the runtime's forecast is a residual.
 """
 
 from __future__ import annotations
@@ -35,13 +45,16 @@ from .graph_queries import tensor_meta
 from .token_axis import TokenRegion
 from .variant_inputs import VariantInput
 
-HISTORY, MIX_WEIGHTS = "history", "mix_weights"
+HISTORY, MIX_WEIGHTS, ENTRY = "history", "mix_weights", "entry"
+ENTRY_INPUT = "specdiff_entry_out"
 TAG_FORECAST = "token_forecast"
 TAG_INPUT = "token_cache_input"
 
 
-def build_token_forecast_variant(gm: fx.GraphModule, region: TokenRegion) -> tuple[fx.GraphModule, list[VariantInput]]:
-    """Copy of ``gm`` whose token-region exit is the runtime-weighted mix of the history ring."""
+def build_token_forecast_variant(gm: fx.GraphModule, region: TokenRegion,
+                                 residual: bool = False) -> tuple[fx.GraphModule, list[VariantInput]]:
+    """Copy of ``gm`` whose token-region exit is the runtime-weighted mix of the history ring
+    (``residual``: the entry features plus that mix)."""
     out = copy_graph_module(gm)
     exit_node = find_node(out, region.exit)
     meta = tensor_meta(exit_node)
@@ -59,8 +72,34 @@ def build_token_forecast_variant(gm: fx.GraphModule, region: TokenRegion) -> tup
     with out.graph.inserting_before(exit_node.next):
         mixed = tag_inserted(out.graph.call_function(token_ops.mix_history, (hist[0], hist[1], hist[2], weights)),
                              TAG_FORECAST, exit_node)
+        if residual:
+            mixed = tag_inserted(out.graph.call_function(torch.add, (find_node(out, region.entry), mixed)),
+                                 TAG_FORECAST, exit_node)
         tag_inserted(out.graph.call_method("copy_", (hist[2], mixed)), TAG_FORECAST, exit_node, writes=True)
     for user in users:
         user.replace_input_with(exit_node, mixed)
     eliminate_dead_code_keeping_writes(out)
     return recompile(out), specs
+
+
+def forecast_residuals(variant: fx.GraphModule, specs: list[VariantInput],
+                       region: TokenRegion) -> tuple[fx.GraphModule, list[VariantInput]]:
+    """Residual form of a record or partial variant (a new module; the input is not touched):
+    it also writes the entry features into ``specdiff_entry_out``, and a partial variant's
+    composition takes uncomputed tokens as ``entry + history_0``."""
+    out = copy_graph_module(variant)
+    entry = find_node(out, region.entry)
+    meta = tensor_meta(entry)
+    if meta is None:
+        raise ValueError(f"token-region entry {region.entry!r} has no tensor metadata")
+    buf = add_static_input(out, ENTRY_INPUT, kind=TAG_INPUT)
+    with out.graph.inserting_before(entry.next):
+        det = tag_inserted(out.graph.call_method("detach", (entry,)), TAG_FORECAST, entry)
+        tag_inserted(out.graph.call_method("copy_", (buf, det)), TAG_FORECAST, entry, writes=True)
+    for node in list(out.graph.find_nodes(op="call_function", target=token_ops.compose_tokens)):
+        hist0 = node.args[2]
+        with out.graph.inserting_before(node):
+            base = tag_inserted(out.graph.call_function(torch.add, (entry, hist0)), TAG_FORECAST, node)
+        node.update_arg(2, base)
+    spec = VariantInput(ENTRY_INPUT, ENTRY, tuple(int(s) for s in meta.shape), meta.dtype, meta.device)
+    return recompile(out), list(specs) + [spec]

@@ -62,7 +62,10 @@ class TokenSlot:
         self.his: torch.Tensor | None = None
         self.fut: list[tuple[float, torch.Tensor]] = []
         self.trajectory: int | None = None
-        # c3="forecast": per-token Taylor terms of the exit features and each token's stamp
+        # c3="forecast": per-token Taylor terms of each token's residual over the blocks
+        # (exit − entry; the variants write the entry features here) and each token's stamp
+        entry = [s for s in record if s.role == "entry"]
+        self.entry = _alloc(entry[0]) if entry else None
         self.value: torch.Tensor | None = None      # F: last computed value per token
         self.slope: torch.Tensor | None = None      # D1 per token (per step of position)
         self.stamp: torch.Tensor | None = None      # position where each token was computed
@@ -72,8 +75,12 @@ class TokenSlot:
         k = (x - self.stamp).unsqueeze(-1).to(self.value.dtype)
         torch.addcmul(self.value, k, self.slope, out=target)
 
+    def residual(self, exit_features: torch.Tensor) -> torch.Tensor:
+        return exit_features if self.entry is None else exit_features - self.entry
+
     def record_all(self, exit_features: torch.Tensor, x: float) -> None:
         """A full step computed every token: re-base all of them (their own distances)."""
+        exit_features = self.residual(exit_features)
         if self.value is None:
             self.value = exit_features.clone()
             self.slope = torch.zeros_like(exit_features)
@@ -89,6 +96,8 @@ class TokenSlot:
         and start a new line from their fresh value, at their own step stamp."""
         rows = torch.arange(index.shape[0], device=index.device).unsqueeze(1)
         fresh = exit_features[rows, index]
+        if self.entry is not None:
+            fresh = fresh - self.entry[rows, index]
         dist = (x - self.stamp[rows, index]).clamp_min(1e-6).unsqueeze(-1).to(fresh.dtype)
         self.slope[rows, index] = (fresh - self.value[rows, index]) / dist
         self.value[rows, index] = fresh
@@ -109,6 +118,8 @@ class TokenSlot:
                 out.append(self.ring[2] if s.name.endswith("_out") else self.ring[int(s.name.rsplit("_", 1)[1])])
             elif s.role == "importance":
                 out.append(self.importance)
+            elif s.role == "entry":
+                out.append(self.entry)
             else:
                 out.append({"index": self.index, "reuse_mask": self.reuse_mask,
                             "mix_weights": self.mix_weights}[s.role])
