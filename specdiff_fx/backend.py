@@ -33,7 +33,7 @@ from .passes.forecast_variants import (
 )
 from .passes.collectives import has_collectives, prune_dead_collectives
 from .passes.token_axis import TokenAxisError, analyze_token_axis
-from .passes.token_forecast import build_token_forecast_variant
+from .passes.token_forecast import build_token_forecast_variant, forecast_residuals
 from .passes.token_variants import (
     build_token_draft_variant,
     build_token_partial_variant,
@@ -202,6 +202,15 @@ class SpecDiffBackend:
             draft, draft_specs = build_token_draft_variant(gm, region, stride)
             graphs[DRAFT] = draft
             built[DRAFT] = (draft, draft_specs)
+        if cfg.c3 == "forecast":  # forecast each token's residual over the blocks
+            for name in (FULL, PARTIAL):
+                built[name] = forecast_residuals(*built[name], region)
+                graphs[name] = built[name][0]
+            record_specs, partial_specs = built[FULL][1], built[PARTIAL][1]
+        if cfg.c3 == "forecast" and cfg.partial_every > 1:  # steps with no token computed
+            token_forecast, forecast_specs = build_token_forecast_variant(gm, region, residual=True)
+            graphs[FORECAST] = token_forecast
+            built[FORECAST] = (token_forecast, forecast_specs)
         trace_artifacts({name: g for name, g in graphs.items() if name != "original"},
                         {"region": {"entry": region.entry, "exit": region.exit, "tokens": region.num_tokens,
                                     "subset": k, "sites": [s.node for s in region.sites]}})
