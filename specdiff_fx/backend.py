@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import warnings
 import weakref
 from typing import Any, Callable, Sequence
 
@@ -178,7 +179,7 @@ class SpecDiffBackend:
             schedule=FullStepSchedule(cfg.warmup_steps, cfg.interval, cfg.reset_steps),
             order=cfg.taylor_order,
             variable=cfg.forecast_variable,
-            tolerance=cfg.tolerance,
+            tolerance=_tolerance_for(gm, cfg.tolerance),
             probe=cfg.probe,
             info={"branches": len(branches), "branch_kinds": count_kinds(branches),
                   "forecast_targets": len(targets), "probe_branches": len(probe)},
@@ -283,6 +284,17 @@ def _without_dead_collectives(gm: fx.GraphModule) -> fx.GraphModule:
     collectives too: ``wait_tensor`` is impure, so dead-code elimination keeps them (and
     the projections feeding them).  Structural, so every rank drops the same ones."""
     return prune_dead_collectives(gm) if has_collectives(gm) else gm
+
+
+def _tolerance_for(gm: fx.GraphModule, tolerance: float | None) -> float | None:
+    """The forecast tolerance, off under context parallelism: each rank's probe measures
+    only its own shard, and a rank that refreshed alone would issue collectives the others
+    do not (a hang).  The timestep-only schedule stays, identical on every rank."""
+    if tolerance is None or not has_collectives(gm):
+        return tolerance
+    warnings.warn("specdiff: tolerance is off under context parallelism (per-rank probe errors would "
+                  "desync the ranks); the fixed schedule stays", RuntimeWarning, stacklevel=2)
+    return None
 
 
 def _example_buffer(spec, num_tokens: int) -> torch.Tensor:

@@ -271,6 +271,31 @@ def test_rank_plans_identical_over_uneven_timesteps(tmp_path):
     _check_against_single_process(ranks, reference)
 
 
+@pytest.mark.skipif("taylor" not in POLICIES, reason="policy taylor not available")
+def test_taylor_tolerance_is_off_under_context_parallelism(tmp_path):
+    """Each rank's probe measures its own shard, so a tolerance would let ranks disagree
+    (and hang in the next collective).  Under context parallelism it is switched off with a
+    warning; the probe still runs, the timestep-only schedule decides."""
+    config = dict(policy="taylor", compiler="eager", tolerance=1e-9)
+    ranks = run_ranks(tmp_path, "flux", config, trajectories=1)
+    calls = [[e["calls"] for e in rank["plan"]] for rank in ranks]
+    assert calls[0] == calls[1]
+    for rank in ranks:
+        assert rank["fallback"] is None
+        assert [w for w in rank["warnings"] if "tolerance is off under context parallelism" in w]
+    errors = [[d.get("error") for e in rank["plan"] for d in e.get("details", [])] for rank in ranks]
+    assert any(e is not None for e in errors[0]) and errors[0] != errors[1], \
+        "the ranks' probes see different shards (why the tolerance cannot decide alone)"
+    probe_only, probe_model = single_process("flux", dict(policy="taylor", compiler="eager", probe=True),
+                                             trajectories=1)
+    _check_against_single_process(ranks, probe_only)
+    from specdiff_fx import get_runtime
+    assert calls[0] == [e["calls"] for e in get_runtime(probe_model).stats()["plan"]]
+    _, tolerant = single_process("flux", config, trajectories=1)
+    assert calls[0] != [e["calls"] for e in get_runtime(tolerant).stats()["plan"]], \
+        "in one process this tolerance refreshes steps: the switch-off is what keeps the ranks' plan"
+
+
 def test_specdiff_falls_back_loudly_under_context_parallelism(tmp_path):
     """Token selection per shard is not implemented: the graph compiles plain, with the reason."""
     timesteps = TIMESTEPS[:3]
