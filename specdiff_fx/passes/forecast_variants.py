@@ -1,4 +1,5 @@
-"""Branch-level forecasting (TaylorSeer-class): *record* and *forecast* graphs from one graph.
+"""Branch-level forecasting (TaylorSeer-class): *record* and *forecast* graphs from one graph
+(docs/forecasting.md).
 
 Plain reuse (``branch_cache_variants``) feeds a cached step the branch value of the last
 full step: ``g(t) ≈ g(t_last)``.  Flow-matching moves every token's input at every step,

@@ -1,6 +1,6 @@
 """Runtime of policy ``taylor``: full steps record Taylor terms, cached steps forecast.
 
-The compiled variants (see docs/design.md, "forecasting") take one coefficient buffer
+The compiled variants (see docs/forecasting.md) take one coefficient buffer
 ``[c0, c1, a1, a2]``.  This runtime owns the step arithmetic behind it, per call slot:
 
 * at a full step at position x, with the last full steps at x₁ (and x₂):
