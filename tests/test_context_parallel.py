@@ -245,6 +245,9 @@ def test_ulysses_caching_matches_single_process_and_skips_communication(tmp_path
         assert cached_graph["counts"].get("all_gather_into_tensor", 0) >= 1
         assert all(c["branch"] is None for c in cached_graph["calls"])
         assert any(c["branch"] for c in full_graph["calls"]), "the analysis maps collectives to branches"
+        if family == "flux":  # owning branch and its local token count: 16 image (+ 6 text) over 2 ranks
+            assert {(c["branch"], c["tokens"]) for c in full_graph["calls"] if c["branch"]} == {
+                ("transformer_blocks.0:self_attention", 8), ("single_transformer_blocks.0:joint_parallel", 11)}
 
         full, cached = _full_and_cached_steps(rank)
         assert full and cached, rank["plan"]

@@ -10,6 +10,17 @@ def test_normalize_dynamo_paths():
     assert normalize_module_path("L['self']") == ""
 
 
+def test_normalize_paths_through_forward_hooks():
+    """diffusers' context-parallel hooks wrap forward: the module is reached via the bound
+    method or a wrapper's closure cell (paths as dynamo recorded them for FLUX and Qwen-Image)."""
+    flux = "L['function_reference'].forward.__self__.__dict__['_modules']['transformer_blocks'].0.attn"
+    assert normalize_module_path(flux) == "transformer_blocks.0.attn"
+    qwen = ("L['self'].__dict__['_modules']['transformer_blocks'].0.forward.func.__closure__[0].cell_contents"
+            ".forward.func.__closure__[0].cell_contents.forward.__self__.attn")
+    assert normalize_module_path(qwen) == "transformer_blocks.0.attn"
+    assert normalize_module_path("L['self'].forward_proj.__self__") == "forward_proj.__self__"
+
+
 def test_block_of():
     assert block_of("transformer_blocks.3.attn.to_q") == "transformer_blocks.3"
     assert block_of("down_blocks.0.resnets.1.conv1") == "down_blocks.0"

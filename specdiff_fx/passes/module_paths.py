@@ -17,6 +17,10 @@ _MODULES_DICT = re.compile(r"\.?(?:__dict__\[)?\[?'_modules'\]\[?'([^']+)'\]")
 _SUBSCRIPT_STR = re.compile(r"\['([^']+)'\]")
 _SUBSCRIPT_INT = re.compile(r"\[(\d+)\]")
 _ROOT = re.compile(r"^L\['[^']+'\]\.?")
+# Hooks that wrap ``forward`` (diffusers' context-parallel hooks, for one) make dynamo reach a
+# module through its bound method (``forward.__self__``) or the closure cell of a wrapper
+# (``forward.func.__closure__[0].cell_contents``): both name the module itself.
+_HOOK_WRAPPER = re.compile(r"(?:^|\.)forward\.(?:__self__|func\.__closure__\.\d+\.cell_contents)(?=\.|$)")
 
 
 def normalize_module_path(raw: str) -> str:
@@ -28,6 +32,7 @@ def normalize_module_path(raw: str) -> str:
     path = _SUBSCRIPT_STR.sub(r".\1", path)
     path = _SUBSCRIPT_INT.sub(r".\1", path)
     path = re.sub(r"\.+", ".", path)
+    path = _HOOK_WRAPPER.sub("", path)
     return path.strip(".")
 
 
