@@ -15,11 +15,15 @@ import torch.distributed._functional_collectives  # noqa: F401  (registers the o
 import torch.fx as fx
 
 from specdiff_fx.passes.collectives import (
+    RANK_PARTIAL,
     collectives_summary,
     find_collectives,
     has_collectives,
+    has_rank_partials,
     is_wait,
+    output_group,
     prune_dead_collectives,
+    reduce_rank_partials,
 )
 from specdiff_fx.passes.residual_branches import ResidualBranch
 
@@ -41,7 +45,7 @@ def group_name(tmp_path_factory):
 
 
 def _meta(node, *shape, dtype=torch.float32):
-    node.meta["example_value"] = torch.empty(*shape, dtype=dtype, device="meta")
+    node.meta["example_value"] = torch.empty(shape, dtype=dtype, device="meta")
     return node
 
 
@@ -205,3 +209,51 @@ def test_summary_resolves_group_size_from_live_group(group_name):
     s = collectives_summary(build_graph(group_name), branches=[])
     reduce = next(c for c in s.calls if c.op == "all_reduce")
     assert reduce.group_size == 1 and reduce.bus_bytes == 0
+
+
+# ----------------------------------------------------------------------------- rank partials
+def _partial_graph(group: str = "no-such-group") -> fx.GraphModule:
+    """x (4, 8) -> err = sum|x| (a rank-local partial, tagged) / 2 -> err; plus a gathered output."""
+    g = fx.Graph()
+    x = _meta(g.placeholder("x"), 4, 8)
+    total = _meta(g.call_function(torch.sum, (g.call_function(torch.abs, (x,)),)))
+    total.meta[RANK_PARTIAL] = "sum"
+    err = _meta(g.call_function(operator.truediv, (total, 2.0)))
+    gat = _meta(g.call_function(c10d.all_gather_into_tensor, (x, 1, group)), 4, 8)
+    gat_w = _meta(g.call_function(c10d.wait_tensor, (gat,)), 4, 8)
+    g.output((gat_w, err))
+    return fx.GraphModule(torch.nn.Module(), g)
+
+
+def test_reduce_rank_partials_inserts_one_all_reduce_before_every_reader():
+    gm = _partial_graph()
+    before = gm.code
+    reduced = reduce_rank_partials(gm, "grp")
+    assert gm.code == before and has_rank_partials(gm)
+    ar = [n for n in find_collectives(reduced) if "all_reduce" in str(n.target)]
+    assert len(ar) == 1 and ar[0].args[1:] == ("sum", "grp") and ar[0].args[0].name == "sum_1"
+    (wait,) = [u for u in ar[0].users if is_wait(u)]
+    div = next(n for n in reduced.graph.nodes if n.target is operator.truediv)
+    assert div.args[0] is wait, "the decision reads the reduced value"
+    assert list(ar[0].args[0].users) == [ar[0]], "nothing reads the local partial any more"
+    assert has_rank_partials(gm) and not has_rank_partials(reduced)
+    assert reduce_rank_partials(reduced, "grp").code == reduced.code, "reduced once"
+    untagged = build_graph()
+    assert not has_rank_partials(untagged) and reduce_rank_partials(untagged, "grp").code == untagged.code
+
+
+def test_reduced_partial_survives_pruning_and_runs(group_name):
+    gm = _partial_graph(group_name)
+    reduced = prune_dead_collectives(reduce_rank_partials(gm, group_name))
+    assert sum("all_reduce" in str(n.target) for n in find_collectives(reduced)) == 1
+    x = torch.randn(4, 8)
+    for got, want in zip(reduced(x), gm(x)):  # one rank: the all-reduce is the identity
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_output_group_names_the_group_gathering_the_output():
+    assert output_group(build_graph("exit-group")) == "exit-group"
+    g = fx.Graph()
+    x = g.placeholder("x")
+    g.output((g.call_method("relu", (x,)),))
+    assert output_group(fx.GraphModule(torch.nn.Module(), g)) is None

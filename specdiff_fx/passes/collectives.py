@@ -206,6 +206,66 @@ def prune_dead_collectives(gm: fx.GraphModule) -> fx.GraphModule:
     return recompile(out)
 
 
+# ------------------------------------------------------------------------------- rank partials
+RANK_PARTIAL = "specdiff_rank_partial"
+"""``node.meta[RANK_PARTIAL] = "sum"`` marks a value that is a partial over this rank's tokens
+(a sum over the local shard).  Under context parallelism :func:`reduce_rank_partials` replaces
+it by its all-reduce, so a decision made from it is the same on every rank."""
+RANK_REDUCE_TAG = "rank_reduce"
+
+
+def output_group(gm: fx.GraphModule) -> Any | None:
+    """The process group of the last collective the graph output depends on.
+
+    diffusers' context-parallel plans gather the output over the whole context-parallel mesh,
+    so this is the group a rank-local partial must be reduced over.  None: no such collective.
+    """
+    output = next(iter(gm.graph.find_nodes(op="output")))
+    feeding = set()
+    stack = list(output.all_input_nodes)
+    while stack:
+        node = stack.pop()
+        if node not in feeding:
+            feeding.add(node)
+            stack.extend(node.all_input_nodes)
+    last = [n for n in gm.graph.nodes if n in feeding and is_collective(n)]
+    return last[-1].args[-1] if last and last[-1].args else None
+
+
+def reduce_rank_partials(gm: fx.GraphModule, group_name: Any) -> fx.GraphModule:
+    """A copy of ``gm`` where every node tagged ``meta[RANK_PARTIAL]`` is all-reduced over
+    ``group_name`` (one ``all_reduce`` + ``wait_tensor`` each) before anything reads it.
+
+    Structural, so every rank inserts the same collectives in the same order.  ``gm`` is not
+    modified (the copy's nodes lose the tag, so a second application adds nothing); a graph
+    without tagged nodes comes back as an unchanged copy.
+    """
+    out = copy_graph_module(gm)
+    tagged = [n for n in out.graph.nodes if n.meta.get(RANK_PARTIAL)]
+    for node in tagged:
+        op = node.meta.pop(RANK_PARTIAL)  # reduced once: applying this twice changes nothing
+        users = list(node.users)
+        with out.graph.inserting_after(node):
+            reduced = out.graph.call_function(torch.ops._c10d_functional.all_reduce.default,
+                                              (node, op, group_name))
+        with out.graph.inserting_after(reduced):
+            waited = out.graph.call_function(torch.ops._c10d_functional.wait_tensor.default, (reduced,))
+        for new in (reduced, waited):
+            new.meta["specdiff"] = RANK_REDUCE_TAG
+            for key in ("example_value", "val", "nn_module_stack"):
+                if key in node.meta:
+                    new.meta[key] = node.meta[key]
+        for user in users:
+            user.replace_input_with(node, waited)
+    if tagged:
+        log.info("all-reduce of %d rank-local partial(s) over group %r", len(tagged), group_name)
+    return recompile(out)
+
+
+def has_rank_partials(gm: fx.GraphModule) -> bool:
+    return any(n.meta.get(RANK_PARTIAL) for n in gm.graph.nodes)
+
+
 # ------------------------------------------------------------------------------- summary
 @dataclass(frozen=True)
 class CollectiveCall:
