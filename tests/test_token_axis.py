@@ -66,3 +66,79 @@ def test_unet_is_refused_with_a_reason(capture):
     gm, _ = capture(case.model, case.make_inputs())
     with pytest.raises(TokenAxisError, match="not a \\(batch, tokens, width\\) sequence"):
         analyze_token_axis(gm)
+
+
+# ------------------------------------------------------------------------------ the rule table
+def test_every_rule_is_one_table_entry_and_unknown_ops_are_refused(capture):
+    import operator
+
+    import torch
+    import torch.nn.functional as F
+
+    from specdiff_fx.passes.token_axis import RULES, arg
+
+    for key in [("call_function", F.scaled_dot_product_attention), ("call_function", operator.setitem),
+                ("call_function", torch.view_as_complex), ("call_method", "type_as"),
+                ("call_function", torch.empty_like), ("call_method", "view")]:
+        assert key in RULES, key
+
+    from specdiff_fx.passes.token_axis import TokenAxis, _Propagator
+
+    class Cumsum(torch.nn.Module):
+        def forward(self, x):
+            return x.cumsum(1) + x.sin()
+
+    gm, _ = capture(Cumsum(), dict(x=torch.randn(2, 6, 8)))
+    prop = _Propagator(gm, 6)
+    prop.axes[next(iter(gm.graph.find_nodes(op="placeholder")))] = TokenAxis(1, ((IMAGE, N),))
+    for n in gm.graph.nodes:
+        prop.visit(n)
+    node = next(n for n in gm.graph.nodes if n.op == "call_method" and n.target == "cumsum")
+    assert "op not modelled" in prop.errors[node]
+    assert any(n.target == "sin" for n in prop.axes)  # a table entry: the layout flows through
+    assert arg(node, 1, "dim") == 1
+    with pytest.raises(TokenAxisError, match="'dtype' missing"):
+        arg(node, 2, "dtype")
+    assert arg(node, 2, "dtype", None) is None
+
+
+def test_key_side_masks_pass_and_query_side_masks_are_gathered(capture):
+    pixart = build_tiny("pixart", text_mask=True)            # cross-attention, mask (B, 1, 1, T)
+    gm, _ = capture(pixart.model, pixart.make_inputs())
+    region = analyze_token_axis(gm)
+    assert len(region.sites) == 4 and not any(p[1] == "attn_mask" or p[1] == 3 for p in region.position_operands)
+    chroma = build_tiny("chroma")                             # joint attention, mask (B, 1, T+N, T+N)
+    gm, _ = capture(chroma.model, chroma.make_inputs())
+    region = analyze_token_axis(gm)
+    masked = [p for p in region.position_operands if p[1] == "attn_mask"]
+    assert len(masked) == 2 and all(p[2] == 2 for p in masked)   # gathered on the mask's query axis
+    assert {p[0] for p in masked} == {s.node for s in region.sites}
+
+
+def test_rope_written_by_slice_assignment_is_in_the_region(capture):
+    """CogView4 writes RoPE into query[:, :, T:] (setitem): the write, and the reshape that
+    feeds it, belong to the region and are re-evaluated at k."""
+    case = build_tiny("cogview4")
+    gm, _ = capture(case.model, case.make_inputs())
+    region = analyze_token_axis(gm)
+    nodes = {n.name: n for n in gm.graph.nodes}
+    import operator
+    writes = [n for n in region.region if nodes[n].target is operator.setitem]
+    assert len(writes) == 4                                   # q and k in each of 2 blocks
+    reshapes = [n for n in region.templates if nodes[n].target == "reshape"]
+    assert reshapes, "the RoPE reshape of the image part must take its extent from N"
+
+
+@pytest.mark.parametrize("family", ["qwen_image", "wan"])
+def test_complex_rope_and_type_as_and_dual_stream_exit(family, capture):
+    case = build_tiny(family)
+    gm, _ = capture(case.model, case.make_inputs())
+    region = analyze_token_axis(gm)
+    nodes = {n.name: n for n in gm.graph.nodes}
+    assert region.axes[region.exit] == region.axes[region.entry]
+    import torch
+    if family == "qwen_image":   # complex RoPE: view_as_complex, multiply by a gathered table
+        assert any(nodes[n].target is torch.view_as_complex for n in region.region)
+        assert region.position_operands
+    else:                        # Wan: RoPE into empty_like halves; type_as after the exit
+        assert any(nodes[n].target is torch.empty_like for n in region.region)

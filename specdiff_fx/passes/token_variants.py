@@ -195,12 +195,15 @@ def build_token_partial_variant(gm: fx.GraphModule, region: TokenRegion, k: int)
     # 4. position tables (RoPE) are gathered where they meet token tensors
     for consumer_name, arg_index, axis, layout in region.position_operands:
         consumer = nodes[consumer_name]
-        operand = consumer.args[arg_index]
+        operand = consumer.kwargs[arg_index] if isinstance(arg_index, str) else consumer.args[arg_index]
         with out.graph.inserting_before(consumer):
             gathered = tag_inserted(out.graph.call_function(
                 token_ops.gather_positions, (operand, positions_for(layout), axis, _meta(consumer).dim())),
                 TAG_GATHER, consumer)
-        consumer.update_arg(arg_index, gathered)
+        if isinstance(arg_index, str):
+            consumer.update_kwarg(arg_index, gathered)
+        else:
+            consumer.update_arg(arg_index, gathered)
 
     # 5. keys/values completed from the per-layer caches
     for i, site in enumerate(s for s in region.sites if s.key_layout is not None):
