@@ -35,6 +35,7 @@ from .passes.forecast_variants import (
 from .passes.collectives import has_collectives, prune_dead_collectives
 from .passes.token_axis import TokenAxisError, analyze_token_axis
 from .passes.token_forecast import build_token_forecast_variant, forecast_residuals
+from .passes.verify import VariantVerificationError, output_signature, verify_variant, with_fake_values
 from .passes.token_variants import (
     build_token_draft_variant,
     build_token_partial_variant,
@@ -195,23 +196,30 @@ class SpecDiffBackend:
             raise UnsupportedGraph(f"token-level caching not possible: {exc}") from exc
         k = max(2, min(region.num_tokens, round((1.0 - cfg.cache_ratio) * region.num_tokens)))
         stride = cfg.importance_query_stride
-        record, record_specs = build_token_record_variant(gm, region, stride)
-        partial, partial_specs = build_token_partial_variant(gm, region, k)
-        graphs = {"original": gm, FULL: record, PARTIAL: partial}
-        built = {FULL: (record, record_specs), PARTIAL: (partial, partial_specs)}
-        if cfg.draft_steps >= 2:
-            draft, draft_specs = build_token_draft_variant(gm, region, stride)
-            graphs[DRAFT] = draft
-            built[DRAFT] = (draft, draft_specs)
-        if cfg.c3 == "forecast":  # forecast each token's residual over the blocks
-            for name in (FULL, PARTIAL):
-                built[name] = forecast_residuals(*built[name], region)
-                graphs[name] = built[name][0]
-            record_specs, partial_specs = built[FULL][1], built[PARTIAL][1]
-        if cfg.c3 == "forecast" and cfg.partial_every > 1:  # steps with no token computed
-            token_forecast, forecast_specs = build_token_forecast_variant(gm, region, residual=True)
-            graphs[FORECAST] = token_forecast
-            built[FORECAST] = (token_forecast, forecast_specs)
+        try:
+            record, record_specs = build_token_record_variant(gm, region, stride)
+            partial, partial_specs = build_token_partial_variant(gm, region, k)
+            graphs = {"original": gm, FULL: record, PARTIAL: partial}
+            built = {FULL: (record, record_specs), PARTIAL: (partial, partial_specs)}
+            if cfg.draft_steps >= 2:
+                draft, draft_specs = build_token_draft_variant(gm, region, stride)
+                graphs[DRAFT] = draft
+                built[DRAFT] = (draft, draft_specs)
+            if cfg.c3 == "forecast":  # forecast each token's residual over the blocks
+                for name in (FULL, PARTIAL):
+                    built[name] = forecast_residuals(*built[name], region)
+                    graphs[name] = built[name][0]
+                record_specs, partial_specs = built[FULL][1], built[PARTIAL][1]
+            if cfg.c3 == "forecast" and cfg.partial_every > 1:  # steps with no token computed
+                token_forecast, forecast_specs = build_token_forecast_variant(gm, region, residual=True)
+                graphs[FORECAST] = token_forecast
+                built[FORECAST] = (token_forecast, forecast_specs)
+        except TokenAxisError as exc:
+            raise UnsupportedGraph(f"token-level caching not possible: {exc}") from exc
+        expected = output_signature(gm)
+        for name, (graph, specs) in built.items():  # every variant runs once on fake tensors first
+            _verify(name, graph, list(example_inputs) + [_example_buffer(s, region.num_tokens) for s in specs],
+                    expected)
         trace_artifacts({name: g for name, g in graphs.items() if name != "original"},
                         {"region": {"entry": region.entry, "exit": region.exit, "tokens": region.num_tokens,
                                     "subset": k, "sites": [s.node for s in region.sites]}})
@@ -277,6 +285,15 @@ class SpecDiffBackend:
             if runtime is not None and (owned & params or (not owned and not params)):
                 return runtime
         return None
+
+
+def _verify(name: str, graph: fx.GraphModule, examples: Sequence[Any], expected) -> None:
+    """Run variant ``name`` on fake tensors (passes/verify.py) and refresh its node metadata;
+    a failure becomes a fallback naming the node, never an error at step N."""
+    try:
+        with_fake_values(graph, verify_variant(graph, examples, expected))
+    except VariantVerificationError as exc:
+        raise UnsupportedGraph(f"the {name} variant failed build-time verification at {exc}") from exc
 
 
 def _without_dead_collectives(gm: fx.GraphModule) -> fx.GraphModule:

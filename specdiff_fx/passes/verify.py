@@ -1,0 +1,118 @@
+"""Build-time verification of graph variants on fake tensors.
+
+Why: a rewrite that leaves one constant at N (a RoPE table, a reshape extent) builds
+without complaint and then fails inside the user's pipeline at the first partial step,
+minutes into a run.  Running every variant once at build time under ``FakeTensorMode``
+costs milliseconds, touches no real memory, and turns that class of bug into a loud
+fallback that names the node, before dynamo ever sees the callable.
+
+The same run yields the fake value of every node, so the variant's node metadata
+(``example_value`` / ``val``) can be made true again after the rewrite changed shapes
+(the role torch's ``FakeTensorUpdater`` plays for post-grad passes): inspection and
+FLOPs then read the shapes at k, not the stale shapes at N.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+import torch.fx as fx
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+
+class VariantVerificationError(Exception):
+    """A variant does not run, or does not return what the original graph returns.
+
+    ``node`` is the name of the first node that failed (or ``"output"``)."""
+
+    def __init__(self, node: str, message: str) -> None:
+        super().__init__(f"{node}: {message}")
+        self.node = node
+
+
+@dataclass(frozen=True)
+class OutputSignature:
+    """Shape and dtype of each tensor a graph returns (None for non-tensors)."""
+
+    items: tuple[tuple[tuple[int, ...], torch.dtype] | None, ...]
+
+
+def _flat_outputs(value: Any) -> list:
+    if isinstance(value, (tuple, list)):
+        return [v for item in value for v in _flat_outputs(item)]
+    return [value]
+
+
+def _describe(values: Sequence[Any]) -> OutputSignature:
+    return OutputSignature(tuple(
+        (tuple(int(s) for s in v.shape), v.dtype) if isinstance(v, torch.Tensor) else None for v in values))
+
+
+def output_signature(gm: fx.GraphModule) -> OutputSignature:
+    """What ``gm`` returns, read from the metadata dynamo recorded on the output's inputs."""
+    output = next(iter(gm.graph.find_nodes(op="output")))
+    values = []
+    for arg in _flat_outputs(output.args[0]):
+        meta = arg.meta.get("example_value", arg.meta.get("val")) if isinstance(arg, fx.Node) else arg
+        values.append(meta)
+    return _describe(values)
+
+
+class _FakeRun(fx.Interpreter):
+    """Runs a graph node by node and reports the first failing node by name."""
+
+    def __init__(self, gm: fx.GraphModule) -> None:
+        super().__init__(gm, garbage_collect_values=False)
+        self.extra_traceback = False  # our error names the node already
+        self.values: dict[str, Any] = {}
+
+    def run_node(self, n: fx.Node) -> Any:
+        try:
+            result = super().run_node(n)
+        except VariantVerificationError:
+            raise
+        except Exception as exc:  # any error of any op is the finding we report
+            raise VariantVerificationError(
+                n.name, f"{n.format_node()} raised {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            ) from exc
+        if n.op not in ("placeholder", "output"):
+            self.values[n.name] = result
+        return result
+
+
+def fake_run(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> tuple[list, dict[str, Any]]:
+    """Run ``gm`` on fake copies of ``example_inputs``: (flat outputs, fake value per node name)."""
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        fake = [mode.from_tensor(x) if isinstance(x, torch.Tensor) else x for x in example_inputs]
+        runner = _FakeRun(gm)
+        with torch.no_grad():
+            out = runner.run(*fake)
+    return _flat_outputs(out), runner.values
+
+
+def verify_variant(variant: fx.GraphModule, example_inputs: Sequence[Any],
+                   expected: OutputSignature) -> dict[str, Any]:
+    """Run ``variant`` once on fake tensors; its outputs must match ``expected`` in shape
+    and dtype.  Returns the fake value of every node; raises
+    :class:`VariantVerificationError` naming the failing node.  Pure: ``variant`` is read only."""
+    outputs, values = fake_run(variant, example_inputs)
+    got = _describe(outputs)
+    if len(got.items) != len(expected.items):
+        raise VariantVerificationError("output", f"returns {len(got.items)} values, the original {len(expected.items)}")
+    for i, (g, e) in enumerate(zip(got.items, expected.items)):
+        if g != e:
+            raise VariantVerificationError("output", f"output {i} is {g}, the original's is {e}")
+    return values
+
+
+def with_fake_values(gm: fx.GraphModule, values: dict[str, Any]) -> fx.GraphModule:
+    """Set ``example_value`` (the key dynamo's graphs carry) of ``gm``'s nodes to the
+    propagated fake values; nodes the rewrite inserted get one too.
+
+    Only metadata changes; meant for a variant the caller just built and owns."""
+    for node in gm.graph.nodes:
+        if node.name in values:
+            node.meta["example_value"] = values[node.name]
+    return gm
