@@ -148,7 +148,7 @@ def render_html(report: InspectionReport) -> str:
 <body>
 <h1>specdiff-fx inspect: {escape(report.title)}</h1>
 <p class="meta">{escape(summary_line(report))}</p>
-<h2>Variants</h2>
+{_fallback_html(report)}<h2>Variants</h2>
 {_table(headers, rows)}
 <ul class="formulas">{formulas}</ul>
 <p class="meta">{escape(symbols)}</p>
@@ -162,6 +162,13 @@ def render_html(report: InspectionReport) -> str:
 {_code_section(report)}
 </body></html>
 """
+
+
+def _fallback_html(report: InspectionReport) -> str:
+    if not report.fallback:
+        return ""
+    return (f'<p class="fallback"><strong>Fallback:</strong> policy {escape(report.policy)} compiles this '
+            f"graph plainly: <code>{escape(report.fallback)}</code></p>\n")
 
 
 def write_html(report: InspectionReport, path: str) -> None:
