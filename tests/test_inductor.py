@@ -45,7 +45,7 @@ def test_fora_under_inductor_matches_eager_rewrite(family):
 
 @pytest.mark.parametrize("family", ["sd3", "flux"])
 def test_specdiff_partial_exactness_under_inductor(family):
-    """DESIGN.md §3 partial exactness with both variants compiled by Inductor."""
+    """docs/design.md §3 partial exactness with both variants compiled by Inductor."""
     from torch._inductor.compile_fx import compile_fx
 
     from specdiff_fx.passes.token_axis import analyze_token_axis

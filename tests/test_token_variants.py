@@ -1,4 +1,4 @@
-"""Partial exactness (DESIGN.md §3): full at X, then partial at the same X with any C1
+"""Partial exactness (docs/design.md §3): full at X, then partial at the same X with any C1
 subsets: the C1 tokens' features equal the full features at those tokens."""
 
 import pytest

@@ -10,8 +10,8 @@ The class is carried by the SHAPE only: the foreground colour is a random bright
 hue for every image (independent of the class), so a classifier cannot score by colour and
 classifier accuracy on model samples measures whether the shape came out right.
 
-Design notes (see DESIGN.md section 4): shapes near the centre learn much faster
-than shapes anywhere; thin parts learn slowly, so the plus has thick arms and the
+Design notes (measured on the first training runs of the reference model): shapes near
+the centre learn much faster than shapes anywhere; thin parts learn slowly, so the plus has thick arms and the
 ring is wide.
 """
 from __future__ import annotations

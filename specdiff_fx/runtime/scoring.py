@@ -1,4 +1,4 @@
-"""SpecDiff token scoring and classification (DESIGN.md §1), as pure tensor functions.
+"""SpecDiff token scoring and classification (docs/design.md §1), as pure tensor functions.
 
 score_i = his_i · fut_i · exp(λ · cached_count_i), with ``his`` and ``fut`` normalised to
 mean 1 per batch element so neither scale dominates.  C1 (compute) is the top ``k`` by
