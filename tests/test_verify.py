@@ -100,3 +100,16 @@ def test_backend_falls_back_loudly_instead_of_failing_at_step_n(monkeypatch):
         warnings.simplefilter("ignore")
         expected = run_steps(case, case.model, [1000.0, 800.0, 600.0])
     torch.testing.assert_close(outs, expected)
+
+
+def test_builders_raise_the_projects_unsupported_error(capture):
+    """A builder that cannot proceed raises TokenAxisError (a fallback reason), not ValueError."""
+    from specdiff_fx.passes.token_axis import TokenAxisError
+    from specdiff_fx.passes.token_variants import build_token_record_variant
+
+    case = build_tiny("dit")
+    gm, _ = capture(case.model, case.make_inputs(batch=2))
+    region = analyze_token_axis(gm)
+    region.sites = []
+    with pytest.raises(TokenAxisError, match="no self/joint attention site"):
+        build_token_record_variant(gm, region)

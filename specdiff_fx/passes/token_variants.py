@@ -26,7 +26,7 @@ import torch.fx as fx
 from . import token_ops
 from .graph_copy import add_static_input, copy_graph_module, recompile, tag_inserted
 from .graph_queries import tensor_meta
-from .token_axis import IMAGE, N, TokenAxis, TokenRegion
+from .token_axis import IMAGE, N, TokenAxis, TokenAxisError, TokenRegion
 from .variant_inputs import VariantInput
 
 INDEX, REUSE_MASK, MIX_WEIGHTS = "index", "reuse_mask", "mix_weights"
@@ -40,7 +40,7 @@ TAG_WRITE, TAG_INPUT = "cache_write", "token_cache_input"
 def _meta(node: fx.Node):
     meta = tensor_meta(node)
     if meta is None:
-        raise ValueError(f"{node.name} has no tensor metadata")
+        raise TokenAxisError(f"{node.format_node()}: no tensor metadata")
     return meta
 
 
@@ -60,7 +60,7 @@ def _image_segment(layout: TokenAxis, n: int) -> tuple[int, int]:
         if kind == IMAGE:
             return offset, n
         offset += int(sympy.sympify(size).subs(N, n))
-    raise ValueError("layout has no image segment")
+    raise TokenAxisError(f"attention keys with layout {layout.segments} have no image segment")
 
 
 def _record_sites(out: fx.GraphModule, region: TokenRegion, write_kv: bool, query_stride: int = 1):
@@ -89,7 +89,8 @@ def _record_sites(out: fx.GraphModule, region: TokenRegion, write_kv: bool, quer
 
 def _record_importance(out: fx.GraphModule, region: TokenRegion, received: list[fx.Node]):
     if not received:
-        raise ValueError("no self/joint attention site to score tokens with")
+        raise TokenAxisError("no self/joint attention site whose attention map scores the image tokens "
+                             f"(sites: {[s.node for s in region.sites]})")
     exit_node = next(n for n in out.graph.nodes if n.name == region.exit)
     batch = _meta(exit_node).shape[0]
     spec, buf = _spec(out, "specdiff_importance", IMPORTANCE, (batch, region.num_tokens), torch.float32,
