@@ -14,8 +14,12 @@ from specdiff_fx.bench.metrics import peak_memory_mb, ssim
 from specdiff_fx.bench.plot import pareto_front, pareto_plot
 
 EXPECTED_LABELS = [
-    "baseline", "specdiff cr=0.5", "specdiff cr=0.7", "specdiff cr=0.8", "fora interval=2", "fora interval=3",
-    "diffusers-firstblockcache", "diffusers-taylorseer", "diffusers-magcache", "cache-dit-dbcache",
+    "baseline", "specdiff cr=0.5", "specdiff cr=0.7", "specdiff cr=0.8", "specdiff-forecast cr=0.7",
+    "specdiff-forecast cr=0.5 every=2", "fora interval=2", "fora interval=3", "taylor interval=4",
+    "taylor interval=5", "taylor interval=4 order=2", "taylor-lite interval=5", "taylor-lite interval=6",
+    "taylor-lite interval=7", "diffusers-firstblockcache", "diffusers-taylorseer", "diffusers-taylorseer-lite",
+    "diffusers-taylorseer interval=5", "diffusers-taylorseer-lite interval=5", "diffusers-magcache",
+    "cache-dit-dbcache", "cache-dit-dbcache-taylorseer", "cache-dit-dbcache-taylorseer skip=0.75",
 ]
 REQUIRED = ("method", "config", "speedup", "psnr", "ssim", "accuracy", "fd", "peak_mem_mb", "compile_s",
             "recompiles")
@@ -62,8 +66,12 @@ def test_quick_bench_cli_writes_every_row(tmp_path, capsys):
     # the schedules that do not depend on data skip what they say
     assert by_label["fora interval=2"]["full_steps"] == 4  # warm-up 0, 1, then every 2nd: 2, 4
     assert by_label["diffusers-taylorseer"]["full_steps"] == 4  # 0,1,2 warm-up, then 4
-    for label in ("specdiff cr=0.5", "specdiff cr=0.7", "specdiff cr=0.8"):
+    for label in ("specdiff cr=0.5", "specdiff cr=0.7", "specdiff cr=0.8", "specdiff-forecast cr=0.7",
+                  "specdiff-forecast cr=0.5 every=2"):
         assert by_label[label]["partial_steps"] > 0 and by_label[label]["info"].get("fallback") is None
+    for label in EXPECTED_LABELS:
+        if label.startswith("taylor"):  # warm-up 0, 1, 2 and the first interval step 3; 4 and 5 forecast
+            assert by_label[label]["full_steps"] == 4 and by_label[label]["info"].get("fallback") is None
     for label in ("diffusers-firstblockcache", "cache-dit-dbcache"):
         if by_label[label]["status"] == "ok":
             assert "auto" in by_label[label]["config"] and by_label[label]["info"]["threshold"] > 0

@@ -155,14 +155,31 @@ def build_first_block_cache(wl: Workload) -> Prepared:
 
 
 # ----------------------------------------------------------------------------- diffusers: TaylorSeer
-def build_taylorseer(wl: Workload) -> Prepared:
+def build_taylorseer(wl: Workload, interval: int | None = None, lite: bool = False) -> Prepared:
+    """diffusers' TaylorSeer hook (order 1).  ``lite``: diffusers' lite mode, which skips whole
+    blocks and forecasts only the output projection (its patterns override ours)."""
     from diffusers.hooks import TaylorSeerCacheConfig, apply_taylorseer_cache
 
     t = _transformer_copy(wl)
-    interval = int(wl.options.get("taylorseer_interval", 3))
+    interval = int(wl.options.get("taylorseer_interval", 3)) if interval is None else interval
     before = min(3, max(1, wl.num_steps - 1))  # the library default (3), fewer on tiny runs
+    patterns = dict(cache_identifiers=TAYLORSEER_IDENTIFIERS)
+    what = "attn, ff, ff_context per block"
+    if lite and _last_block_is_context_pre_only(t):
+        # diffusers' lite mode records every block's outputs to return zeros of their shape, and
+        # SD3's last block returns no text stream (None): lite mode fails on it. The same
+        # recipe with explicit patterns: blocks 0..L-2 return zeros at forecast steps, proj_out
+        # is forecast, the last block still runs (on zeros; its output is replaced anyway).
+        last = len(t.transformer_blocks) - 1
+        patterns = dict(skip_predict_identifiers=[rf"transformer_blocks\.({'|'.join(map(str, range(last)))})"],
+                        cache_identifiers=[r"proj_out"])
+        lite = False
+        what = "lite recipe: blocks 0..L-2 skipped, proj_out forecast (diffusers' lite mode fails on SD3's last block)"
+    elif lite:
+        patterns = {}
+        what = "lite mode: blocks skipped, proj_out forecast"
     config = TaylorSeerCacheConfig(cache_interval=interval, disable_cache_before_step=before, max_order=1,
-                                   taylor_factors_dtype=torch.float32, cache_identifiers=TAYLORSEER_IDENTIFIERS)
+                                   taylor_factors_dtype=torch.float32, use_lite_mode=lite, **patterns)
     apply_taylorseer_cache(t, config)
     hooks = _hooks(t, "TaylorSeerCacheHook")
     if not hooks:
@@ -176,7 +193,7 @@ def build_taylorseer(wl: Workload) -> Prepared:
         counts.full += state.last_update_step == state.current_step
 
     prepared = Prepared(t, (f"cache_interval={interval} disable_cache_before_step={before} max_order=1 "
-                            f"factors=float32; {len(hooks)} modules (attn, ff, ff_context per block)"),
+                            f"factors=float32; {len(hooks)} modules ({what})"),
                         sample_context=_diffusers_context(t), callback=callback, counts=lambda: copy.copy(counts))
     return _compiled(wl, t, prepared, "hooks call torch.compiler.disable'd code")
 
@@ -250,15 +267,20 @@ def quiet_cache_dit() -> contextlib.AbstractContextManager:
     return quiet_logs(*names)
 
 
-def build_dbcache(wl: Workload) -> Prepared:
+def build_dbcache(wl: Workload, calibrator: bool = False, skip_target: float | None = None) -> Prepared:
+    """cache-dit's DBCache (F1B0).  ``calibrator``: with its TaylorSeer calibrator (order 1), its
+    strongest documented setting: cached steps forecast the residual instead of reusing it."""
     cache_dit = _import_cache_dit()
-    from cache_dit import BlockAdapter, DBCacheConfig, ForwardPattern
+    from cache_dit import BlockAdapter, DBCacheConfig, ForwardPattern, TaylorSeerCalibratorConfig
 
     t = _transformer_copy(wl)
     warmup = min(8, max(1, wl.num_steps // 7))  # cache-dit's default is 8 (for 28-50 steps)
 
+    # cache-dit 1.5.3's TaylorSeer calibrator reads the Bn residual: it needs Bn_compute_blocks >= 1
+    back = 1 if calibrator else 0
+
     def config(threshold: float) -> DBCacheConfig:
-        return DBCacheConfig(Fn_compute_blocks=1, Bn_compute_blocks=0, residual_diff_threshold=threshold,
+        return DBCacheConfig(Fn_compute_blocks=1, Bn_compute_blocks=back, residual_diff_threshold=threshold,
                              max_warmup_steps=warmup, num_inference_steps=wl.num_steps)
 
     current = {"config": config(0.08)}
@@ -266,7 +288,8 @@ def build_dbcache(wl: Workload) -> Prepared:
         cache_dit.enable_cache(
             BlockAdapter(transformer=t, blocks=t.transformer_blocks, forward_pattern=ForwardPattern.Pattern_1,
                          check_forward_pattern=True),
-            cache_config=current["config"])
+            cache_config=current["config"],
+            calibrator_config=TaylorSeerCalibratorConfig(taylorseer_order=1) if calibrator else None)
     counts = StepCounts()
 
     @contextlib.contextmanager
@@ -286,7 +309,7 @@ def build_dbcache(wl: Workload) -> Prepared:
     threshold = _threshold_option(wl, "dbcache_threshold", AUTO)
     tuned = ""
     if threshold == AUTO:
-        target_share = wl.options.get("skip_target", 0.5)
+        target_share = wl.options.get("skip_target", 0.5) if skip_target is None else skip_target
 
         def evaluate(th: float) -> float:
             current["config"] = config(th)
@@ -295,16 +318,37 @@ def build_dbcache(wl: Workload) -> Prepared:
         threshold, share = auto_threshold(evaluate, target_share)
         tuned = f" (auto: skipped {share:.0%} of calibration steps, target {target_share:.0%})"
     current["config"] = config(threshold)
-    prepared.config = (f"F1B0 residual_diff_threshold={_fmt(threshold)}{tuned} max_warmup_steps={warmup}; "
+    prepared.config = (f"F1B{back} residual_diff_threshold={_fmt(threshold)}{tuned} max_warmup_steps={warmup}"
+                       f"{' calibrator=TaylorSeer(order 1)' if calibrator else ''}; "
                        f"cache-dit {getattr(cache_dit, '__version__', '?')}")
     prepared.info = lambda: {"threshold": threshold}
     return _compiled(wl, t, prepared, "cache-dit's cached blocks break the graph")
 
 
-def anchor_methods() -> list[Method]:
-    return [
+def anchor_methods(taylorseer_intervals: tuple[int, ...] = (), fast_skip_target: float | None = None) -> list[Method]:
+    """The anchor rows.  ``taylorseer_intervals``: extra diffusers-TaylorSeer rows (full and lite)
+    at these intervals; ``fast_skip_target``: an extra DBCache+TaylorSeer row tuned to skip this
+    share of steps (to reach our speeds where its knobs allow)."""
+    methods = [
         Method("diffusers-firstblockcache", "diffusers-firstblockcache", "diffusers", build_first_block_cache),
         Method("diffusers-taylorseer", "diffusers-taylorseer", "diffusers", build_taylorseer),
+        Method("diffusers-taylorseer-lite", "diffusers-taylorseer-lite", "diffusers",
+               lambda wl: build_taylorseer(wl, lite=True)),
+    ]
+    for iv in taylorseer_intervals:
+        methods += [
+            Method("diffusers-taylorseer", f"diffusers-taylorseer interval={iv}", "diffusers",
+                   lambda wl, iv=iv: build_taylorseer(wl, interval=iv)),
+            Method("diffusers-taylorseer-lite", f"diffusers-taylorseer-lite interval={iv}", "diffusers",
+                   lambda wl, iv=iv: build_taylorseer(wl, interval=iv, lite=True)),
+        ]
+    methods += [
         Method("diffusers-magcache", "diffusers-magcache", "diffusers", build_magcache),
         Method("cache-dit-dbcache", "cache-dit-dbcache", "cache-dit", build_dbcache),
+        Method("cache-dit-dbcache-taylorseer", "cache-dit-dbcache-taylorseer", "cache-dit",
+               lambda wl: build_dbcache(wl, calibrator=True)),
     ]
+    if fast_skip_target is not None:
+        methods.append(Method("cache-dit-dbcache-taylorseer", f"cache-dit-dbcache-taylorseer skip={fast_skip_target:g}",
+                              "cache-dit", lambda wl: build_dbcache(wl, calibrator=True, skip_target=fast_skip_target)))
+    return methods

@@ -53,6 +53,15 @@ def _ints(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x.strip()]
 
 
+def _pairs(text: str) -> list[tuple[float, int]]:
+    pairs = []
+    for item in text.split(","):
+        if item.strip():
+            ratio, _, every = item.partition(":")
+            pairs.append((float(ratio), int(every or 1)))
+    return pairs
+
+
 def _threshold(text: str):
     return text if text == "auto" else float(text)
 
@@ -85,6 +94,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     m.add_argument("--cache-ratios", type=_floats, default=[0.5, 0.7, 0.8],
                    help="specdiff cache ratios (default 0.5,0.7,0.8; 0.7 is the library default)")
     m.add_argument("--fora-intervals", type=_ints, default=[2, 3], help="fora intervals (default 2,3)")
+    m.add_argument("--taylor-intervals", type=_ints, default=[4, 5],
+                   help="taylor (order 1, every branch) intervals (default 4,5)")
+    m.add_argument("--taylor2-intervals", type=_ints, default=[4],
+                   help="taylor order-2 intervals (default 4)")
+    m.add_argument("--lite-intervals", type=_ints, default=[5, 6, 7],
+                   help="taylor lite (one residual per stream) intervals (default 5,6,7)")
+    m.add_argument("--taylor-tolerances", type=_floats, default=[],
+                   help="taylor rows with a probe tolerance (interval = the largest --taylor-intervals)")
+    m.add_argument("--specdiff-forecast", type=_pairs, default=[(0.7, 1), (0.5, 2)],
+                   help="token-level SpecDiff with forecasting, as cache_ratio:partial_every pairs "
+                        "(default 0.7:1,0.5:2)")
+    m.add_argument("--taylorseer-intervals", type=_ints, default=[5],
+                   help="extra diffusers-TaylorSeer rows (full and lite) at these intervals (default 5)")
+    m.add_argument("--fast-skip-target", type=float, default=0.75,
+                   help="extra cache-dit DBCache+TaylorSeer row tuned to skip this share of steps (default 0.75)")
     m.add_argument("--skip-target", type=float, default=0.5,
                    help="auto thresholds: smallest threshold that skips this share of calibration steps (default 0.5)")
     m.add_argument("--fbc-threshold", type=_threshold, default="auto", help="FirstBlockCache threshold or 'auto'")
@@ -120,12 +144,18 @@ def _resolve(args: argparse.Namespace) -> argparse.Namespace:
 # ----------------------------------------------------------------------------- methods
 def all_methods(args: argparse.Namespace) -> list[Method]:
     from .anchors import anchor_methods
-    from .methods import baseline_method, fora_method, specdiff_method
+    from .methods import baseline_method, fora_method, specdiff_forecast_method, specdiff_method, taylor_method
 
     methods = [baseline_method()]
     methods += [specdiff_method(cr) for cr in args.cache_ratios]
+    methods += [specdiff_forecast_method(cr, every) for cr, every in args.specdiff_forecast]
     methods += [fora_method(iv) for iv in args.fora_intervals]
-    methods += anchor_methods()
+    methods += [taylor_method(iv) for iv in args.taylor_intervals]
+    methods += [taylor_method(iv, order=2) for iv in args.taylor2_intervals]
+    methods += [taylor_method(iv, lite=True) for iv in args.lite_intervals]
+    if args.taylor_intervals:
+        methods += [taylor_method(max(args.taylor_intervals), tolerance=tol) for tol in args.taylor_tolerances]
+    methods += anchor_methods(tuple(args.taylorseer_intervals), args.fast_skip_target)
     return methods
 
 

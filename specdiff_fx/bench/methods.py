@@ -143,3 +143,22 @@ def specdiff_method(cache_ratio: float) -> Method:
 def fora_method(interval: int, warmup_steps: int = 2) -> Method:
     return _backend_method("fora", f"fora interval={interval}", f"interval={interval} warmup={warmup_steps}",
                            policy="fora", interval=interval, warmup_steps=warmup_steps)
+
+
+def taylor_method(interval: int, order: int = 1, warmup_steps: int = 3, tolerance: float | None = None,
+                  lite: bool = False) -> Method:
+    name = "taylor-lite" if lite else "taylor"
+    label = f"{name} interval={interval}" + (f" order={order}" if order != 1 else "") + \
+        (f" tol={tolerance:g}" if tolerance is not None else "")
+    config = f"interval={interval} order={order} warmup={warmup_steps}" + (" lite (one residual per stream)" if lite else "") + \
+        (f" tolerance={tolerance:g} (probe: first block)" if tolerance is not None else "")
+    return _backend_method(name, label, config, policy="taylor", interval=interval, taylor_order=order,
+                           warmup_steps=warmup_steps, tolerance=tolerance, lite=lite)
+
+
+def specdiff_forecast_method(cache_ratio: float, partial_every: int = 1) -> Method:
+    """Token-level SpecDiff whose uncomputed tokens follow their own forecast (c3="forecast")."""
+    label = f"specdiff-forecast cr={cache_ratio:g}" + (f" every={partial_every}" if partial_every != 1 else "")
+    config = f"cache_ratio={cache_ratio:g} c3=forecast c2_share=0 partial_every={partial_every}"
+    return _backend_method("specdiff-forecast", label, config, policy="specdiff", cache_ratio=cache_ratio,
+                           c3="forecast", c2_share=0.0, partial_every=partial_every)
