@@ -30,7 +30,8 @@ class SpecDiffConfig:
                    record per-branch finite differences, cached steps *forecast* every branch
                    as ``F + k·ΔF (+ k²/2·Δ²F)``).
     warmup_steps:  full steps at the start of each trajectory (default per policy).
-    interval:      fora: after warm-up, one full step every ``interval`` steps (1 = all full).
+    interval:      fora/taylor: after warm-up, one full step every ``interval`` steps (1 = all
+                   full; 0 = no periodic full steps: warm-up and ``reset_steps`` only).
     reset_steps:   extra steps that are always full (default per policy).
     cache_ratio:   specdiff: share of image tokens *not* computed at partial steps
                    (C2 + C3); the computed subset has k = round((1 - cache_ratio) * N).
@@ -104,8 +105,9 @@ class SpecDiffConfig:
             raise ValueError(
                 f"SpecDiffConfig.warmup_steps must be >= 1 (step 0 fills the caches), got {self.warmup_steps}"
             )
-        if self.interval < 1:
-            raise ValueError(f"SpecDiffConfig.interval must be >= 1, got {self.interval}")
+        if self.interval < 0:
+            raise ValueError(f"SpecDiffConfig.interval must be >= 0 (0: warm-up and reset steps only), "
+                             f"got {self.interval}")
         reset = tuple(self.reset_steps)
         if any(not isinstance(s, int) or s < 0 for s in reset):
             raise ValueError(f"SpecDiffConfig.reset_steps must be non-negative ints, got {self.reset_steps!r}")

@@ -17,7 +17,7 @@ FAMILIES = ["dit", "pixart", "sd3", "flux", "unet"]
 @pytest.mark.parametrize("bad,match", [
     (dict(policy="nope"), "policy"),
     (dict(compiler="tvm"), "compiler"),
-    (dict(interval=0), "interval"),
+    (dict(interval=-1), "interval"),
     (dict(warmup_steps=0), "warmup_steps"),
     (dict(cache_ratio=1.0), "cache_ratio"),
     (dict(c2_share=-0.1), "c2_share"),

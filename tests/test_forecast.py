@@ -387,3 +387,12 @@ def test_lite_and_probe_are_exclusive():
 
     with pytest.raises(ValueError, match="lite"):
         SpecDiffConfig(policy="taylor", lite=True, tolerance=0.1)
+
+
+def test_interval_zero_means_warmup_and_reset_steps_only():
+    case = build_tiny("dit")
+    model, _ = compile_with(case.model, policy="taylor", compiler="eager", lite=True, warmup_steps=2,
+                            interval=0, reset_steps=(5, 8))
+    run_steps(case, model, TIMESTEPS_10)
+    plan = [e["calls"][0] for e in get_runtime(model).stats()["plan"]]
+    assert [i for i, kind in enumerate(plan) if kind == "full"] == [0, 1, 5, 8]
