@@ -53,6 +53,8 @@ def test_quick_run_times_every_kind(tmp_path):
         assert row["ms"] > 0 and row["share"] > 0, kind
         assert row["peak_mem_mb"] is not None and row["peak_mem_mb"] > 0, kind
     assert result["kinds"]["specdiff_partial_cr0.8"]["ideal_share"] == pytest.approx(13 / 64)
+    # SD3 joint attention: the 8 text tokens are computed at partial steps too
+    assert result["kinds"]["specdiff_partial_cr0.8"]["token_share"] == pytest.approx((13 + 8) / (64 + 8))
     assert set(result["schedule"]) == {"fora", "specdiff_cr0.5", "specdiff_cr0.8", "specdiff_cr0.9"}
     written = json.loads((tmp_path / "s.json").read_text())
     assert written["model"]["image_tokens"] == 64 and written["batch"] == 2

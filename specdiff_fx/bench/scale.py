@@ -375,6 +375,10 @@ def run_scale(args: argparse.Namespace, log: Callable[[str], None] = print) -> d
                    "times_ms": times[kind], "plain_times_ms": times["plain"], "group": name}
             if not args.no_memory:
                 row["peak_mem_mb"] = peak_memory_mb(fn, device, group.held_bytes + _param_bytes(case.model))
+            if kind.startswith("specdiff_partial") and "subset_tokens" in group.info:
+                # joint attention computes every text token too: the share of tokens computed
+                text = 0 if case.family == "pixart-sigma" else case.text_tokens
+                row["token_share"] = (group.info["subset_tokens"] + text) / (case.image_tokens + text)
             result["kinds"][kind] = row
             log(f"  {kind:28s} {ms:9.2f} ms  share {ms / plain_ms:5.3f}  (ideal {group.ideal[kind]:.2f}, "
                 f"plain {plain_ms:.2f} ms)")
@@ -458,13 +462,14 @@ def scale_plot(result: dict, path: str) -> None:
 
 
 def format_table(result: dict) -> str:
-    lines = ["| step kind | ms | share of plain | compute share | peak MiB |", "|---|---|---|---|---|"]
+    lines = ["| step kind | ms | share of plain | compute share (image tokens) | token share (with text) | peak MiB |",
+             "|---|---|---|---|---|---|"]
     for kind, row in result["kinds"].items():
-        mem = row.get("peak_mem_mb")
+        mem, tokens = row.get("peak_mem_mb"), row.get("token_share")
         lines.append(f"| {kind} | {row['ms']:.2f} | {row['share']:.3f} | {row['ideal_share']:.2f} | "
-                     f"{'-' if mem is None else f'{mem:.0f}'} |")
+                     f"{'-' if tokens is None else f'{tokens:.3f}'} | {'-' if mem is None else f'{mem:.0f}'} |")
     for name, row in result.get("schedule", {}).items():
-        lines.append(f"| 28-step {name} | | speed-up {row['speedup']:.2f}x | ideal {row['ideal_speedup']:.2f}x | |")
+        lines.append(f"| 28-step {name} | | speed-up {row['speedup']:.2f}x | ideal {row['ideal_speedup']:.2f}x | | |")
     return "\n".join(lines)
 
 
