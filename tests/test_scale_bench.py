@@ -50,7 +50,7 @@ def test_quick_run_times_every_kind(tmp_path):
                 "specdiff_partial_cr0.5", "specdiff_partial_cr0.8", "specdiff_partial_cr0.9"}
     assert set(result["kinds"]) == expected
     for kind, row in result["kinds"].items():
-        assert row["ms"] > 0 and row["share"] > 0, kind
+        assert row["ms"] > 0 and row["share"] > 0 and row["share_paired"] > 0, kind
         assert row["peak_mem_mb"] is not None and row["peak_mem_mb"] > 0, kind
     assert result["kinds"]["specdiff_partial_cr0.8"]["ideal_share"] == pytest.approx(13 / 64)
     # SD3 joint attention: the 8 text tokens are computed at partial steps too

@@ -371,7 +371,10 @@ def run_scale(args: argparse.Namespace, log: Callable[[str], None] = print) -> d
         for kind, fn in group.kinds.items():
             ms = statistics.median(times[kind])
             shares[kind] = ms / plain_ms
-            row = {"ms": ms, "share": ms / plain_ms, "ideal_share": group.ideal[kind], "plain_ms": plain_ms,
+            # per-round ratio (same round, adjacent in time): robust to load drift on shared machines
+            paired = statistics.median(t / p for t, p in zip(times[kind], times["plain"]))
+            row = {"ms": ms, "share": ms / plain_ms, "share_paired": paired, "ideal_share": group.ideal[kind],
+                   "plain_ms": plain_ms,
                    "times_ms": times[kind], "plain_times_ms": times["plain"], "group": name}
             if not args.no_memory:
                 row["peak_mem_mb"] = peak_memory_mb(fn, device, group.held_bytes + _param_bytes(case.model))
@@ -380,9 +383,9 @@ def run_scale(args: argparse.Namespace, log: Callable[[str], None] = print) -> d
                 text = 0 if case.family == "pixart-sigma" else case.text_tokens
                 row["token_share"] = (group.info["subset_tokens"] + text) / (case.image_tokens + text)
             result["kinds"][kind] = row
-            log(f"  {kind:28s} {ms:9.2f} ms  share {ms / plain_ms:5.3f}  (ideal {group.ideal[kind]:.2f}, "
+            log(f"  {kind:28s} {ms:9.2f} ms  share {ms / plain_ms:5.3f} (paired {paired:5.3f})  (ideal {group.ideal[kind]:.2f}, "
                 f"plain {plain_ms:.2f} ms)")
-        result["kinds"].setdefault("plain", {"ms": plain_ms, "share": 1.0, "ideal_share": 1.0,
+        result["kinds"].setdefault("plain", {"ms": plain_ms, "share": 1.0, "share_paired": 1.0, "ideal_share": 1.0,
                                              "times_ms": times["plain"]})
         if not args.no_memory and "peak_mem_mb" not in result["kinds"]["plain"]:
             result["kinds"]["plain"]["peak_mem_mb"] = peak_memory_mb(plain_fn, device, _param_bytes(case.model))
@@ -462,14 +465,16 @@ def scale_plot(result: dict, path: str) -> None:
 
 
 def format_table(result: dict) -> str:
-    lines = ["| step kind | ms | share of plain | compute share (image tokens) | token share (with text) | peak MiB |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| step kind | ms | share of plain | share, paired rounds | compute share (image tokens) | "
+             "token share (with text) | peak MiB |", "|---|---|---|---|---|---|---|"]
     for kind, row in result["kinds"].items():
         mem, tokens = row.get("peak_mem_mb"), row.get("token_share")
-        lines.append(f"| {kind} | {row['ms']:.2f} | {row['share']:.3f} | {row['ideal_share']:.2f} | "
+        paired = row.get("share_paired")
+        lines.append(f"| {kind} | {row['ms']:.2f} | {row['share']:.3f} | "
+                     f"{'-' if paired is None else f'{paired:.3f}'} | {row['ideal_share']:.2f} | "
                      f"{'-' if tokens is None else f'{tokens:.3f}'} | {'-' if mem is None else f'{mem:.0f}'} |")
     for name, row in result.get("schedule", {}).items():
-        lines.append(f"| 28-step {name} | | speed-up {row['speedup']:.2f}x | ideal {row['ideal_speedup']:.2f}x | | |")
+        lines.append(f"| 28-step {name} | | speed-up {row['speedup']:.2f}x | | ideal {row['ideal_speedup']:.2f}x | | |")
     return "\n".join(lines)
 
 
