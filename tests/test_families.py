@@ -112,6 +112,11 @@ def test_specdiff_partial_exactness(family, capture):
     written = bufs[[s.input_name for s in specs].index("specdiff_history_2")]
     rows = torch.arange(2).unsqueeze(1)
     torch.testing.assert_close(written[rows, index], full_features[rows, index], rtol=1e-5, atol=1e-5)
+    # the other tokens came from the (garbage) history: they really were not recomputed
+    others = torch.ones(2, region.num_tokens, dtype=torch.bool)
+    others[rows, index] = False
+    torch.testing.assert_close(written[others], garbage[0][others])
+    assert region.sites and len(region.region) > 20     # the blocks are in the region
 
 
 @pytest.mark.parametrize("family", SPECDIFF_OK)
