@@ -127,7 +127,9 @@ class SpecDiffBackend:
             )
         if inputs.timestep_index is None:
             raise UnsupportedGraph(
-                "no timestep input found (set SpecDiffConfig.timestep_input to its name)"
+                "no timestep input found (set SpecDiffConfig.timestep_input to its name; if the model's "
+                "code breaks the graph, e.g. .tolist()/.item()/.cpu() in diffusers, the blocks run in a "
+                "frame that never sees the timestep: torch._dynamo.explain(model)(**inputs) shows where)"
             )
         branches = find_residual_branches(gm)
         if not branches:
