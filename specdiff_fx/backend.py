@@ -32,7 +32,13 @@ from .passes.forecast_variants import (
     build_forecast_variant,
     lite_targets,
 )
-from .passes.collectives import has_collectives, prune_dead_collectives
+from .passes.collectives import (
+    has_collectives,
+    has_rank_partials,
+    output_group,
+    prune_dead_collectives,
+    reduce_rank_partials,
+)
 from .passes.token_axis import TokenAxisError, analyze_token_axis
 from .passes.token_forecast import build_token_forecast_variant, forecast_residuals
 from .passes.verify import VariantVerificationError, output_signature, verify_variant, with_fake_values
@@ -100,8 +106,8 @@ class SpecDiffBackend:
     def __call__(self, gm: fx.GraphModule, example_inputs: Sequence[Any], **_: Any) -> Callable:
         try:
             runtime = self.build_runtime(gm, example_inputs)
-            # inspection sees the variants as compiled (see _without_dead_collectives)
-            runtime.graphs = {name: g if name == "original" else _without_dead_collectives(g)
+            # inspection sees the variants as compiled (see _for_context_parallel)
+            runtime.graphs = {name: g if name == "original" else _for_context_parallel(g)
                               for name, g in runtime.graphs.items()}
         except UnsupportedGraph as exc:
             runtime = self._fallback(gm, example_inputs, str(exc))
@@ -182,7 +188,7 @@ class SpecDiffBackend:
             schedule=FullStepSchedule(cfg.warmup_steps, cfg.interval or None, cfg.reset_steps),
             order=cfg.taylor_order,
             variable=cfg.forecast_variable,
-            tolerance=_tolerance_for(gm, cfg.tolerance),
+            tolerance=_tolerance_for(gm, cfg.tolerance, forecast),
             probe=cfg.probe,
             info={"branches": len(branches), "branch_kinds": count_kinds(branches),
                   "forecast_targets": len(targets), "probe_branches": len(probe)},
@@ -258,7 +264,7 @@ class SpecDiffBackend:
         )
 
     def compile(self, gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable:
-        gm = _without_dead_collectives(gm)
+        gm = _for_context_parallel(gm)
         if self.config.compiler == "eager":
             return gm
         from torch._inductor.compile_fx import compile_fx
@@ -298,18 +304,31 @@ def _verify(name: str, graph: fx.GraphModule, examples: Sequence[Any], expected)
         raise UnsupportedGraph(f"the {name} variant failed build-time verification at {exc}") from exc
 
 
-def _without_dead_collectives(gm: fx.GraphModule) -> fx.GraphModule:
-    """Under context parallelism, a variant that drops branch bodies must drop their
-    collectives too: ``wait_tensor`` is impure, so dead-code elimination keeps them (and
-    the projections feeding them).  Structural, so every rank drops the same ones."""
-    return prune_dead_collectives(gm) if has_collectives(gm) else gm
+def _for_context_parallel(gm: fx.GraphModule) -> fx.GraphModule:
+    """A variant as it runs under context parallelism (unchanged without collectives).
+
+    Rank-local partials (a probe's sums over this rank's tokens) are all-reduced over the
+    group that gathers the output, so a decision reads the same value on every rank.  A
+    variant that drops branch bodies drops their collectives too: ``wait_tensor`` is impure,
+    so dead-code elimination keeps them (and the projections feeding them).  Both changes
+    are structural, so every rank makes the same ones.
+    """
+    if not has_collectives(gm):
+        return gm
+    group = output_group(gm)
+    if group is not None and has_rank_partials(gm):
+        gm = reduce_rank_partials(gm, group)
+    return prune_dead_collectives(gm)
 
 
-def _tolerance_for(gm: fx.GraphModule, tolerance: float | None) -> float | None:
-    """The forecast tolerance, off under context parallelism: each rank's probe measures
-    only its own shard, and a rank that refreshed alone would issue collectives the others
-    do not (a hang).  The timestep-only schedule stays, identical on every rank."""
+def _tolerance_for(gm: fx.GraphModule, tolerance: float | None, forecast: fx.GraphModule) -> float | None:
+    """The forecast tolerance under context parallelism: kept when the probe's error sums are
+    marked rank-local partials (then all-reduced, see _for_context_parallel), else off --
+    each rank's probe sees only its shard, and a rank that refreshed alone would issue
+    collectives the others do not (a hang)."""
     if tolerance is None or not has_collectives(gm):
+        return tolerance
+    if output_group(gm) is not None and has_rank_partials(forecast):
         return tolerance
     warnings.warn("specdiff: tolerance is off under context parallelism (per-rank probe errors would "
                   "desync the ranks); the fixed schedule stays", RuntimeWarning, stacklevel=2)

@@ -39,6 +39,7 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
+from .collectives import RANK_PARTIAL
 from .graph_copy import (
     add_static_input,
     copy_graph_module,
@@ -218,6 +219,8 @@ def build_forecast_variant(
             den = r if den is None else probe(operator.add, den, r)
             last = consumer
     if num is not None:
+        # sums over this rank's tokens: under context parallelism they are all-reduced first
+        num.meta[RANK_PARTIAL] = den.meta[RANK_PARTIAL] = "sum"
         with g_.inserting_before(den.next):
             safe = _call(g_, torch.clamp_min, (den, 1e-12), last, FORECAST_PROBE_TAG)
             rel = _call(g_, operator.truediv, (num, safe), last, FORECAST_PROBE_TAG)
