@@ -436,8 +436,9 @@ def scale_plot(result: dict, path: str) -> None:
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
 
-    kinds = [k for k in result["kinds"]]
-    measured = [result["kinds"][k]["share"] for k in kinds]
+    kinds = sorted(result["kinds"], key=lambda k: (k != "plain", k))
+    # the paired share (same-round ratio) where the run has it: robust to load drift
+    measured = [result["kinds"][k].get("share_paired", result["kinds"][k]["share"]) for k in kinds]
     ideal = [result["kinds"][k]["ideal_share"] for k in kinds]
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(12, 4.5), gridspec_kw={"width_ratios": [3, 1.4]})
     xs = range(len(kinds))
