@@ -27,8 +27,10 @@ class SpecDiffConfig:
                    residual branch at full steps, reuse every branch output in between),
                    ``"specdiff"`` (token-level: only the most important image tokens are
                    computed at partial steps; see docs/design.md), ``"taylor"`` (full steps
-                   record per-branch finite differences, cached steps *forecast* every branch
-                   as ``F + k·ΔF (+ k²/2·Δ²F)``).
+                   record finite differences, cached steps *forecast* as ``F + k·ΔF (+ k²/2·Δ²F)``;
+                   with ``lite`` one residual per stream, else every branch).  Default:
+                   ``"taylor"`` (lite): the best of our policies at about 3x on the reference
+                   model (README, Results); see docs/forecasting.md.
     warmup_steps:  full steps at the start of each trajectory (default per policy).
     interval:      fora/taylor: after warm-up, one full step every ``interval`` steps (1 = all
                    full; 0 = no periodic full steps: warm-up and ``reset_steps`` only).
@@ -58,7 +60,8 @@ class SpecDiffConfig:
                    full (needs ``probe``; turned on with it).  ``None``: fixed schedule only.
     lite:          taylor: forecast one residual per chain of blocks (``output − input`` of a
                    group of ``group_blocks`` consecutive blocks per stream; None: the whole
-                   stack) instead of every branch: cached steps skip whole blocks.
+                   stack) instead of every branch: cached steps skip whole blocks.  Default
+                   (None): on, unless the probe is asked for (it needs per-branch values).
     group_blocks:  taylor lite: blocks per forecast group (None: one group per stream).
     compiler:      ``"inductor"`` (default) or ``"eager"`` to run the rewritten graphs
                    uncompiled, for fast tests and debugging.
@@ -66,7 +69,7 @@ class SpecDiffConfig:
     timestep_input: substring naming the timestep input if it is not called ``timestep``.
     """
 
-    policy: str = "fora"
+    policy: str = "taylor"
     warmup_steps: int | None = None
     interval: int | None = None
     reset_steps: tuple[int, ...] | None = None
@@ -81,7 +84,7 @@ class SpecDiffConfig:
     taylor_order: int = 1
     forecast_variable: str = "step"
     probe: bool = False
-    lite: bool = False
+    lite: bool | None = None
     group_blocks: int | None = None
     tolerance: float | None = None
     compiler: str = "inductor"
@@ -142,6 +145,10 @@ class SpecDiffConfig:
             object.__setattr__(self, "probe", True)  # the tolerance is checked against the probe
         if self.group_blocks is not None and (not isinstance(self.group_blocks, int) or self.group_blocks < 1):
             raise ValueError(f"SpecDiffConfig.group_blocks must be an int >= 1 or None, got {self.group_blocks!r}")
+        if self.lite is None:
+            object.__setattr__(self, "lite", not self.probe)
+        if not isinstance(self.lite, bool):
+            raise TypeError(f"SpecDiffConfig.lite must be a bool or None, got {self.lite!r}")
         if self.lite and self.probe:
             raise ValueError("SpecDiffConfig: the probe (and tolerance) needs per-branch forecasting; "
                              "set lite=False")
@@ -156,6 +163,8 @@ class SpecDiffConfig:
         unknown = set(changes) - {f.name for f in fields(self)}
         if unknown:
             raise TypeError(f"unknown SpecDiffConfig field(s): {sorted(unknown)}")
+        if "lite" not in changes and not self.probe:  # re-resolved: a probe asked for now turns it off
+            changes["lite"] = None
         if "policy" in changes:  # schedule fields not given follow the new policy's defaults
             for name in ("warmup_steps", "interval", "reset_steps"):
                 changes.setdefault(name, None)

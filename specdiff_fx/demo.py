@@ -1,4 +1,7 @@
-"""Demo: compile the reference MMDiT with specdiff and compare with plain Inductor.
+"""Demo: compile the reference MMDiT with our backend and compare with plain Inductor.
+
+Rows: the default backend (``specdiff_backend``'s configuration), branch reuse (fora) and
+token-level SpecDiff.
 
 Speed is a ratio measured in this process against plain Inductor on the same model,
 threads pinned, warm-up (and compile) excluded, median of repeats; quality is PSNR of
@@ -79,8 +82,11 @@ def run(args: argparse.Namespace) -> int:
     print(f"model: {description}; {args.steps} steps, CFG {args.guidance}, {args.images} images, "
           f"{where}, compiler {args.compiler}")
 
+    default = make_backend(compiler=args.compiler)
+    cfg = default.config
     methods = [
         ("baseline", "plain torch.compile", None),
+        ("default", f"{cfg.policy}{' lite' if cfg.lite else ''} interval={cfg.interval} (specdiff_backend)", default),
         ("fora", f"interval={args.interval}",
          make_backend(policy="fora", interval=args.interval, compiler=args.compiler)),
         ("specdiff", f"cache_ratio={args.cache_ratio}",

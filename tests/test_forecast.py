@@ -192,7 +192,7 @@ def forecast_reference(case, names, timesteps, plan, *, batch=2, seed=0):
 @pytest.mark.parametrize("family", ["dit", "pixart", "sd3"])
 def test_taylor_trajectory_equals_hook_forecast(family):
     case = build_tiny(family)
-    model, _ = compile_with(case.model, policy="taylor", compiler="eager", warmup_steps=2, interval=3)
+    model, _ = compile_with(case.model, policy="taylor", lite=False, compiler="eager", warmup_steps=2, interval=3)
     got = run_steps(case, model, TIMESTEPS_10)
     plan = [e["calls"][0] for e in get_runtime(model).stats()["plan"]]
     assert plan == ["full", "full", "full", "forecast", "forecast", "full", "forecast", "forecast", "full",
@@ -209,7 +209,7 @@ def test_taylor_trajectory_equals_hook_forecast(family):
 def test_taylor_runs_every_family_without_recompiles(family):
     torch._dynamo.utils.counters.clear()
     case = build_tiny(family)
-    model, _ = compile_with(case.model, policy="taylor", compiler="eager", taylor_order=2,
+    model, _ = compile_with(case.model, policy="taylor", lite=False, compiler="eager", taylor_order=2,
                             forecast_variable="timestep")
     plain = run_steps(case, case.model, TIMESTEPS_10)
     for _ in range(3):
@@ -226,7 +226,7 @@ def test_taylor_runs_every_family_without_recompiles(family):
 @pytest.mark.parametrize("family", ["dit", "sd3"])
 def test_taylor_interval_one_is_the_original(family):
     case = build_tiny(family)
-    model, _ = compile_with(case.model, policy="taylor", compiler="eager", interval=1)
+    model, _ = compile_with(case.model, policy="taylor", lite=False, compiler="eager", interval=1)
     assert_all_close(run_steps(case, model, TIMESTEPS_10), run_steps(case, case.model, TIMESTEPS_10))
 
 
@@ -289,6 +289,8 @@ def test_config_validation():
     with pytest.raises(ValueError, match="tolerance"):
         SpecDiffConfig(policy="taylor", tolerance=-1.0)
     assert SpecDiffConfig(policy="taylor", tolerance=0.1).probe
+    assert not SpecDiffConfig(policy="taylor", tolerance=0.1).lite  # lite by default, unless probed
+    assert SpecDiffConfig().policy == "taylor" and SpecDiffConfig().lite
 
 
 # ----------------------------------------------------------------------------- lite
