@@ -62,6 +62,10 @@ def _pairs(text: str) -> list[tuple[float, int]]:
     return pairs
 
 
+def _schedules(text: str) -> list[tuple[int, ...]]:
+    return [tuple(int(x) for x in item.split("-")) for item in text.split(",") if item.strip()]
+
+
 def _threshold(text: str):
     return text if text == "auto" else float(text)
 
@@ -100,6 +104,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="taylor order-2 intervals (default 4)")
     m.add_argument("--lite-intervals", type=_ints, default=[5, 6, 7],
                    help="taylor lite (one residual per stream) intervals (default 5,6,7)")
+    m.add_argument("--lite-schedules", type=_schedules, default=[(5, 10, 15, 20)],
+                   help="taylor lite rows with explicit full steps after the warm-up (0-2), as dash-separated "
+                        "steps, comma-separated rows (default 5-10-15-20)")
     m.add_argument("--taylor-tolerances", type=_floats, default=[],
                    help="taylor rows with a probe tolerance (interval = the largest --taylor-intervals)")
     m.add_argument("--specdiff-forecast", type=_pairs, default=[(0.7, 1), (0.5, 2)],
@@ -153,6 +160,7 @@ def all_methods(args: argparse.Namespace) -> list[Method]:
     methods += [taylor_method(iv) for iv in args.taylor_intervals]
     methods += [taylor_method(iv, order=2) for iv in args.taylor2_intervals]
     methods += [taylor_method(iv, lite=True) for iv in args.lite_intervals]
+    methods += [taylor_method(0, lite=True, reset_steps=steps) for steps in args.lite_schedules]
     if args.taylor_intervals:
         methods += [taylor_method(max(args.taylor_intervals), tolerance=tol) for tol in args.taylor_tolerances]
     methods += anchor_methods(tuple(args.taylorseer_intervals), args.fast_skip_target)

@@ -146,14 +146,16 @@ def fora_method(interval: int, warmup_steps: int = 2) -> Method:
 
 
 def taylor_method(interval: int, order: int = 1, warmup_steps: int = 3, tolerance: float | None = None,
-                  lite: bool = False) -> Method:
+                  lite: bool = False, reset_steps: tuple[int, ...] = ()) -> Method:
+    """Policy taylor; ``interval=0`` with ``reset_steps``: an explicit full-step schedule."""
     name = "taylor-lite" if lite else "taylor"
-    label = f"{name} interval={interval}" + (f" order={order}" if order != 1 else "") + \
+    when = f"full={','.join(map(str, reset_steps))}" if not interval else f"interval={interval}"
+    label = f"{name} {when}" + (f" order={order}" if order != 1 else "") + \
         (f" tol={tolerance:g}" if tolerance is not None else "")
-    config = f"interval={interval} order={order} warmup={warmup_steps}" + (" lite (one residual per stream)" if lite else "") + \
+    config = f"{when} order={order} warmup={warmup_steps}" + (" lite (one residual per stream)" if lite else "") + \
         (f" tolerance={tolerance:g} (probe: first block)" if tolerance is not None else "")
     return _backend_method(name, label, config, policy="taylor", interval=interval, taylor_order=order,
-                           warmup_steps=warmup_steps, tolerance=tolerance, lite=lite)
+                           warmup_steps=warmup_steps, tolerance=tolerance, lite=lite, reset_steps=tuple(reset_steps))
 
 
 def specdiff_forecast_method(cache_ratio: float, partial_every: int = 1) -> Method:
