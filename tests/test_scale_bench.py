@@ -110,3 +110,24 @@ def test_runtime_host_time_excludes_variant_time():
     assert 0.0 < host["median"] < 5.0 and host["mean"] <= host["max"] < 20.0
     runtime.reset()
     assert runtime.stats()["host_ms_per_call"]["calls"] == 0
+
+
+def test_attention_received_matmul_in_model_dtype():
+    """The importance estimate keeps float32 inputs exact and, for bf16 inputs, multiplies
+    in bf16 with a float32 softmax (the cheap record step on GPUs) without changing C1."""
+    import torch
+
+    from specdiff_fx.passes.token_ops import attention_received
+
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 3, 40, 16, generator=g)
+    k = torch.randn(2, 3, 48, 16, generator=g) * torch.linspace(0.2, 2.0, 48).reshape(1, 1, 48, 1)
+    exact = torch.softmax(q @ k.transpose(-1, -2) * 0.25, dim=-1).sum(dim=(1, 2))[:, 8:48]
+    assert torch.equal(attention_received(q, k, 0.25, 8, 40), exact)
+    low = attention_received(q.bfloat16(), k.bfloat16(), 0.25, 8, 40)
+    assert low.dtype == torch.float32
+    bf16_logits = (q.bfloat16() @ k.bfloat16().transpose(-1, -2)).float()
+    assert torch.allclose(low, torch.softmax(bf16_logits * 0.25, dim=-1).sum(dim=(1, 2))[:, 8:48])
+    for row in range(2):
+        top = set(exact[row].topk(8).indices.tolist())
+        assert len(top & set(low[row].topk(8).indices.tolist())) >= 7
