@@ -41,6 +41,7 @@ from .passes.collectives import (
 )
 from .passes.token_axis import TokenAxisError, analyze_token_axis
 from .passes.token_forecast import build_token_forecast_variant, forecast_residuals
+from .passes.token_select import select_tokens_in_graph
 from .passes.verify import VariantVerificationError, output_signature, verify_variant, with_fake_values
 from .passes.token_variants import (
     build_token_draft_variant,
@@ -219,6 +220,9 @@ class SpecDiffBackend:
                     built[name] = forecast_residuals(*built[name], region)
                     graphs[name] = built[name][0]
                 record_specs, partial_specs = built[FULL][1], built[PARTIAL][1]
+            # the partial variant picks its own tokens (scores, top-k, classes) from device buffers
+            built[PARTIAL] = select_tokens_in_graph(*built[PARTIAL], k, cfg.c2_share, cfg.score_lambda)
+            graphs[PARTIAL], partial_specs = built[PARTIAL]
             if cfg.c3 == "forecast" and cfg.partial_every > 1:  # steps with no token computed
                 token_forecast, forecast_specs = build_token_forecast_variant(gm, region, residual=True)
                 graphs[FORECAST] = token_forecast

@@ -101,3 +101,52 @@ def mix_history(hist0: torch.Tensor, hist1: torch.Tensor, hist2: torch.Tensor,
     forecast step (the weights average or extrapolate, as the runtime chooses)."""
     w = mix_weights.to(hist0.dtype)
     return w[0] * hist0 + w[1] * hist1 + w[2] * hist2
+
+
+# ----------------------------------------------------------------------------- token selection
+# score_i = his_i · fut_i · exp(λ · cached_count_i), with ``his`` and ``fut`` normalised to
+# mean 1 per batch element so neither scale dominates.  C1 (compute) is the top ``k`` by
+# score; C2 (reuse as is) the lowest-scoring tokens holding the bottom ``c2_share`` of the
+# score mass; C3 (history mix) the rest.  Called inside the compiled partial variant
+# (passes/token_select.py), so a step needs no host work and no device-to-host read.
+def normalise(importance: torch.Tensor) -> torch.Tensor:
+    """Scale each row to mean 1 (rows of zeros stay uniform ones)."""
+    mean = importance.mean(dim=-1, keepdim=True)
+    return torch.where(mean > 0, importance / mean.clamp_min(1e-30), torch.ones_like(importance))
+
+
+def token_scores(his: torch.Tensor, fut: torch.Tensor | None, cached_count: torch.Tensor,
+                 lam: float) -> torch.Tensor:
+    score = normalise(his.float())
+    if fut is not None:
+        score = score * normalise(fut.float())
+    return score * torch.exp(lam * cached_count.float())
+
+
+def classify_tokens(scores: torch.Tensor, k: int, c2_share: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(index, reuse_mask)``: the C1 subset per row (sorted) and the C2 mask (C3 = neither)."""
+    batch, n = scores.shape
+    index = torch.topk(scores, k, dim=1).indices.sort(dim=1).values
+    c1 = torch.zeros(batch, n, dtype=torch.bool, device=scores.device)
+    c1.scatter_(1, index, True)
+    rest = scores.masked_fill(c1, float("inf"))
+    order = torch.argsort(rest, dim=1)
+    sorted_scores = torch.gather(scores.masked_fill(c1, 0.0), 1, order)
+    budget = c2_share * scores.sum(dim=1, keepdim=True)
+    in_c2_sorted = sorted_scores.cumsum(dim=1) <= budget
+    reuse = torch.zeros_like(c1)
+    reuse.scatter_(1, order, in_c2_sorted)
+    return index, reuse & ~c1
+
+
+def select_tokens(his: torch.Tensor, fut: torch.Tensor, cached_count: torch.Tensor, k: int,
+                  c2_share: float, lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(index, reuse_mask)`` of a partial step from the runtime's importance buffers."""
+    return classify_tokens(token_scores(his, fut, cached_count, lam), k, c2_share)
+
+
+def update_cached_count(cached_count: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Steps since each token was computed, after a step that computed ``index``: +1, C1 reset to 0."""
+    rows = torch.arange(index.shape[0], device=index.device).unsqueeze(1)
+    return (cached_count + 1).index_put((rows, index), torch.zeros((), dtype=cached_count.dtype,
+                                                                    device=cached_count.device))

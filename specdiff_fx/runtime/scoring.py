@@ -1,9 +1,9 @@
-"""SpecDiff token scoring and classification (docs/design.md §1), as pure tensor functions.
+"""SpecDiff's host-side step arithmetic: history mix weights, draft timesteps, the future lookup.
 
-score_i = his_i · fut_i · exp(λ · cached_count_i), with ``his`` and ``fut`` normalised to
-mean 1 per batch element so neither scale dominates.  C1 (compute) is the top ``k`` by
-score; C2 (reuse as is) the lowest-scoring tokens holding the bottom ``c2_share`` of the
-score mass; C3 (history mix) the rest.
+The token scores and the C1/C2/C3 classes are computed *inside* the compiled partial variant
+(``passes/token_select.py``, math in ``passes/token_ops.py``): the runtime only hands it the
+importance buffers.  What stays here depends on timesteps, which the runtime already holds
+on the host.
 """
 
 from __future__ import annotations
@@ -11,36 +11,6 @@ from __future__ import annotations
 import math
 
 import torch
-
-
-def normalise(importance: torch.Tensor) -> torch.Tensor:
-    """Scale each row to mean 1 (rows of zeros stay uniform ones)."""
-    mean = importance.mean(dim=-1, keepdim=True)
-    return torch.where(mean > 0, importance / mean.clamp_min(1e-30), torch.ones_like(importance))
-
-
-def token_scores(his: torch.Tensor, fut: torch.Tensor | None, cached_count: torch.Tensor,
-                 lam: float) -> torch.Tensor:
-    score = normalise(his.float())
-    if fut is not None:
-        score = score * normalise(fut.float())
-    return score * torch.exp(lam * cached_count.float())
-
-
-def classify_tokens(scores: torch.Tensor, k: int, c2_share: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(index, reuse_mask)``: the C1 subset per row (sorted) and the C2 mask (C3 = neither)."""
-    batch, n = scores.shape
-    index = torch.topk(scores, k, dim=1).indices.sort(dim=1).values
-    c1 = torch.zeros(batch, n, dtype=torch.bool, device=scores.device)
-    c1.scatter_(1, index, True)
-    rest = scores.masked_fill(c1, float("inf"))
-    order = torch.argsort(rest, dim=1)
-    sorted_scores = torch.gather(scores.masked_fill(c1, 0.0), 1, order)
-    budget = c2_share * scores.sum(dim=1, keepdim=True)
-    in_c2_sorted = sorted_scores.cumsum(dim=1) <= budget
-    reuse = torch.zeros_like(c1)
-    reuse.scatter_(1, order, in_c2_sorted)
-    return index, reuse & ~c1
 
 
 def history_mix_weights(history_timesteps: list[float], timestep: float) -> torch.Tensor:

@@ -15,12 +15,10 @@ import torch
 from .cache_slots import BufferSpec
 from .runtime import FULL, SpecDiffRuntime
 from .scoring import (
-    classify_tokens,
     draft_timesteps,
     forecast_mix_weights,
     future_importance,
     history_mix_weights,
-    token_scores,
 )
 
 PARTIAL = "partial"
@@ -59,7 +57,9 @@ class TokenSlot:
         self.reuse_mask = _alloc(by_role["reuse_mask"])
         self.mix_weights = _alloc(by_role["mix_weights"])
         self.count = torch.zeros(self.importance.shape, dtype=torch.long, device=self.importance.device)
-        self.his: torch.Tensor | None = None
+        # importance the partial variant selects from (stable buffers: copied into, never rebound)
+        self.his = torch.zeros(self.importance.shape, dtype=torch.float32, device=self.importance.device)
+        self.fut_now = torch.ones_like(self.his)
         self.fut: list[tuple[float, torch.Tensor]] = []
         self.trajectory: int | None = None
         # c3="forecast": per-token Taylor terms of each token's residual over the blocks
@@ -120,6 +120,8 @@ class TokenSlot:
                 out.append(self.importance)
             elif s.role == "entry":
                 out.append(self.entry)
+            elif s.role in ("his", "fut", "count"):
+                out.append({"his": self.his, "fut": self.fut_now, "count": self.count}[s.role])
             else:
                 out.append({"index": self.index, "reuse_mask": self.reuse_mask,
                             "mix_weights": self.mix_weights}[s.role])
@@ -208,7 +210,7 @@ class TokenRuntime(SpecDiffRuntime):
     def _full_step(self, args, event, slot: TokenSlot, fresh_trajectory: bool):
         out = self.variants[FULL](*args, *slot.buffers_for(self.record_specs))
         slot.push_history(event.timestep)
-        slot.his = slot.importance.clone()
+        slot.his.copy_(slot.importance)
         slot.count.zero_()
         if fresh_trajectory:
             slot.value = slot.slope = slot.stamp = None
@@ -217,7 +219,7 @@ class TokenRuntime(SpecDiffRuntime):
         if fresh_trajectory:
             slot.trajectory = event.trajectory
             slot.ring_timesteps = [event.timestep]
-            slot.fut = [(event.timestep, slot.his)]
+            slot.fut = [(event.timestep, slot.his.clone())]
             self._run_draft(args, out, event.timestep, slot)
         return out, FULL, {"c1": self.n, "c2": 0, "c3": 0, "est_flops_saved": 0.0}
 
@@ -242,26 +244,26 @@ class TokenRuntime(SpecDiffRuntime):
             self._draft_calls += 1
 
     def _partial_step(self, args, event, slot: TokenSlot):
+        """The variant scores and picks the tokens itself (passes/token_select.py) from ``his``,
+        ``fut`` and the counts, and writes its choice into ``index`` / ``reuse_mask``."""
         fut = future_importance(slot.fut[1:], event.timestep) if len(slot.fut) > 1 else None
-        scores = token_scores(slot.his, fut, slot.count, self.lam)
-        index, reuse = classify_tokens(scores, self.k, self.c2_share)
-        slot.index.copy_(index)
-        if self.c3 == "forecast":
-            # every token not computed takes its own forecast, written where C2 reads (history_0)
-            slot.reuse_mask.fill_(True)
-            slot.forecast_into(slot.ring[0], float(event.step))
+        if fut is None:
+            slot.fut_now.fill_(1.0)
         else:
-            slot.reuse_mask.copy_(reuse)
+            slot.fut_now.copy_(fut)
+        if self.c3 == "forecast":
+            # every token not computed takes its own forecast, written into history_0, which
+            # C2 reads as is and C3 reads with weights [1, 0, 0]
+            slot.forecast_into(slot.ring[0], float(event.step))
+            slot.mix_weights.copy_(torch.tensor([1.0, 0.0, 0.0]))
+        else:
             slot.mix_weights.copy_(C3_MODES[self.c3](slot.ring_timesteps, event.timestep))
         out = self.variants[PARTIAL](*args, *slot.buffers_for(self.partial_specs))
         self._partial_calls += 1
         slot.push_history(event.timestep)
+        index, reuse = slot.index, slot.reuse_mask
         if self.c3 == "forecast":
             slot.record_subset(slot.ring[0], index, float(event.step))
-            reuse = slot.reuse_mask.clone()
-            reuse.scatter_(1, index, False)
-        slot.count += 1
-        slot.count.scatter_(1, index, 0)
         # counts stay tensors until stats() is read: no device sync per step
         c2 = reuse.sum() / index.shape[0]
         details = {
