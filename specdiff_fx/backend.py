@@ -56,9 +56,11 @@ from .runtime import (
     REUSE,
     AlwaysFull,
     BufferSpec,
+    ClockFollower,
     ForecastRuntime,
     FullStepSchedule,
     SpecDiffRuntime,
+    StepClock,
     TokenRuntime,
     warn_fallback,
 )
@@ -99,6 +101,9 @@ class SpecDiffBackend:
     def __init__(self, config: SpecDiffConfig | None = None) -> None:
         self.config = config if config is not None else SpecDiffConfig()
         self._runtimes: list[tuple[weakref.ref, frozenset[int]]] = []
+        # every graph of the model shares its steps (graph breaks, docs/design.md)
+        self.clock = StepClock()
+        self._leader: weakref.ref | None = None
 
     def __repr__(self) -> str:
         return f"SpecDiffBackend({self.config!r})"
@@ -126,13 +131,22 @@ class SpecDiffBackend:
             timestep_index=inputs.timestep_index,
             signature_indices=inputs.user_indices,
             example_inputs=example_inputs,
+            timestep_direction=cfg.timestep_direction,
+            clock=self.clock,
         )
         if cfg.policy == "off":
             return SpecDiffRuntime(
                 policy="off", variants={FULL: self.compile(gm, example_inputs)},
                 schedule=AlwaysFull(), **common,
             )
+        follow = None
         if inputs.timestep_index is None:
+            follow = self._follower()
+            if follow is not None and cfg.policy in ("fora", "taylor"):
+                common["follow"] = follow  # the blocks after a graph break follow the model's steps
+            else:
+                follow = None
+        if inputs.timestep_index is None and follow is None:
             raise UnsupportedGraph(
                 "no timestep input found (set SpecDiffConfig.timestep_input to its name; if the model's "
                 "code breaks the graph, e.g. .tolist()/.item()/.cpu() in diffusers, the blocks run in a "
@@ -278,14 +292,29 @@ class SpecDiffBackend:
 
     def _fallback(self, gm: fx.GraphModule, example_inputs: Sequence[Any], reason: str) -> SpecDiffRuntime:
         warn_fallback(reason)
+        try:  # a plain graph that has the timestep still counts the model's steps for its other graphs
+            timestep_index = None if _has_symbolic_shapes(example_inputs) else \
+                find_graph_inputs(gm, self.config.timestep_input).timestep_index
+        except Exception:
+            timestep_index = None
         return SpecDiffRuntime(
             policy=self.config.policy,
             variants={FULL: self.compile(gm, example_inputs)},
             fallback=reason,
+            timestep_index=timestep_index,
+            timestep_direction=self.config.timestep_direction,
+            clock=self.clock if timestep_index is not None else None,
         )
+
+    def _follower(self) -> ClockFollower | None:
+        """A view of the steps of the latest graph with a timestep (None if there is none)."""
+        leader = self._leader() if self._leader is not None else None
+        return ClockFollower(self.clock, leader) if leader is not None else None
 
     # ----------------------------------------------------------------- runtimes
     def _register(self, runtime: SpecDiffRuntime, example_inputs: Sequence[Any]) -> None:
+        if runtime.timestep_index is not None and runtime.clock is self.clock:
+            self._leader = weakref.ref(runtime)
         params = frozenset(id(x) for x in example_inputs if isinstance(x, torch.nn.Parameter))
         self._runtimes = [(r, p) for r, p in self._runtimes if r() is not None]
         self._runtimes.append((weakref.ref(runtime), params))

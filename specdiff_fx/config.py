@@ -67,6 +67,8 @@ class SpecDiffConfig:
                    uncompiled, for fast tests and debugging.
     inductor_config: ``config_patches`` passed to Inductor's ``compile_fx``.
     timestep_input: substring naming the timestep input if it is not called ``timestep``.
+    timestep_direction: ``"down"`` (the timestep falls along a trajectory, most samplers) or
+                   ``"up"`` (it rises, e.g. Lumina2's ``1 − t/1000``).
     """
 
     policy: str = "taylor"
@@ -90,6 +92,7 @@ class SpecDiffConfig:
     compiler: str = "inductor"
     inductor_config: dict = field(default_factory=dict)
     timestep_input: str | None = None
+    timestep_direction: str = "down"
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
@@ -119,6 +122,8 @@ class SpecDiffConfig:
             raise ValueError(f"SpecDiffConfig.cache_ratio must be in [0, 1), got {self.cache_ratio!r}")
         if not isinstance(self.c2_share, (int, float)) or not 0.0 <= float(self.c2_share) < 1.0:
             raise ValueError(f"SpecDiffConfig.c2_share must be in [0, 1), got {self.c2_share!r}")
+        if self.timestep_direction not in ("down", "up"):
+            raise ValueError(f"SpecDiffConfig.timestep_direction must be 'down' or 'up', got {self.timestep_direction!r}")
         if self.c3 not in ("history", "forecast"):
             raise ValueError(f"SpecDiffConfig.c3 must be 'history' or 'forecast', got {self.c3!r}")
         if not isinstance(self.partial_every, int) or isinstance(self.partial_every, bool) or self.partial_every < 1:

@@ -7,7 +7,7 @@ from .cache_slots import BufferSpec, CacheSlot, CacheSlots
 from .forecast_runtime import FORECAST, ForecastRuntime
 from .runtime import FULL, REUSE, SpecDiffRuntime, warn_fallback
 from .schedule import AlwaysFull, FullStepSchedule
-from .step_tracker import StepEvent, StepTracker
+from .step_tracker import ClockFollower, StepClock, StepEvent, StepTracker
 from .token_runtime import DRAFT, PARTIAL, TokenRuntime, TokenSlot, flow_matching_update
 
 __all__ = [
@@ -15,4 +15,5 @@ __all__ = [
     "DRAFT", "PARTIAL", "TokenRuntime", "TokenSlot", "flow_matching_update",
     "AlwaysFull", "BufferSpec", "CacheSlot", "CacheSlots", "FULL", "FullStepSchedule",
     "REUSE", "SpecDiffRuntime", "StepEvent", "StepTracker", "warn_fallback",
+    "ClockFollower", "StepClock",
 ]

@@ -16,7 +16,7 @@ import torch
 
 from .cache_slots import BufferSpec, CacheSlots
 from .schedule import AlwaysFull
-from .step_tracker import StepTracker
+from .step_tracker import ClockFollower, StepClock, StepTracker
 
 FULL = "full"
 REUSE = "reuse"
@@ -81,6 +81,9 @@ class SpecDiffRuntime:
         fallback: str | None = None,
         info: dict | None = None,
         graphs: dict | None = None,
+        timestep_direction: str = "down",
+        clock: StepClock | None = None,
+        follow: ClockFollower | None = None,
     ) -> None:
         if FULL not in variants:
             raise ValueError("a runtime needs a 'full' variant")
@@ -94,13 +97,20 @@ class SpecDiffRuntime:
         self.info = dict(info or {})
         self.graphs = dict(graphs or {})  # the FX graphs behind each variant, for inspection
         self.slots = CacheSlots(list(buffer_specs))
-        self.tracker = StepTracker()
+        self.tracker = StepTracker(timestep_direction)
+        # graph breaks: a graph with the timestep publishes its steps on ``clock``; a graph
+        # without it follows them (``follow``) instead of reading a timestep
+        self.clock = clock
+        self.follow = follow
         self._signature = _signature(example_inputs, self.signature_indices) if example_inputs else None
         self._reset_stats()
 
     # ------------------------------------------------------------------ calls
     def __call__(self, *args: Any) -> Any:
-        if self.fallback is not None or self.timestep_index is None:
+        if self.fallback is not None or (self.timestep_index is None and self.follow is None):
+            if self.clock is not None and self.timestep_index is not None:
+                # a plain graph that still counts the model's steps for its other graphs
+                self.clock.publish(self, self.tracker.observe(self._read_timestep(args)))
             return self.variants[FULL](*args)
         start = time.perf_counter()
         self._variant_clock[0] = 0.0
@@ -109,7 +119,16 @@ class SpecDiffRuntime:
             # Dynamo guards make this rare; with dynamic shapes it is the last line of defence.
             self._signature = sig
             self.invalidate()
-        event = self.tracker.observe(self._read_timestep(args))
+        if self.follow is not None:
+            event = self.follow.event()
+            if event is None:  # no step of our own leader to follow: never read a cache
+                slot = self.slots[-1]
+                slot.invalidate()
+                return self.variants[FULL](*args, *slot.buffers)
+        else:
+            event = self.tracker.observe(self._read_timestep(args))
+            if self.clock is not None:
+                self.clock.publish(self, event)
         out, kind, details = self._run_step(args, event)
         self._record(event, kind, details)
         self._host_s.append(time.perf_counter() - start - self._variant_clock[0])

@@ -23,8 +23,17 @@ class StepEvent:
     new_step: bool
 
 
+DIRECTIONS = ("down", "up")
+
+
 class StepTracker:
-    def __init__(self) -> None:
+    """``direction``: how the timestep moves along a trajectory, ``"down"`` (1000 → 0, most
+    samplers) or ``"up"`` (Lumina2's 0 → 1): a move the other way starts a new trajectory."""
+
+    def __init__(self, direction: str = "down") -> None:
+        if direction not in DIRECTIONS:
+            raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
+        self._sign = 1.0 if direction == "down" else -1.0
         self.reset()
 
     def reset(self) -> None:
@@ -39,6 +48,7 @@ class StepTracker:
         self._last = None
 
     def observe(self, timestep: float) -> StepEvent:
+        timestep_seen, timestep = timestep, self._sign * timestep  # track in "going down" terms
         last = self._last
         new_trajectory = (
             last is None
@@ -66,7 +76,50 @@ class StepTracker:
             trajectory=self._trajectory,
             step=self._step,
             slot=self._calls_this_step - 1,
-            timestep=timestep,
+            timestep=timestep_seen,
             new_trajectory=new_trajectory,
             new_step=new_step,
         )
+
+
+class StepClock:
+    """The steps of one model, shared by every graph a backend compiles for it.
+
+    When diffusers code breaks the graph (``.tolist()``, ``.item()``), the blocks run in a frame
+    that never receives the timestep.  The frame that has it (the *leader*) publishes each step
+    event here; a frame without it (a *follower*) reads the event of the call it is part of, so
+    both agree on step, trajectory and call slot.  A follower bound to one leader never follows
+    another (a second model compiled with the same backend): it then runs full steps only.
+    """
+
+    def __init__(self) -> None:
+        self.leader: object | None = None
+        self.event: StepEvent | None = None
+        self.serial = 0
+
+    def publish(self, leader: object, event: StepEvent) -> None:
+        self.leader, self.event = leader, event
+        self.serial += 1
+
+
+class ClockFollower:
+    """A follower's view of a :class:`StepClock`: the leader's latest event, with the call
+    slot extended by how many times this follower ran within that event (a frame may run
+    once per block, each call with its own caches)."""
+
+    def __init__(self, clock: StepClock, leader: object) -> None:
+        self.clock, self.leader = clock, leader
+        self._serial = -1
+        self._calls = 0
+
+    def event(self) -> StepEvent | None:
+        clock = self.clock
+        if clock.event is None or clock.leader is not self.leader:
+            return None
+        if clock.serial != self._serial:
+            self._serial, self._calls = clock.serial, 0
+        k = self._calls
+        self._calls += 1
+        ev = clock.event
+        return StepEvent(trajectory=ev.trajectory, step=ev.step, slot=ev.slot * 1024 + k, timestep=ev.timestep,
+                         new_trajectory=ev.new_trajectory and k == 0, new_step=ev.new_step and k == 0)
