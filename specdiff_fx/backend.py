@@ -167,10 +167,7 @@ class SpecDiffBackend:
         reuse, _ = build_branch_reuse_variant(gm, branches)
         trace_artifacts({FULL: record, REUSE: reuse},
                         {"branches": [dataclasses.asdict(b) for b in branches]})
-        buffers = [BufferSpec(s.input_name, s.shape, s.dtype, s.device, s.role) for s in specs]
-        examples = list(example_inputs) + [
-            torch.zeros(b.shape, dtype=b.dtype, device=b.device) for b in buffers
-        ]
+        buffers, examples = _buffers_and_examples(specs, example_inputs)
         return SpecDiffRuntime(
             policy=cfg.policy,
             variants={FULL: self.compile(record, examples), REUSE: self.compile(reuse, examples)},
@@ -193,10 +190,7 @@ class SpecDiffBackend:
             raise UnsupportedGraph(f"forecasting not possible: {exc}") from exc
         trace_artifacts({FULL: record, FORECAST: forecast},
                         {"targets": [dataclasses.asdict(t) for t in targets], "probe": list(probe)})
-        buffers = [BufferSpec(s.input_name, s.shape, s.dtype, s.device, s.role) for s in specs]
-        examples = list(example_inputs) + [
-            torch.zeros(b.shape, dtype=b.dtype, device=b.device) for b in buffers
-        ]
+        buffers, examples = _buffers_and_examples(specs, example_inputs)
         return ForecastRuntime(
             policy=cfg.policy,
             variants={FULL: self.compile(record, examples), FORECAST: self.compile(forecast, examples)},
@@ -379,6 +373,13 @@ def _tolerance_for(gm: fx.GraphModule, tolerance: float | None, forecast: fx.Gra
     warnings.warn("specdiff: tolerance is off under context parallelism (per-rank probe errors would "
                   "desync the ranks); the fixed schedule stays", RuntimeWarning, stacklevel=2)
     return None
+
+
+def _buffers_and_examples(specs, example_inputs: Sequence[Any]) -> tuple[list[BufferSpec], list[Any]]:
+    """The runtime's buffer descriptions of a branch-level variant's extra inputs, and the example
+    inputs to compile it with (the graph's own, then zero buffers)."""
+    buffers = [BufferSpec(s.input_name, s.shape, s.dtype, s.device, s.role) for s in specs]
+    return buffers, list(example_inputs) + [torch.zeros(b.shape, dtype=b.dtype, device=b.device) for b in buffers]
 
 
 def _example_buffer(spec, num_tokens: int) -> torch.Tensor:
