@@ -15,7 +15,8 @@ from specdiff_fx.bench.plot import pareto_front, pareto_plot
 
 EXPECTED_LABELS = [
     "baseline", "specdiff cr=0.5", "specdiff cr=0.7", "specdiff cr=0.8", "specdiff-forecast cr=0.7",
-    "specdiff-forecast cr=0.5 every=2", "fora interval=2", "fora interval=3", "taylor interval=4",
+    "specdiff-forecast cr=0.5 every=2", "fora interval=2", "fora interval=3", "taylor interval=2",
+    "taylor interval=3", "taylor interval=4",
     "taylor interval=5", "taylor interval=4 order=2", "taylor-lite interval=5", "taylor-lite interval=6",
     "taylor-lite interval=7", "taylor-lite full=5,10,15,20", "diffusers-firstblockcache", "diffusers-taylorseer", "diffusers-taylorseer-lite",
     "diffusers-taylorseer interval=5", "diffusers-taylorseer-lite interval=5", "diffusers-magcache",
@@ -72,8 +73,10 @@ def test_quick_bench_cli_writes_every_row(tmp_path, capsys):
     for label in EXPECTED_LABELS:
         if label.startswith("taylor-lite full="):  # warm-up 0, 1, 2, then 5
             assert by_label[label]["full_steps"] == 4 and by_label[label]["info"].get("fallback") is None
-        elif label.startswith("taylor"):  # warm-up 0, 1, 2 and the first interval step 3; 4 and 5 forecast
-            assert by_label[label]["full_steps"] == 4 and by_label[label]["info"].get("fallback") is None
+        elif label.startswith("taylor"):  # warm-up 0, 1, 2, then every interval-th step from 3
+            interval = int(label.split("interval=")[1].split()[0])
+            expected = 3 + len(range(3, 6, interval))
+            assert by_label[label]["full_steps"] == expected and by_label[label]["info"].get("fallback") is None
     for label in ("diffusers-firstblockcache", "cache-dit-dbcache"):
         if by_label[label]["status"] == "ok":
             assert "auto" in by_label[label]["config"] and by_label[label]["info"]["threshold"] > 0

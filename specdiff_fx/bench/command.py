@@ -98,8 +98,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     m.add_argument("--cache-ratios", type=_floats, default=[0.5, 0.7, 0.8],
                    help="specdiff cache ratios (default 0.5,0.7,0.8; 0.7 is the library default)")
     m.add_argument("--fora-intervals", type=_ints, default=[2, 3], help="fora intervals (default 2,3)")
-    m.add_argument("--taylor-intervals", type=_ints, default=[4, 5],
-                   help="taylor (order 1, every branch) intervals (default 4,5)")
+    m.add_argument("--taylor-intervals", type=_ints, default=[2, 3, 4, 5],
+                   help="taylor (order 1, every branch) intervals (default 2,3,4,5)")
     m.add_argument("--taylor2-intervals", type=_ints, default=[4],
                    help="taylor order-2 intervals (default 4)")
     m.add_argument("--lite-intervals", type=_ints, default=[5, 6, 7],
