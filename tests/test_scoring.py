@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from specdiff_fx.passes.token_ops import classify_tokens, normalise, token_scores
-from specdiff_fx.runtime.scoring import draft_timesteps, forecast_mix_weights, future_importance, history_mix_weights
+from specdiff_fx.runtime.scoring import draft_timesteps, future_importance, history_mix_weights
 
 
 def test_classes_are_disjoint_and_sized():
@@ -56,9 +56,3 @@ def test_draft_timesteps_and_future_lookup():
     assert future_importance(records, 600.0).item() == 2.0
     assert future_importance(records, 100.0).item() == 3.0   # past the draft: its last step
     assert future_importance([], 100.0) is None
-
-
-def test_forecast_weights_extrapolate_the_line_through_the_last_two_outputs():
-    torch.testing.assert_close(forecast_mix_weights([900.0, 950.0], 850.0), torch.tensor([2.0, -1.0, 0.0]))
-    torch.testing.assert_close(forecast_mix_weights([900.0, 950.0, 1000.0], 800.0), torch.tensor([3.0, -2.0, 0.0]))
-    assert forecast_mix_weights([900.0], 850.0).tolist() == [1.0, 0.0, 0.0]

@@ -31,25 +31,6 @@ def history_mix_weights(history_timesteps: list[float], timestep: float) -> torc
     return torch.tensor(weights[:3], dtype=torch.float32)
 
 
-def forecast_mix_weights(history_timesteps: list[float], timestep: float) -> torch.Tensor:
-    """C3 weights that *extrapolate* (c3="forecast"): the line through the last two stored
-    outputs, evaluated at ``timestep``:
-
-        h(t) = h0 + r·(h0 − h1),   r = (T_0 − t) / (T_1 − T_0)
-
-    with T_0 > t the newest stored timestep and T_1 > T_0 the one before (r = 1 at uniform
-    spacing).  The ring holds every step's composed features, so for a token that has not
-    been computed since, h0 and h1 are on its own forecast line and the line continues; a
-    token computed at the last step starts a new line from its fresh value.  With one stored
-    output the forecast is that output.
-    """
-    if len(history_timesteps) < 2 or history_timesteps[1] == history_timesteps[0]:
-        return torch.tensor([1.0, 0.0, 0.0], dtype=torch.float32)
-    t0, t1 = history_timesteps[0], history_timesteps[1]
-    r = (t0 - timestep) / (t1 - t0)
-    return torch.tensor([1.0 + r, -r, 0.0], dtype=torch.float32)
-
-
 def draft_timesteps(first: float, steps: int) -> list[float]:
     """Timesteps of a ``steps``-step draft starting where the trajectory starts, ending at 0."""
     return [first * (1.0 - j / steps) for j in range(steps)]

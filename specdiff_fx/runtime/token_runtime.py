@@ -16,7 +16,6 @@ from .cache_slots import BufferSpec
 from .runtime import FULL, SpecDiffRuntime
 from .scoring import (
     draft_timesteps,
-    forecast_mix_weights,
     future_importance,
     history_mix_weights,
 )
@@ -24,8 +23,8 @@ from .scoring import (
 PARTIAL = "partial"
 DRAFT = "draft"
 FORECAST_TOKENS = "forecast"
-# how C3 tokens are composed from the ring of the last outputs
-C3_MODES = {"history": history_mix_weights, "forecast": forecast_mix_weights}
+# how C3 tokens are composed: the paper's weighted history, or each token's own forecast
+C3_MODES = ("history", "forecast")
 
 
 def flow_matching_update(x: torch.Tensor, model_output: torch.Tensor, t: float, t_next: float,
@@ -165,7 +164,7 @@ class TokenRuntime(SpecDiffRuntime):
     ) -> None:
         super().__init__(**kwargs)
         if c3 not in C3_MODES:
-            raise ValueError(f"c3 must be one of {tuple(C3_MODES)}, got {c3!r}")
+            raise ValueError(f"c3 must be one of {C3_MODES}, got {c3!r}")
         self.c3 = c3
         self.record_specs, self.partial_specs, self.draft_specs = list(record_specs), list(partial_specs), list(draft_specs)
         self.k, self.n = subset_size, num_tokens
@@ -257,7 +256,7 @@ class TokenRuntime(SpecDiffRuntime):
             slot.forecast_into(slot.ring[0], float(event.step))
             slot.mix_weights.copy_(torch.tensor([1.0, 0.0, 0.0]))
         else:
-            slot.mix_weights.copy_(C3_MODES[self.c3](slot.ring_timesteps, event.timestep))
+            slot.mix_weights.copy_(history_mix_weights(slot.ring_timesteps, event.timestep))
         out = self.variants[PARTIAL](*args, *slot.buffers_for(self.partial_specs))
         self._partial_calls += 1
         slot.push_history(event.timestep)
