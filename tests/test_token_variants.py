@@ -49,6 +49,26 @@ def random_subsets(batch, n, k, seed):
     return torch.stack([torch.randperm(n, generator=g)[:k].sort().values for _ in range(batch)])
 
 
+def assert_partial_exact(gm, region, example, recorded, k, seed):
+    """A partial step over random subsets (one per batch row), fed the K/V recorded by a full
+    step at the same inputs and garbage history: the computed tokens equal the full step's, the
+    others come from the history (they really were not recomputed).  Returns the subsets."""
+    full_features = recorded["specdiff_history_out"]
+    partial, specs = build_token_partial_variant(gm, region, k)
+    index = random_subsets(2, region.num_tokens, k, seed=seed)
+    garbage = [torch.randn_like(full_features) * 100 for _ in range(3)]
+    bufs = partial_buffers(specs, recorded, index, garbage)
+    with torch.no_grad():
+        partial(*example, *bufs)
+    written = bufs[[s.input_name for s in specs].index("specdiff_history_2")]
+    rows = torch.arange(2).unsqueeze(1)
+    torch.testing.assert_close(written[rows, index], full_features[rows, index], rtol=1e-5, atol=1e-5)
+    others = torch.ones(2, region.num_tokens, dtype=torch.bool)
+    others[rows, index] = False
+    torch.testing.assert_close(written[others], garbage[0][others])
+    return index
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("k", [2, 5, 11, 16])
 def test_partial_exactness(family, k, capture):
@@ -59,22 +79,8 @@ def test_partial_exactness(family, k, capture):
     torch.testing.assert_close(full_out, _first(gm(*example)), rtol=0, atol=0)
     for name, buf in recorded.items():
         assert torch.isfinite(buf).all(), f"{name} was not written by the full step"
-    full_features = recorded["specdiff_history_out"]
-
-    partial, specs = build_token_partial_variant(gm, region, k)
-    index = random_subsets(2, region.num_tokens, k, seed=k)
+    index = assert_partial_exact(gm, region, example, recorded, k, seed=k)
     assert not torch.equal(index[0], index[1]) or k == region.num_tokens
-    garbage = [torch.randn_like(full_features) * 100 for _ in range(3)]
-    bufs = partial_buffers(specs, recorded, index, garbage)
-    with torch.no_grad():
-        partial(*example, *bufs)
-    written = bufs[[s.input_name for s in specs].index("specdiff_history_2")]
-    rows = torch.arange(2).unsqueeze(1)
-    torch.testing.assert_close(written[rows, index], full_features[rows, index], rtol=1e-5, atol=1e-5)
-    # the other tokens came from the (garbage) history, so they really were not recomputed
-    mask = torch.ones(2, region.num_tokens, dtype=torch.bool)
-    mask[rows, index] = False
-    torch.testing.assert_close(written[mask], garbage[0][mask])
 
 
 @pytest.mark.parametrize("family", FAMILIES)
