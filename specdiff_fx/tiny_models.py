@@ -339,15 +339,16 @@ def tiny_lumina2(seed: int = 0) -> TinyCase:
     return TinyCase("lumina2", model, make_inputs)
 
 
-def tiny_hidream(seed: int = 0) -> TinyCase:
+def tiny_hidream(seed: int = 0, layers: int = 1) -> TinyCase:
+    """``layers`` double-stream and as many single-stream blocks, each fed its own Llama layer."""
     from diffusers import HiDreamImageTransformer2DModel
 
     torch.manual_seed(seed)
     model = HiDreamImageTransformer2DModel(
-        patch_size=2, in_channels=4, out_channels=4, num_layers=1, num_single_layers=1,
+        patch_size=2, in_channels=4, out_channels=4, num_layers=layers, num_single_layers=layers,
         attention_head_dim=8, num_attention_heads=2, caption_channels=[12, 12], text_emb_dim=10,
         num_routed_experts=2, num_activated_experts=1, axes_dims_rope=(4, 2, 2), max_resolution=(8, 8),
-        llama_layers=[0, 1],
+        llama_layers=list(range(2 * layers)),
     ).eval()
 
     def make_inputs(batch: int = 2, timestep: float = 500.0, seed: int = 0) -> dict:
@@ -356,7 +357,7 @@ def tiny_hidream(seed: int = 0) -> TinyCase:
             hidden_states=torch.randn(batch, 4, 8, 8, generator=g),
             timesteps=torch.full((batch,), float(timestep)),
             encoder_hidden_states_t5=torch.randn(batch, 5, 12, generator=g),
-            encoder_hidden_states_llama3=torch.randn(2, batch, 5, 12, generator=g),
+            encoder_hidden_states_llama3=torch.randn(2 * layers, batch, 5, 12, generator=g),
             pooled_embeds=torch.randn(batch, 10, generator=g),
         )
 

@@ -39,18 +39,20 @@ class BranchOutputReplay:
     at full steps it records each branch module's output, at cached steps it returns
     the recorded output instead of the freshly computed one."""
 
-    def __init__(self, model, names):
+    def __init__(self, model, names, lists=("transformer_blocks",)):
         self.replay = False
         self.store = {}
         self.handles = []
         for block_name, block in model.named_children():
-            if block_name != "transformer_blocks":
+            if block_name not in lists:
                 continue
             for i, blk in enumerate(block):
-                for name in names:
-                    mod = getattr(blk, name, None)
-                    if mod is not None:
-                        self.handles.append(mod.register_forward_hook(self._hook(f"{i}.{name}")))
+                for name in names:  # a child of the block, or a dotted path below it
+                    try:
+                        mod = blk.get_submodule(name)
+                    except AttributeError:
+                        continue
+                    self.handles.append(mod.register_forward_hook(self._hook(f"{block_name}.{i}.{name}")))
 
     def _hook(self, key):
         def hook(module, args, output):
@@ -65,9 +67,9 @@ class BranchOutputReplay:
             h.remove()
 
 
-def hook_reference(case, names, timesteps, plan, *, batch=2, seed=0):
+def hook_reference(case, names, timesteps, plan, *, batch=2, seed=0, lists=("transformer_blocks",)):
     """Eager outputs where the branch modules replay their last full-step output at "reuse" steps."""
-    hooks = BranchOutputReplay(case.model, names)
+    hooks = BranchOutputReplay(case.model, names, lists)
     try:
         outs = []
         with torch.no_grad():

@@ -44,7 +44,7 @@ MATRIX = {
     "flux2": ("Flux2Transformer2DModel", "Flux2Pipeline", {}, None, None),
     "chroma": ("ChromaTransformer2DModel", "ChromaPipeline", {}, None, None),
     "lumina2": ("Lumina2Transformer2DModel", "Lumina2Pipeline", {}, BREAKS, FOLLOWS),
-    "hidream": ("HiDreamImageTransformer2DModel", "HiDreamImagePipeline", {}, BREAKS, BREAKS),
+    "hidream": ("HiDreamImageTransformer2DModel", "HiDreamImagePipeline", {}, BREAKS, FOLLOWS),
     "cogview4": ("CogView4Transformer2DModel", "CogView4Pipeline", {}, None, None),
     "wan": ("WanTransformer3DModel", "WanPipeline", {}, None, None),
     "ltx_video": ("LTXVideoTransformer3DModel", "LTXPipeline", {}, None, None),

@@ -136,3 +136,28 @@ def test_lumina2_runs_fora_across_its_graph_break():
     assert_all_close(got[:3], plain[:3])  # warm-up 0, 1 and step 2 are full
     assert not torch.allclose(got[3], plain[3])
     assert all(torch.isfinite(g).all() for g in got)
+
+
+@pytest.mark.slow
+def test_hidream_runs_fora_in_block_frames():
+    """HiDream: the MoE's ``bincount().cpu().numpy()`` makes dynamo skip the model's forward and
+    trace each block's ``forward`` as a frame of its own, one graph per block kind run once per
+    block.  Those frames follow the timestep-embedding frame's steps; their attention residuals
+    (adds owned by the frame's root, residual_branches.find_residual_branches) are reused, each
+    block in its own cache slot, and equal a hook reference that replays ``attn1``."""
+    case = build_tiny("hidream", layers=2)
+    model, backend = compile_broken(case.model, policy="fora", compiler="eager", warmup_steps=2, interval=3)
+    with pytest.warns(RuntimeWarning, match="no residual branches"):  # embedder and expert frames
+        got = run_steps(case, model, TIMESTEPS_10)
+    cached = [r for r in (ref() for ref, _ in backend._runtimes) if r is not None and r.fallback is None]
+    assert len(cached) == 2  # the double-stream and the single-stream block frame
+    for runtime in cached:
+        stats = runtime.stats()
+        assert stats["branch_kinds"] == {"self_attention": runtime.stats()["branches"]}
+        assert all(len(e["calls"]) == 2 for e in stats["plan"])  # two blocks share each frame
+    plan = [e["calls"][0] for e in cached[0].stats()["plan"]]
+    assert plan == ["full", "full", "full", "reuse", "reuse", "full", "reuse", "reuse", "full", "reuse"]
+    want = hook_reference(case, ("block.attn1",), TIMESTEPS_10, plan,
+                          lists=("double_stream_blocks", "single_stream_blocks"))
+    assert_all_close(got, want)
+    assert not torch.allclose(got[3], run_steps(case, case.model, TIMESTEPS_10)[3])

@@ -89,7 +89,7 @@ def _same_shape(*nodes: fx.Node) -> bool:
 
 
 def _inside(path: str, owner: str) -> bool:
-    return path == owner or path.startswith(owner + ".")
+    return owner == "" or path == owner or path.startswith(owner + ".")
 
 
 _SHORTCUT_METHODS = {"contiguous", "to", "float", "half", "bfloat16", "type", "clone"}
@@ -158,8 +158,22 @@ def _stream(source: fx.Node, body: set[fx.Node], output: fx.Node) -> str:
     return IMAGE_STREAM
 
 
-def find_residual_branches(gm: fx.GraphModule) -> list[ResidualBranch]:
-    """All outermost residual branches of ``gm``, in graph order. Pure analysis."""
+def find_residual_branches(gm: fx.GraphModule, *, frame_root_adds: bool = False) -> list[ResidualBranch]:
+    """All outermost residual branches of ``gm``, in graph order. Pure analysis.
+
+    Module paths are relative to the frame dynamo traced.  For a whole model that root is
+    the model, and an add written in the model's own ``forward`` is not a block's residual,
+    so root-owned adds are skipped.  Where diffusers code breaks the graph inside a block
+    (HiDream's MoE routing), dynamo traces the block's ``forward`` as its own frame and its
+    residual adds are root-owned: ``frame_root_adds=True`` accepts them when the frame's root
+    is a block, i.e. no attention or conv in it sits under a list index (a model-level frame
+    reaches its attention through ``transformer_blocks.3`` or ``down_blocks.0``).  The
+    backend sets it for frames without the timestep (docs/design.md, graph breaks).
+    """
+    if frame_root_adds:
+        frame_root_adds = not any(
+            any(part.isdigit() for part in module_path_of(n).split("."))
+            for n in gm.graph.nodes if is_attention(n) or is_conv(n))
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     found: list[tuple[fx.Node, fx.Node, fx.Node, set[fx.Node]]] = []
     for add in gm.graph.nodes:
@@ -169,7 +183,7 @@ def find_residual_branches(gm: fx.GraphModule) -> list[ResidualBranch]:
         if not (isinstance(a, fx.Node) and isinstance(b, fx.Node) and _same_shape(add, a, b)):
             continue
         owner = module_path_of(add)
-        if not owner:
+        if not owner and not frame_root_adds:
             continue
         # Direct residuals (skip is x itself) take precedence over shortcut chains.
         orientations = [(s, o, direct) for direct in (True, False) for s, o in ((a, b), (b, a))]
