@@ -297,6 +297,7 @@ class SpecDiffBackend:
             policy=self.config.policy,
             variants={FULL: self.compile(gm, example_inputs)},
             fallback=reason,
+            graphs={"original": gm},  # inspect still reports what it found
             timestep_index=timestep_index,
             timestep_direction=self.config.timestep_direction,
             clock=self.clock if timestep_index is not None else None,

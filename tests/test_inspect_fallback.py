@@ -43,3 +43,23 @@ def test_cli_writes_text_and_html_with_exit_zero_on_fallback(tmp_path):
     assert "linear attention: matmul contracts the token axis" in text
     assert "Residual branches" in text and "Attention sites" in text
     assert "Fallback:" in page.read_text()
+
+
+def test_graph_breaking_models_report_every_frame(tmp_path):
+    """Where diffusers code breaks the graph (HiDream's MoE routing, Lumina2's ``.tolist()``),
+    inspect compiles the model as a user would and reports the frame that caches, listing every
+    frame with what the backend did with it; under specdiff the blocks' frame falls back."""
+    torch._dynamo.reset()
+    case = build_tiny("hidream")
+    fora = inspect_model(case.model, case.make_inputs(), "fora", "hidream")
+    assert fora.frames and "frames, 2 with caching" in fora.frames[0]
+    assert fora.fallback is None and len(fora.branches) == 2 and {"full", "reuse"} <= {v.name for v in fora.variants}
+    assert any("caches 2 branches" in line for line in fora.frames[1:])
+    torch._dynamo.reset()
+    out, page = io.StringIO(), tmp_path / "lumina2.html"
+    with contextlib.redirect_stdout(out):
+        rc = cli_main(["inspect", "lumina2", "--policy", "specdiff", "--html", str(page)])
+    text = out.getvalue()
+    assert rc == 0 and "GRAPH BREAKS: dynamo cannot trace one graph" in text
+    assert "0 with caching" in text and "FALLBACK" in text and "no timestep input found" in text
+    assert "Graph breaks:" in page.read_text()

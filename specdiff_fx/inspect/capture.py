@@ -11,11 +11,16 @@ import torch.fx as fx
 from ..tiny_models import TINY_FAMILIES, build_tiny
 
 
+class GraphBreaks(RuntimeError):
+    """Dynamo cannot trace the model as one graph (diffusers code breaks it)."""
+
+
 def capture_graph(model: torch.nn.Module, example_kwargs: dict[str, Any]) -> tuple[fx.GraphModule, list]:
     """The torch-level FX graph (and example inputs) dynamo hands a backend for ``model(**kwargs)``.
 
     Uses a backend that only records, with the settings we recommend
     (``fullgraph=True, dynamic=False``), so the graph is the one specdiff would rewrite.
+    Raises :class:`GraphBreaks` where the model's code breaks the graph.
     """
     graphs: list[tuple[fx.GraphModule, list]] = []
 
@@ -24,8 +29,13 @@ def capture_graph(model: torch.nn.Module, example_kwargs: dict[str, Any]) -> tup
         return gm.forward
 
     compiled = torch.compile(model, backend=record, fullgraph=True, dynamic=False)
-    with torch.no_grad():
-        compiled(**example_kwargs)
+    try:
+        with torch.no_grad():
+            compiled(**example_kwargs)
+    except torch._dynamo.exc.TorchDynamoException as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first if len(first) <= 160 else first[:157] + "..."
+        raise GraphBreaks(f"dynamo cannot trace one graph ({first})") from exc
     if len(graphs) != 1:
         raise RuntimeError(
             f"expected dynamo to hand over one graph, got {len(graphs)} "

@@ -165,9 +165,14 @@ def render_html(report: InspectionReport) -> str:
 
 
 def _fallback_html(report: InspectionReport) -> str:
+    frames = ""
+    if report.frames:
+        items = "".join(f"<li>{escape(line)}</li>" for line in report.frames[1:])
+        frames = (f'<p class="fallback"><strong>Graph breaks:</strong> {escape(report.frames[0])}</p>\n'
+                  f"<ul>{items}</ul>\n")
     if not report.fallback:
-        return ""
-    return (f'<p class="fallback"><strong>Fallback:</strong> policy {escape(report.policy)} compiles this '
+        return frames
+    return frames + (f'<p class="fallback"><strong>Fallback:</strong> policy {escape(report.policy)} compiles this '
             f"graph plainly: <code>{escape(report.fallback)}</code></p>\n")
 
 

@@ -32,6 +32,7 @@ from ..backend import UnsupportedGraph, get_runtime, make_backend
 from ..passes import block_of, find_residual_branches, group_nodes_by_block, module_path_of
 from ..passes.branch_cache_variants import CACHE_INPUT_TAG, RECORD_TAG, REUSE_TAG
 from ..passes.collectives import CollectivesSummary, collectives_summary
+from ..passes.graph_inputs import find_graph_inputs
 from ..passes.graph_queries import is_attention, is_conv, is_heavy, tensor_meta
 from ..passes.residual_branches import ResidualBranch
 from ..passes.token_variants import (
@@ -45,7 +46,7 @@ from ..passes.token_variants import (
     TAG_WRITE,
 )
 from ..runtime import DRAFT, FULL, PARTIAL, REUSE, SpecDiffRuntime
-from .capture import capture_graph
+from .capture import GraphBreaks, capture_graph
 from .cost import (
     N,
     T,
@@ -120,6 +121,7 @@ class InspectionReport:
     buffers: tuple = field(default=())
     original_collectives: CollectivesSummary = field(default_factory=CollectivesSummary)
     fallback: str | None = None      # why the backend compiles this graph plainly (names the node)
+    frames: tuple[str, ...] = ()     # where the model's code breaks the graph: one line per frame
 
     def flop_ratio(self, variant: VariantInfo) -> float:
         full = self.original_flops.value
@@ -270,7 +272,8 @@ def build_report(original: fx.GraphModule, variants: dict[str, fx.GraphModule],
     distinct = list({buffer_name(b): b for specs in buffers.values() for b in specs}.values())
     if subset is None:
         subset = next((int(b.shape[-1]) for b in distinct if getattr(b, "role", None) == INDEX), None)
-    branches = find_residual_branches(original)
+    # as the backend finds them: a frame without the timestep may be a block traced on its own
+    branches = find_residual_branches(original, frame_root_adds=find_graph_inputs(original).timestep_index is None)
     sizes = infer_sizes(original, branches, subset)
     nodes = {n.name: n for n in original.graph.nodes}
     prepared = [_prepare(name, graph, original, buffers.get(name, ())) for name, graph in variants.items()]
@@ -352,9 +355,51 @@ def inspect_graph(gm: fx.GraphModule, example_inputs: Sequence[Any], policy: str
 
 def inspect_model(model: torch.nn.Module, example_kwargs: dict[str, Any], policy: str = "fora",
                   title: str | None = None) -> InspectionReport:
-    """Capture ``model(**example_kwargs)`` as the backend sees it, then :func:`inspect_graph`."""
-    gm, example_inputs = capture_graph(model, example_kwargs)
-    return inspect_graph(gm, example_inputs, policy, title or type(model).__name__)
+    """Capture ``model(**example_kwargs)`` as the backend sees it, then :func:`inspect_graph`.
+
+    Where the model's code breaks the graph, see :func:`inspect_frames`.
+    """
+    title = title or type(model).__name__
+    try:
+        gm, example_inputs = capture_graph(model, example_kwargs)
+    except GraphBreaks as exc:
+        return inspect_frames(model, example_kwargs, policy, title, str(exc))
+    return inspect_graph(gm, example_inputs, policy, title)
+
+
+def inspect_frames(model: torch.nn.Module, example_kwargs: dict[str, Any], policy: str, title: str,
+                   why: str = "graph breaks") -> InspectionReport:
+    """Report on a model dynamo splits into frames: compile it as a user would (our backend,
+    eager compiler, ``fullgraph=False``), call it once, and report the frame that caches the
+    most branches (or, if every frame falls back, the largest one).  ``report.frames`` lists
+    every frame with what the backend did with it."""
+    import warnings
+
+    backend = make_backend(policy=policy, compiler="eager")
+    compiled = torch.compile(model, backend=backend, dynamic=False)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # the frames' fallbacks are listed in the report instead
+        compiled(**example_kwargs)
+    runtimes = [r for r in (ref() for ref, _ in backend._runtimes) if r is not None]
+    if not runtimes:
+        raise ValueError(f"{why}; dynamo handed the backend no graph")
+
+    def size(r: SpecDiffRuntime) -> int:
+        return len(r.graphs["original"].graph.nodes)
+
+    def branches(r: SpecDiffRuntime) -> int:
+        return r.stats().get("branches", 0)
+
+    lines = []
+    for i, r in enumerate(runtimes):
+        did = f"falls back: {r.fallback}" if r.fallback else f"caches {branches(r)} branches"
+        lines.append(f"frame {i} ({size(r)} nodes): {did}")
+    caching = [r for r in runtimes if r.fallback is None]
+    shown = max(caching or runtimes, key=lambda r: (branches(r), size(r)))
+    lines.insert(0, f"{why}; {len(runtimes)} frames, {len(caching)} with caching; "
+                    f"this report shows frame {runtimes.index(shown)}")
+    report = inspect_runtime(shown, title=title)
+    return dataclasses.replace(report, frames=tuple(lines))
 
 
 def inspect_compiled(compiled_model: Any, title: str | None = None) -> InspectionReport:

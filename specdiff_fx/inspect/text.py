@@ -107,6 +107,8 @@ def change_rows(report: InspectionReport, by_module: bool = False) -> tuple[list
 def render_text(report: InspectionReport, *, nodes: bool = False, code_diff: bool = False) -> str:
     """The whole report as text; ``nodes`` lists changes per module, ``code_diff`` adds unified diffs."""
     parts = [f"model: {report.title} · {summary_line(report)}"]
+    if report.frames:
+        parts.append("\nGRAPH BREAKS: " + "\n  ".join(report.frames))
     if report.fallback:
         parts.append(f"\nFALLBACK: policy {report.policy} compiles this graph plainly: {report.fallback}")
 
