@@ -139,11 +139,6 @@ class SpecDiffBackend:
                 policy="off", variants={FULL: self.compile(gm, example_inputs)},
                 schedule=AlwaysFull(), **common,
             )
-        # a frame without the timestep is a block traced on its own after a graph break,
-        # so adds in its own forward are residuals (find_residual_branches)
-        branches = find_residual_branches(gm, frame_root_adds=inputs.timestep_index is None)
-        if not branches:
-            raise UnsupportedGraph("no residual branches found in the graph")
         follow = None
         if inputs.timestep_index is None:
             follow = self._follower()
@@ -157,6 +152,11 @@ class SpecDiffBackend:
                 "code breaks the graph, e.g. .tolist()/.item()/.cpu() in diffusers, the blocks run in a "
                 "frame that never sees the timestep: torch._dynamo.explain(model)(**inputs) shows where)"
             )
+        # a frame that follows may be a block traced on its own after a graph break, so
+        # adds in its own forward are residuals (find_residual_branches)
+        branches = find_residual_branches(gm, frame_root_adds=inputs.timestep_index is None)
+        if not branches:
+            raise UnsupportedGraph("no residual branches found in the graph")
         if cfg.policy == "specdiff":
             if has_collectives(gm):
                 raise UnsupportedGraph(
