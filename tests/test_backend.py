@@ -200,7 +200,7 @@ def test_model_without_timestep_falls_back_loudly():
 def test_internal_error_falls_back_instead_of_breaking_dynamo(monkeypatch):
     import specdiff_fx.backend as backend_mod
 
-    def boom(gm):
+    def boom(gm, **_):
         raise RuntimeError("analysis exploded")
 
     monkeypatch.setattr(backend_mod, "find_residual_branches", boom)
