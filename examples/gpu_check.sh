@@ -11,13 +11,14 @@
 #
 # Stages:
 #   1. nvidia-smi, torch version
-#   2. scale bench, SD3-medium shape (24 layers x 1536, 24 heads x 64), 1024^2 = 4096 image
-#      tokens + 333 text tokens, bf16, CFG batch 2, Inductor, CUDA graphs off
-#   3. the same with Inductor's CUDA graphs (triton.cudagraphs) for plain and specdiff cr 0.8
-#   4. runtime host time per call on the reference model at batch 1 (eager variants: the
-#      variants' own time is excluded from host time anyway)
-# Environment knobs: SCALE_TIMEOUT, CG_TIMEOUT, HOST_TIMEOUT (seconds), SCALE_ARGS (extra args
-# for stage 2, e.g. "--layers 1 --resolution 256" for a smoke test on CPU with DEVICE=cpu).
+#   2. the GPU tests: tests/test_cuda.py (CUDA graphs equal uncaptured runs for fora, taylor,
+#      taylor-lite and specdiff; at most one host sync per call)
+#   3. scale bench, SD3-medium shape (24 layers x 1536, 24 heads x 64), 1024^2 = 4096 image
+#      tokens + 333 text tokens, bf16, CFG batch 2, Inductor, CUDA graphs off (specdiff cr 0.8)
+#   4. the same with CUDA graphs: Inductor's cudagraph trees for plain, SpecDiffConfig(cudagraphs=True)
+#      for our variants
+# Environment knobs: TEST_TIMEOUT, SCALE_TIMEOUT, CG_TIMEOUT (seconds), SCALE_ARGS (extra args
+# for stages 3-4, e.g. "--layers 1 --resolution 256" for a smoke test on CPU with DEVICE=cpu).
 set -u
 OUT=${OUT:-out/gpu_check}
 mkdir -p "$OUT"
@@ -39,20 +40,21 @@ echo "== stage 1: machine"
 nvidia-smi 2>&1 | head -15 || true
 $PY -c "import torch, diffusers; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'diffusers', diffusers.__version__, 'gpu', torch.cuda.get_device_name() if torch.cuda.is_available() else None)"
 
-echo "== stage 2: scale bench, SD3-medium shape, cudagraphs off"
-timeout "${SCALE_TIMEOUT:-300}" $PY -m specdiff_fx scale --family sd3-medium --resolution 1024 --batch 2 \
-  --dtype "$DTYPE" --device "$DEVICE" --threads 8 --repeats 10 --calls 3 --warmup 3 --ratios 0.8,0.9,0.5 \
-  --out "$OUT/scale_sd3_medium.json" --plot "$OUT/scale_sd3_medium.png" $SCALE_ARGS 2>&1 | grep -v "kept in float32"
-echo "stage 2 exit ${PIPESTATUS[0]}"
+echo "== stage 2: GPU tests"
+if [ "$DEVICE" = cuda ]; then
+  timeout "${TEST_TIMEOUT:-170}" $PY -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 | tail -25
+  echo "stage 2 exit ${PIPESTATUS[0]}"
+fi
 
-echo "== stage 3: scale bench, cudagraphs on (plain and specdiff cr 0.8)"
-timeout "${CG_TIMEOUT:-150}" $PY -m specdiff_fx scale --family sd3-medium --resolution 1024 --batch 2 \
+echo "== stage 3: scale bench, SD3-medium shape, cudagraphs off"
+timeout "${SCALE_TIMEOUT:-200}" $PY -m specdiff_fx scale --family sd3-medium --resolution 1024 --batch 2 \
   --dtype "$DTYPE" --device "$DEVICE" --threads 8 --repeats 10 --calls 3 --warmup 3 --ratios 0.8 \
-  --no-fora --no-draft --cudagraphs --out "$OUT/scale_sd3_medium_cudagraphs.json" --plot "" $SCALE_ARGS 2>&1 \
-  | grep -v "kept in float32"
+  --no-fora --no-draft --no-memory --out "$OUT/scale_sd3_medium.json" --plot "" $SCALE_ARGS 2>&1 | grep -v "kept in float32"
 echo "stage 3 exit ${PIPESTATUS[0]}"
 
-echo "== stage 4: runtime host time per call, reference model, batch 1 (CFG)"
-timeout "${HOST_TIMEOUT:-60}" $PY examples/host_time.py --compiler eager --device "$DEVICE" --samples 2 \
-  --out "$OUT/host_time.json" 2>&1 | grep -v "kept in float32"
+echo "== stage 4: scale bench, cudagraphs on (Inductor's for plain, ours for the variants)"
+timeout "${CG_TIMEOUT:-170}" $PY -m specdiff_fx scale --family sd3-medium --resolution 1024 --batch 2 \
+  --dtype "$DTYPE" --device "$DEVICE" --threads 8 --repeats 10 --calls 3 --warmup 3 --ratios 0.8 \
+  --no-fora --no-draft --no-memory --cudagraphs --out "$OUT/scale_sd3_medium_cudagraphs.json" --plot "" $SCALE_ARGS 2>&1 \
+  | grep -v "kept in float32"
 echo "stage 4 exit ${PIPESTATUS[0]}"

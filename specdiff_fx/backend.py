@@ -133,6 +133,7 @@ class SpecDiffBackend:
             example_inputs=example_inputs,
             timestep_direction=cfg.timestep_direction,
             clock=self.clock,
+            cudagraphs=cfg.cudagraphs,
         )
         if cfg.policy == "off":
             return SpecDiffRuntime(
@@ -298,6 +299,7 @@ class SpecDiffBackend:
             variants={FULL: self.compile(gm, example_inputs)},
             fallback=reason,
             graphs={"original": gm},  # inspect still reports what it found
+            cudagraphs=self.config.cudagraphs,
             timestep_index=timestep_index,
             timestep_direction=self.config.timestep_direction,
             clock=self.clock if timestep_index is not None else None,

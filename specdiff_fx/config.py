@@ -65,6 +65,9 @@ class SpecDiffConfig:
     group_blocks:  taylor lite: blocks per forecast group (None: one group per stream).
     compiler:      ``"inductor"`` (default) or ``"eager"`` to run the rewritten graphs
                    uncompiled, for fast tests and debugging.
+    cudagraphs:    replay each variant from a CUDA graph, captured once per cache slot with the
+                   runtime's own buffers as static inputs (runtime/cuda_graphs.py). CUDA only:
+                   a clear error where CUDA is unavailable.
     inductor_config: ``config_patches`` passed to Inductor's ``compile_fx``.
     timestep_input: substring naming the timestep input if it is not called ``timestep``.
     timestep_direction: ``"down"`` (the timestep falls along a trajectory, most samplers) or
@@ -90,6 +93,7 @@ class SpecDiffConfig:
     group_blocks: int | None = None
     tolerance: float | None = None
     compiler: str = "inductor"
+    cudagraphs: bool = False
     inductor_config: dict = field(default_factory=dict)
     timestep_input: str | None = None
     timestep_direction: str = "down"
@@ -101,6 +105,12 @@ class SpecDiffConfig:
         for name, default in (("warmup_steps", warmup), ("interval", interval), ("reset_steps", reset)):
             if getattr(self, name) is None:
                 object.__setattr__(self, name, default)
+        if self.cudagraphs:
+            import torch
+
+            if not torch.cuda.is_available():
+                raise ValueError("SpecDiffConfig(cudagraphs=True) needs a CUDA device; this machine has none "
+                                 "(torch.cuda.is_available() is False). Leave cudagraphs off on CPU.")
         if self.compiler not in COMPILERS:
             raise ValueError(f"SpecDiffConfig.compiler must be one of {COMPILERS}, got {self.compiler!r}")
         for name in ("warmup_steps", "interval"):

@@ -331,13 +331,14 @@ def run_scale(args: argparse.Namespace, log: Callable[[str], None] = print) -> d
     gm, inputs = capture_graph(case)
     log(f"  traced in {time.perf_counter() - start:.1f}s ({len(inputs)} graph inputs)")
     patches = dict(args.inductor_config or {})
-    if args.cudagraphs:
-        patches["triton.cudagraphs"] = True
+    # CUDA graphs: plain gets Inductor's own (cudagraph trees); our variants get
+    # SpecDiffConfig(cudagraphs=True), one capture per cache slot (runtime/cuda_graphs.py)
+    plain_patches = dict(patches, **{"triton.cudagraphs": True}) if args.cudagraphs else patches
     result["cudagraphs"] = bool(args.cudagraphs)
-    cfg_extra = dict(inductor_config=patches)
+    cfg_extra = dict(inductor_config=patches, cudagraphs=bool(args.cudagraphs))
 
     start = time.perf_counter()
-    plain = gm if args.compiler == "eager" else _inductor(gm, inputs, cfg_extra["inductor_config"])
+    plain = gm if args.compiler == "eager" else _inductor(gm, inputs, plain_patches)
     result["compile_s"] = {"plain": time.perf_counter() - start}
     plain_fn = lambda: plain(*inputs)  # noqa: E731
 
@@ -502,7 +503,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-draft", action="store_true", help="skip the draft variant")
     parser.add_argument("--no-fora", action="store_true", help="skip the fora variants")
     parser.add_argument("--cudagraphs", action="store_true",
-                        help="CUDA only: Inductor's CUDA graphs (triton.cudagraphs) for plain and every variant")
+                        help="CUDA only: Inductor's CUDA graphs (triton.cudagraphs) for plain, "
+                             "SpecDiffConfig(cudagraphs=True) for every variant")
     parser.add_argument("--no-memory", action="store_true", help="skip peak-memory measurement")
     parser.add_argument("--quick", action="store_true",
                         help="seconds-long smoke test: 128 px (64 tokens), 1 layer x 64, 8 text tokens, eager, "

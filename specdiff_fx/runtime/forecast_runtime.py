@@ -24,6 +24,7 @@ from typing import Any, Sequence
 
 import torch
 
+from .host_values import write_values
 from .runtime import FULL, SpecDiffRuntime
 
 FORECAST = "forecast"
@@ -84,7 +85,7 @@ class ForecastRuntime(SpecDiffRuntime):
             prev = state.full_positions
             c0 = 1.0 / (x - prev[-1]) if prev and x != prev[-1] else 0.0
             c1 = 2.0 / (x - prev[-2]) if self.order == 2 and len(prev) >= 2 and x != prev[-2] else 0.0
-            coef.copy_(torch.tensor([c0, c1, 0.0, 0.0]))
+            write_values(coef, [c0, c1, 0.0, 0.0])
             out = self.variants[FULL](*args, *slot.buffers)
             slot.stamp(event.trajectory, event.step)
             state.full_positions = (prev + [x])[-2:]
@@ -92,7 +93,7 @@ class ForecastRuntime(SpecDiffRuntime):
                 details["refresh"] = True
             return out, FULL, details or None
         k = x - state.full_positions[-1]
-        coef.copy_(torch.tensor([0.0, 0.0, k, 0.5 * k * k]))
+        write_values(coef, [0.0, 0.0, k, 0.5 * k * k])
         out = self.variants[FORECAST](*args, *slot.buffers)
         state.pending_error = self.probe
         details["k"] = k

@@ -15,6 +15,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from .cache_slots import BufferSpec, CacheSlots
+from .cuda_graphs import CudaGraphVariant
 from .schedule import AlwaysFull
 from .step_tracker import ClockFollower, StepClock, StepTracker
 
@@ -84,11 +85,16 @@ class SpecDiffRuntime:
         timestep_direction: str = "down",
         clock: StepClock | None = None,
         follow: ClockFollower | None = None,
+        cudagraphs: bool = False,
     ) -> None:
         if FULL not in variants:
             raise ValueError("a runtime needs a 'full' variant")
         self.policy = policy
         self._variant_clock = [0.0]  # seconds spent inside compiled variants during this call
+        if cudagraphs:  # one capture per cache slot (runtime/cuda_graphs.py)
+            num_inputs = len(example_inputs) if example_inputs else None
+            variants = {name: CudaGraphVariant(fn, num_inputs, name) for name, fn in variants.items()}
+        self._cuda_graphs = {name: fn for name, fn in variants.items() if isinstance(fn, CudaGraphVariant)}
         self.variants = {name: _TimedVariant(fn, self._variant_clock) for name, fn in variants.items()}
         self.schedule = schedule if schedule is not None else AlwaysFull()
         self.timestep_index = timestep_index
@@ -207,8 +213,15 @@ class SpecDiffRuntime:
             "plan": [_plain_entry(e) for e in self._plan],
             "host_ms_per_call": self._host_stats(),
             **self._extra_stats(),
+            **self._cuda_graph_stats(),
             **self.info,
         }
+
+    def _cuda_graph_stats(self) -> dict:
+        if not self._cuda_graphs:
+            return {}
+        return {"cuda_graphs": {name: {"captures": v.captures, "replays": v.replays, "off": v.failed}
+                                for name, v in self._cuda_graphs.items()}}
 
     def _host_stats(self) -> dict:
         """The runtime's own Python per call (step detection, scores, bookkeeping; on CUDA also

@@ -13,6 +13,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from .cache_slots import BufferSpec
+from .host_values import write_values
 from .runtime import FULL, SpecDiffRuntime
 from .scoring import (
     draft_timesteps,
@@ -254,9 +255,9 @@ class TokenRuntime(SpecDiffRuntime):
             # every token not computed takes its own forecast, written into history_0, which
             # C2 reads as is and C3 reads with weights [1, 0, 0]
             slot.forecast_into(slot.ring[0], float(event.step))
-            slot.mix_weights.copy_(torch.tensor([1.0, 0.0, 0.0]))
+            write_values(slot.mix_weights, [1.0, 0.0, 0.0])
         else:
-            slot.mix_weights.copy_(history_mix_weights(slot.ring_timesteps, event.timestep))
+            write_values(slot.mix_weights, history_mix_weights(slot.ring_timesteps, event.timestep))
         out = self.variants[PARTIAL](*args, *slot.buffers_for(self.partial_specs))
         self._partial_calls += 1
         slot.push_history(event.timestep)
@@ -276,7 +277,7 @@ class TokenRuntime(SpecDiffRuntime):
     def _forecast_step(self, args, event, slot: TokenSlot):
         """No token computed: every token's own forecast, blocks skipped (token forecast variant)."""
         slot.forecast_into(slot.ring[0], float(event.step))
-        slot.mix_weights.copy_(torch.tensor([1.0, 0.0, 0.0]))
+        write_values(slot.mix_weights, [1.0, 0.0, 0.0])
         out = self.variants[FORECAST_TOKENS](*args, *slot.buffers_for(self.partial_specs, forecast=True))
         self._forecast_calls += 1
         slot.push_history(event.timestep)
