@@ -45,6 +45,14 @@ class SpecDiffConfig:
     partial_every: specdiff with ``c3="forecast"``: every n-th step after a full step is partial
                    (computes the top tokens, which correct their forecast); the others compute
                    no token at all (every token forecast, blocks skipped).  1: all partial.
+    kv_forecast:   specdiff: keep each K/V cache as a line through the last two full steps and
+                   let a partial step attend to the forecast keys/values of the tokens it
+                   does not compute (the computed tokens write their fresh ones over them).
+                   None (default): on with ``c3="forecast"``, off with ``c3="history"``.
+    kv_horizon:    specdiff with ``kv_forecast``: the most steps a K/V entry is extrapolated
+                   (beyond it the entry holds its value at the horizon; None: no limit).
+                   Default 1: measured on the reference model (docs/forecasting.md), longer
+                   extrapolation of keys/values loses quality when full steps are far apart.
     score_lambda:  specdiff: λ in exp(λ · cached_count), the anti-starvation term.
     draft_steps:   specdiff: steps of the self-speculative draft (0 or 1 disables it).
     draft_update:  specdiff: ``f(x, model_output, t, t_next, scale) -> x_next`` advancing
@@ -82,6 +90,8 @@ class SpecDiffConfig:
     c2_share: float = 0.3
     c3: str = "history"
     partial_every: int = 1
+    kv_forecast: bool | None = None
+    kv_horizon: float | None = 1.0
     score_lambda: float = 1.0
     draft_steps: int = 2
     draft_update: Callable | None = None
@@ -141,6 +151,8 @@ class SpecDiffConfig:
         if self.partial_every > 1 and self.c3 != "forecast":
             raise ValueError("SpecDiffConfig.partial_every > 1 makes steps where no token is computed; "
                              "they need c3='forecast'")
+        if self.kv_horizon is not None and (not isinstance(self.kv_horizon, (int, float)) or self.kv_horizon <= 0):
+            raise ValueError(f"SpecDiffConfig.kv_horizon must be > 0 or None, got {self.kv_horizon!r}")
         if not isinstance(self.score_lambda, (int, float)) or self.score_lambda < 0:
             raise ValueError(f"SpecDiffConfig.score_lambda must be >= 0, got {self.score_lambda!r}")
         if not isinstance(self.draft_steps, int) or self.draft_steps < 0:

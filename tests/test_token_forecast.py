@@ -83,6 +83,66 @@ def test_per_token_terms_rebase_computed_tokens_at_their_own_stamp():
     torch.testing.assert_close(out[0, 5], f1[0, 5] + 3.0 * (f1[0, 5] - f0[0, 5]))
 
 
+def test_kv_lines_forecast_the_uncomputed_entries_and_rebase_the_computed_ones():
+    """kv_forecast: each K/V entry is a line through its last two computed values; a partial step
+    reads the forecast (at most ``kv_horizon`` steps out) and the entries it wrote start anew."""
+    slot = _slot()
+    slot.kv = {"k0": torch.zeros(2, 2, 6, 4)}           # (batch, heads, tokens, head size)
+    slot.kv_horizon = 2.0
+    k0, k1 = torch.randn(2, 2, 6, 4), torch.randn(2, 2, 6, 4)
+    slot.kv["k0"].copy_(k0)
+    slot.record_kv(0.0)
+    slot.kv["k0"].copy_(k1)
+    slot.record_kv(1.0)
+    torch.testing.assert_close(slot.kv_slope["k0"], k1 - k0)
+    slot.forecast_kv(2.0)                                  # one step out
+    torch.testing.assert_close(slot.kv["k0"], k1 + (k1 - k0))
+    slot.forecast_kv(5.0)                                  # four steps out: held at the horizon
+    torch.testing.assert_close(slot.kv["k0"], k1 + 2.0 * (k1 - k0))
+    # a partial step at 3 computes token 4 of every row (the variant writes it over the forecast)
+    slot.forecast_kv(3.0)
+    fresh = torch.randn(2, 2, 4)
+    slot.kv["k0"][:, :, 4] = fresh
+    slot.rebase_kv(3.0)
+    torch.testing.assert_close(slot.kv_value["k0"][:, :, 4], fresh)
+    torch.testing.assert_close(slot.kv_slope["k0"][:, :, 4], (fresh - k1[:, :, 4]) / 2.0)
+    assert (slot.kv_stamp["k0"][:, :, 4] == 3.0).all()
+    others = [0, 1, 2, 3, 5]
+    torch.testing.assert_close(slot.kv_value["k0"][:, :, others], k1[:, :, others])
+    assert (slot.kv_stamp["k0"][:, :, others] == 1.0).all()
+    slot.forecast_kv(4.0)
+    torch.testing.assert_close(slot.kv["k0"][:, :, 4], fresh + (fresh - k1[:, :, 4]) / 2.0)
+    torch.testing.assert_close(slot.kv["k0"][:, :, 0], k1[:, :, 0] + 2.0 * (k1 - k0)[:, :, 0])
+    # a full step re-bases every entry at once
+    k4 = torch.randn(2, 2, 6, 4)
+    slot.kv["k0"].copy_(k4)
+    slot.record_kv(4.0)
+    assert (slot.kv_stamp["k0"] == 4.0).all()
+    torch.testing.assert_close(slot.kv_slope["k0"][:, :, 0], (k4 - k1)[:, :, 0] / 3.0)
+
+
+@pytest.mark.parametrize("kv_forecast", [True, False])
+def test_kv_forecast_is_on_with_c3_forecast_and_rebases_per_entry(kv_forecast):
+    case = build_tiny("dit")
+    model, _ = compile_with(case.model, policy="specdiff", compiler="eager", cache_ratio=0.5, c3="forecast",
+                            c2_share=0.0, reset_steps=(), warmup_steps=2, kv_forecast=kv_forecast)
+    got = run_steps(case, model, TIMESTEPS_10[:5])
+    runtime = get_runtime(model)
+    s = runtime.stats()
+    assert s["kv_forecast"] is kv_forecast and s["kv_horizon"] == 1.0 and s["partial_steps"] == 3
+    slot = runtime.token_slots[0]
+    if kv_forecast:  # each partial step (2, 3, 4) re-based the entries it computed, only those
+        stamps = set(torch.cat([t.flatten() for t in slot.kv_stamp.values()]).unique().tolist())
+        assert 4.0 in stamps and len(stamps) > 1 and stamps <= {1.0, 2.0, 3.0, 4.0}
+        assert slot.nbytes > 3 * slot.kv_bytes
+    else:
+        assert not slot.kv_value
+    assert all(torch.isfinite(g).all() for g in got)
+    assert SpecDiffConfig(c3="forecast").kv_forecast is None  # None: follows c3
+    with pytest.raises(ValueError, match="kv_horizon"):
+        SpecDiffConfig(kv_horizon=0)
+
+
 def test_schedule_mixes_full_partial_and_cached_steps():
     s = FullStepSchedule(warmup_steps=3, interval=None, reset_steps=(9,), partial_every=2)
     assert [s.kind(i) for i in range(13)] == (

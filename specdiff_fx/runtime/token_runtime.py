@@ -46,7 +46,8 @@ def _alloc(spec: BufferSpec) -> torch.Tensor:
 class TokenSlot:
     """Buffers and token state of one call slot."""
 
-    def __init__(self, record: Sequence[BufferSpec], partial: Sequence[BufferSpec], draft: Sequence[BufferSpec]):
+    def __init__(self, record: Sequence[BufferSpec], partial: Sequence[BufferSpec], draft: Sequence[BufferSpec],
+                 kv_horizon: float | None = None):
         self.kv = {s.name: _alloc(s) for s in list(record) + list(partial) if s.role == "kv"}
         hist = next(s for s in record if s.role == "history")
         self.ring = [_alloc(hist) for _ in range(3)]           # newest first
@@ -69,6 +70,47 @@ class TokenSlot:
         self.value: torch.Tensor | None = None      # F: last computed value per token
         self.slope: torch.Tensor | None = None      # D1 per token (per step of position)
         self.stamp: torch.Tensor | None = None      # position where each token was computed
+        # kv_forecast: each K/V cache entry is a line through its last two computed values,
+        # with its own stamp; a partial step attends to the forecast keys/values of the tokens
+        # it does not compute, and the entries it computes start a new line
+        self.kv_value: dict[str, torch.Tensor] = {}
+        self.kv_slope: dict[str, torch.Tensor] = {}
+        self.kv_stamp: dict[str, torch.Tensor] = {}
+        self.kv_horizon: float | None = kv_horizon   # extrapolate at most this many steps
+
+    def record_kv(self, x: float) -> None:
+        """After a full step wrote every cache entry: each entry's new base and slope."""
+        if not self.kv_value:
+            self.kv_value = {name: kv.clone() for name, kv in self.kv.items()}
+            self.kv_slope = {name: torch.zeros_like(kv) for name, kv in self.kv.items()}
+            self.kv_stamp = {name: torch.full_like(kv, x) for name, kv in self.kv.items()}
+            return
+        for name, kv in self.kv.items():
+            dist = (x - self.kv_stamp[name]).clamp_min_(1e-6)
+            torch.sub(kv, self.kv_value[name], out=self.kv_slope[name]).div_(dist)
+            self.kv_value[name].copy_(kv)
+            self.kv_stamp[name].fill_(x)
+
+    def _kv_distance(self, name: str, x: float) -> torch.Tensor:
+        dist = x - self.kv_stamp[name]
+        return dist if self.kv_horizon is None else dist.clamp_max(float(self.kv_horizon))
+
+    def forecast_kv(self, x: float) -> None:
+        """Before a partial step: every cache entry holds its forecast at ``x``; the variant then
+        writes the keys/values of the tokens it computes over theirs (token_ops.complete_kv)."""
+        for name, kv in self.kv.items():
+            torch.addcmul(self.kv_value[name], self._kv_distance(name, x), self.kv_slope[name], out=kv)
+
+    def rebase_kv(self, x: float) -> None:
+        """After a partial step: the entries the variant wrote (computed tokens, text tokens)
+        differ from the forecast left there; they start a new line at ``x``."""
+        for name, kv in self.kv.items():
+            value, slope, stamp = self.kv_value[name], self.kv_slope[name], self.kv_stamp[name]
+            fresh = kv != torch.addcmul(value, self._kv_distance(name, x), slope)
+            dist = x - stamp
+            slope.copy_(torch.where(fresh, (kv - value) / dist.clamp_min(1e-6), slope))
+            value.copy_(torch.where(fresh, kv, value))
+            stamp.masked_fill_(fresh, x)
 
     def forecast_into(self, target: torch.Tensor, x: float) -> None:
         """Write every token's forecast ``F + (x − stamp)·D1`` into ``target``."""
@@ -136,6 +178,7 @@ class TokenSlot:
     def nbytes(self) -> int:
         tensors = list(self.kv.values()) + self.ring + [self.importance, self.index, self.reuse_mask,
                                                         self.mix_weights, self.count]
+        tensors += [*self.kv_value.values(), *self.kv_slope.values(), *self.kv_stamp.values()]
         return sum(t.numel() * t.element_size() for t in tensors)
 
     @property
@@ -161,12 +204,15 @@ class TokenRuntime(SpecDiffRuntime):
         draft_update: Callable | None = None,
         flops: dict | None = None,
         c3: str = "history",
+        kv_forecast: bool = False,
+        kv_horizon: float | None = 1.0,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         if c3 not in C3_MODES:
             raise ValueError(f"c3 must be one of {C3_MODES}, got {c3!r}")
         self.c3 = c3
+        self.kv_forecast, self.kv_horizon = kv_forecast, kv_horizon
         self.record_specs, self.partial_specs, self.draft_specs = list(record_specs), list(partial_specs), list(draft_specs)
         self.k, self.n = subset_size, num_tokens
         self.c2_share, self.lam = c2_share, score_lambda
@@ -194,7 +240,8 @@ class TokenRuntime(SpecDiffRuntime):
 
     def _slot(self, index: int) -> TokenSlot:
         if index not in self.token_slots:
-            self.token_slots[index] = TokenSlot(self.record_specs, self.partial_specs, self.draft_specs)
+            self.token_slots[index] = TokenSlot(self.record_specs, self.partial_specs, self.draft_specs,
+                                                kv_horizon=self.kv_horizon)
         return self.token_slots[index]
 
     # ------------------------------------------------------------------ steps
@@ -214,8 +261,11 @@ class TokenRuntime(SpecDiffRuntime):
         slot.count.zero_()
         if fresh_trajectory:
             slot.value = slot.slope = slot.stamp = None
+            slot.kv_value, slot.kv_slope, slot.kv_stamp = {}, {}, {}
         if self.c3 == "forecast":
             slot.record_all(slot.ring[0], float(event.step))
+        if self.kv_forecast:
+            slot.record_kv(float(event.step))
         if fresh_trajectory:
             slot.trajectory = event.trajectory
             slot.ring_timesteps = [event.timestep]
@@ -256,9 +306,13 @@ class TokenRuntime(SpecDiffRuntime):
             # C2 reads as is and C3 reads with weights [1, 0, 0]
             slot.forecast_into(slot.ring[0], float(event.step))
             write_values(slot.mix_weights, [1.0, 0.0, 0.0])
+            if self.kv_forecast:
+                slot.forecast_kv(float(event.step))
         else:
             write_values(slot.mix_weights, history_mix_weights(slot.ring_timesteps, event.timestep))
         out = self.variants[PARTIAL](*args, *slot.buffers_for(self.partial_specs))
+        if self.kv_forecast:
+            slot.rebase_kv(float(event.step))
         self._partial_calls += 1
         slot.push_history(event.timestep)
         index, reuse = slot.index, slot.reuse_mask
@@ -300,6 +354,8 @@ class TokenRuntime(SpecDiffRuntime):
         return {
             "draft_steps": self._draft_calls,
             "c3": self.c3,
+            "kv_forecast": self.kv_forecast,
+            "kv_horizon": self.kv_horizon,
             "partial_steps": self._partial_calls,
             "forecast_steps": self._forecast_calls,
             "image_tokens": self.n,
