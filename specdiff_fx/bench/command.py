@@ -66,6 +66,14 @@ def _schedules(text: str) -> list[tuple[int, ...]]:
     return [tuple(int(x) for x in item.split("-")) for item in text.split(",") if item.strip()]
 
 
+def _forecast_schedules(text: str) -> list[tuple[float, int, tuple[int, ...]]]:
+    rows = []
+    for item in (t for t in text.split(",") if t.strip()):
+        ratio, every, steps = item.split(":")
+        rows.append((float(ratio), int(every), tuple(int(s) for s in steps.split("-"))))
+    return rows
+
+
 def _threshold(text: str):
     return text if text == "auto" else float(text)
 
@@ -102,11 +110,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="taylor (order 1, every branch) intervals (default 2,3,4,5)")
     m.add_argument("--taylor2-intervals", type=_ints, default=[4],
                    help="taylor order-2 intervals (default 4)")
-    m.add_argument("--lite-intervals", type=_ints, default=[5, 6, 7],
-                   help="taylor lite (one residual per stream) intervals (default 5,6,7)")
-    m.add_argument("--lite-schedules", type=_schedules, default=[(5, 10, 15, 20)],
+    m.add_argument("--lite-intervals", type=_ints, default=[4, 5, 6, 7],
+                   help="taylor lite (one residual per stream) intervals (default 4,5,6,7)")
+    m.add_argument("--lite-schedules", type=_schedules, default=[(5, 10, 15, 20), (5, 9, 14, 20)],
                    help="taylor lite rows with explicit full steps after the warm-up (0-2), as dash-separated "
-                        "steps, comma-separated rows (default 5-10-15-20)")
+                        "steps, comma-separated rows (default 5-10-15-20,5-9-14-20)")
+    m.add_argument("--specdiff-forecast-schedules", type=_forecast_schedules, default=[(0.9, 3, (5, 9, 14, 20))],
+                   help="token-level SpecDiff with forecasting on explicit full steps after the warm-up (0-2), as "
+                        "cache_ratio:partial_every:dash-separated steps, comma-separated rows (default 0.9:3:5-9-14-20)")
     m.add_argument("--taylor-tolerances", type=_floats, default=[],
                    help="taylor rows with a probe tolerance (interval = the largest --taylor-intervals)")
     m.add_argument("--specdiff-forecast", type=_pairs, default=[(0.7, 1), (0.5, 2)],
@@ -156,6 +167,7 @@ def all_methods(args: argparse.Namespace) -> list[Method]:
     methods = [baseline_method()]
     methods += [specdiff_method(cr) for cr in args.cache_ratios]
     methods += [specdiff_forecast_method(cr, every) for cr, every in args.specdiff_forecast]
+    methods += [specdiff_forecast_method(cr, every, steps) for cr, every, steps in args.specdiff_forecast_schedules]
     methods += [fora_method(iv) for iv in args.fora_intervals]
     methods += [taylor_method(iv) for iv in args.taylor_intervals]
     methods += [taylor_method(iv, order=2) for iv in args.taylor2_intervals]
