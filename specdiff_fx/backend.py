@@ -55,6 +55,7 @@ from .runtime import (
     PARTIAL,
     REUSE,
     AlwaysFull,
+    BufferRole,
     BufferSpec,
     ClockFollower,
     ForecastRuntime,
@@ -248,9 +249,6 @@ class SpecDiffBackend:
                         {"region": {"entry": region.entry, "exit": region.exit, "tokens": region.num_tokens,
                                     "subset": k, "sites": [s.node for s in region.sites]}})
 
-        def runtime_specs(specs):
-            return [BufferSpec(s.input_name, s.shape, s.dtype, s.device, s.role) for s in specs]
-
         variants, flops = {}, {}
         for name, (graph, specs) in built.items():
             examples = list(example_inputs) + [_example_buffer(s, region.num_tokens) for s in specs]
@@ -261,9 +259,9 @@ class SpecDiffBackend:
             variants=variants,
             schedule=FullStepSchedule(cfg.warmup_steps, None, cfg.reset_steps,
                                       cfg.partial_every if FORECAST in built else None),
-            record_specs=runtime_specs(record_specs),
-            partial_specs=runtime_specs(partial_specs),
-            draft_specs=runtime_specs(built[DRAFT][1]) if DRAFT in built else [],
+            record_specs=record_specs,
+            partial_specs=partial_specs,
+            draft_specs=built[DRAFT][1] if DRAFT in built else [],
             subset_size=k,
             num_tokens=region.num_tokens,
             c2_share=cfg.c2_share,
@@ -382,15 +380,17 @@ def _tolerance_for(gm: fx.GraphModule, tolerance: float | None, forecast: fx.Gra
     return None
 
 
-def _buffers_and_examples(specs, example_inputs: Sequence[Any]) -> tuple[list[BufferSpec], list[Any]]:
-    """The runtime's buffer descriptions of a branch-level variant's extra inputs, and the example
-    inputs to compile it with (the graph's own, then zero buffers)."""
-    buffers = [BufferSpec(s.input_name, s.shape, s.dtype, s.device, s.role) for s in specs]
+def _buffers_and_examples(specs: Sequence[BufferSpec],
+                          example_inputs: Sequence[Any]) -> tuple[list[BufferSpec], list[Any]]:
+    """A branch-level variant's extra inputs as the passes describe them (the runtime allocates
+    from the same specs), and the example inputs to compile it with (the graph's own, then zero
+    buffers)."""
+    buffers = list(specs)
     return buffers, list(example_inputs) + [torch.zeros(b.shape, dtype=b.dtype, device=b.device) for b in buffers]
 
 
-def _example_buffer(spec, num_tokens: int) -> torch.Tensor:
-    if spec.role == "index":  # valid, distinct token positions
+def _example_buffer(spec: BufferSpec, num_tokens: int) -> torch.Tensor:
+    if spec.role == BufferRole.INDEX:  # valid, distinct token positions
         return torch.arange(spec.shape[1], device=spec.device).expand(spec.shape).contiguous()
     return torch.zeros(spec.shape, dtype=spec.dtype, device=spec.device)
 

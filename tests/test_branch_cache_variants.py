@@ -79,7 +79,7 @@ def test_cache_inputs_are_static_and_named(capture):
     record, specs = build_branch_record_variant(gm, branches)
     placeholders = list(record.graph.find_nodes(op="placeholder"))
     added = placeholders[-len(specs):]
-    assert [p.name for p in added] == [s.input_name for s in specs]
+    assert [p.name for p in added] == [s.name for s in specs]
     for p in added:
         assert p.meta["tensor_dict"]["_dynamo_static_input_type"] == "unguarded"
         assert p._dynamo_source is None

@@ -59,7 +59,7 @@ def test_specdiff_partial_exactness_under_inductor(family):
     record, rspecs = build_token_record_variant(gm, region)
     k = 6
     partial, pspecs = build_token_partial_variant(gm, region, k)
-    rbufs = {s.input_name: torch.zeros(s.shape, dtype=s.dtype) for s in rspecs}
+    rbufs = {s.name: torch.zeros(s.shape, dtype=s.dtype) for s in rspecs}
     g = torch.Generator().manual_seed(0)
     index = torch.stack([torch.randperm(region.num_tokens, generator=g)[:k].sort().values for _ in range(2)])
     garbage = torch.randn_like(rbufs["specdiff_history_out"]) * 100
@@ -76,16 +76,16 @@ def test_specdiff_partial_exactness_under_inductor(family):
             elif s.role == "history":
                 out.append(garbage.clone())
             else:
-                out.append(rbufs[s.input_name].clone())
+                out.append(rbufs[s.name].clone())
         return out
 
-    compiled_record = compile_fx(record, list(example) + [rbufs[s.input_name] for s in rspecs])
+    compiled_record = compile_fx(record, list(example) + [rbufs[s.name] for s in rspecs])
     compiled_partial = compile_fx(partial, list(example) + pbufs())
     with torch.no_grad():
-        compiled_record(*example, *[rbufs[s.input_name] for s in rspecs])
+        compiled_record(*example, *[rbufs[s.name] for s in rspecs])
         bufs = pbufs()
         compiled_partial(*example, *bufs)
-    written = bufs[[s.input_name for s in pspecs].index("specdiff_history_2")]
+    written = bufs[[s.name for s in pspecs].index("specdiff_history_2")]
     rows = torch.arange(2).unsqueeze(1)
     full = rbufs["specdiff_history_out"]
     torch.testing.assert_close(written[rows, index], full[rows, index], rtol=1e-5, atol=1e-5)

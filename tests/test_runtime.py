@@ -51,7 +51,7 @@ def test_schedule():
 
 
 def test_cache_slots_are_separate_and_stamped():
-    spec = BufferSpec("c0", (2, 3), torch.float32, torch.device("cpu"))
+    spec = BufferSpec("c0", "branch_cache", (2, 3), torch.float32, torch.device("cpu"))
     slots = CacheSlots([spec])
     assert slots[0].buffers[0] is not slots[1].buffers[0]
     assert not slots[0].valid_for(0)
@@ -78,7 +78,7 @@ class Recorder:
 
 def make_runtime(**kw):
     rec = Recorder()
-    spec = BufferSpec("c0", (2,), torch.float32, torch.device("cpu"))
+    spec = BufferSpec("c0", "branch_cache", (2,), torch.float32, torch.device("cpu"))
     rt = SpecDiffRuntime(
         policy="fora", variants={FULL: rec.full, REUSE: rec.reuse}, buffer_specs=[spec],
         schedule=FullStepSchedule(1, 2), timestep_index=1, signature_indices=[0],

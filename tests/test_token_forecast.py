@@ -10,7 +10,7 @@ from specdiff_fx.passes.token_axis import analyze_token_axis
 from specdiff_fx.passes.token_forecast import build_token_forecast_variant
 from specdiff_fx.passes.token_variants import build_token_record_variant
 from specdiff_fx.runtime import FullStepSchedule
-from specdiff_fx.runtime.cache_slots import BufferSpec
+from specdiff_fx.buffers import BufferSpec
 from specdiff_fx.runtime.token_runtime import TokenSlot
 from specdiff_fx.tiny_models import build_tiny
 
@@ -48,8 +48,11 @@ def test_token_forecast_variant_reads_the_ring_and_skips_the_blocks(family, capt
 
 
 def _slot(batch=2, n=6, width=3):
-    spec = lambda name, role, shape, dtype=torch.float32: BufferSpec(name, shape, dtype, torch.device("cpu"), role)
-    record = [spec("specdiff_history_out", "history", (batch, n, width)), spec("imp", "importance", (batch, n))]
+    def spec(name, role, shape, dtype=torch.float32, ring=None):
+        return BufferSpec(name, role, shape, dtype, torch.device("cpu"), ring=ring)
+
+    record = [spec("specdiff_history_out", "history", (batch, n, width), ring=2),
+              spec("imp", "importance", (batch, n))]
     partial = [spec("idx", "index", (batch, 2), torch.long), spec("mask", "reuse_mask", (batch, n), torch.bool),
                spec("w", "mix_weights", (3,))]
     return TokenSlot(record, partial, [])
@@ -201,7 +204,7 @@ def test_residual_form_partial_at_the_same_inputs_is_exact(family, capture):
     region = analyze_token_axis(gm)
     record, rspecs = forecast_residuals(*build_token_record_variant(gm, region), region)
     assert rspecs[-1].role == "entry"
-    rbufs = {s.input_name: torch.full(s.shape, float("nan"), dtype=s.dtype) for s in rspecs}
+    rbufs = {s.name: torch.full(s.shape, float("nan"), dtype=s.dtype) for s in rspecs}
     with torch.no_grad():
         reference = _first(record(*example, *rbufs.values()))
     torch.testing.assert_close(reference, _first(gm(*example)), rtol=0, atol=0)
@@ -219,11 +222,11 @@ def test_residual_form_partial_at_the_same_inputs_is_exact(family, capture):
         elif s.role == "mix_weights":
             bufs.append(torch.tensor([1.0, 0.0, 0.0]))
         elif s.role == "history":
-            bufs.append(exit_features - entry if s.input_name.endswith("_0") else torch.zeros(s.shape))
+            bufs.append(exit_features - entry if s.ring == 0 else torch.zeros(s.shape))
         elif s.role == "entry":
             bufs.append(torch.zeros(s.shape))
         else:
-            bufs.append(rbufs[s.input_name].clone())
+            bufs.append(rbufs[s.name].clone())
     with torch.no_grad():
         out = _first(partial(*example, *bufs))
     torch.testing.assert_close(out, reference, atol=1e-5, rtol=1e-5)

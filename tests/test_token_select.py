@@ -22,7 +22,7 @@ def test_selection_in_graph_matches_the_eager_choice(family, capture):
     gm, example = capture(case.model, case.make_inputs(batch=2))
     region = analyze_token_axis(gm)
     record, rspecs = build_token_record_variant(gm, region)
-    recorded = {s.input_name: torch.zeros(s.shape, dtype=s.dtype) for s in rspecs}
+    recorded = {s.name: torch.zeros(s.shape, dtype=s.dtype) for s in rspecs}
     with torch.no_grad():
         record(*example, *recorded.values())
     k, n = 5, region.num_tokens
@@ -42,7 +42,7 @@ def test_selection_in_graph_matches_the_eager_choice(family, capture):
                      "index": torch.zeros(s.shape, dtype=torch.long) if index is None else index,
                      "reuse_mask": torch.zeros(s.shape, dtype=torch.bool) if reuse is None else reuse}.get(s.role)
             if value is None:
-                value = recorded.get(s.input_name, recorded["specdiff_history_out"]).clone()
+                value = recorded.get(s.name, recorded["specdiff_history_out"]).clone()
             bufs.append(value)
         return bufs
 

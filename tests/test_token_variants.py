@@ -22,9 +22,9 @@ def _first(out):
 
 def record_at(gm, region, example):
     record, specs = build_token_record_variant(gm, region)
-    bufs = {s.input_name: torch.full(s.shape, float("nan"), dtype=s.dtype) for s in specs}
+    bufs = {s.name: torch.full(s.shape, float("nan"), dtype=s.dtype) for s in specs}
     with torch.no_grad():
-        out = _first(record(*example, *[bufs[s.input_name] for s in specs]))
+        out = _first(record(*example, *[bufs[s.name] for s in specs]))
     return out, bufs, specs
 
 
@@ -38,9 +38,9 @@ def partial_buffers(specs, recorded, index, history, reuse_mask=None, weights=(1
         elif s.role == "mix_weights":
             bufs.append(torch.tensor(weights))
         elif s.role == "history":
-            bufs.append(history[int(s.input_name.rsplit("_", 1)[1])].clone())
+            bufs.append(history[s.ring].clone())
         else:
-            bufs.append(recorded[s.input_name].clone())
+            bufs.append(recorded[s.name].clone())
     return bufs
 
 
@@ -60,7 +60,7 @@ def assert_partial_exact(gm, region, example, recorded, k, seed):
     bufs = partial_buffers(specs, recorded, index, garbage)
     with torch.no_grad():
         partial(*example, *bufs)
-    written = bufs[[s.input_name for s in specs].index("specdiff_history_2")]
+    written = bufs[[s.name for s in specs].index("specdiff_history_2")]
     rows = torch.arange(2).unsqueeze(1)
     torch.testing.assert_close(written[rows, index], full_features[rows, index], rtol=1e-5, atol=1e-5)
     others = torch.ones(2, region.num_tokens, dtype=torch.bool)
@@ -111,7 +111,7 @@ def test_c2_and_c3_composition(capture):
     bufs = partial_buffers(specs, recorded, index, hist, reuse_mask=reuse, weights=(0.5, 0.25, 0.25))
     with torch.no_grad():
         partial(*example, *bufs)
-    written = bufs[[s.input_name for s in specs].index("specdiff_history_2")]
+    written = bufs[[s.name for s in specs].index("specdiff_history_2")]
     c1 = torch.zeros_like(reuse)
     c1[torch.arange(2).unsqueeze(1), index] = True
     assert torch.all(written[reuse] == 1.0)                       # C2: last value
@@ -178,9 +178,9 @@ def test_query_subsampled_importance_ranks_like_exact(stride, capture):
     region = analyze_token_axis(gm)
     _, exact_bufs, _ = record_at(gm, region, example)
     estimate, specs = build_token_record_variant(gm, region, query_stride=stride)
-    bufs = {s.input_name: torch.zeros(s.shape, dtype=s.dtype) for s in specs}
+    bufs = {s.name: torch.zeros(s.shape, dtype=s.dtype) for s in specs}
     with torch.no_grad():
-        estimate(*example, *[bufs[s.input_name] for s in specs])
+        estimate(*example, *[bufs[s.name] for s in specs])
     rho = spearman(bufs["specdiff_importance"], exact_bufs["specdiff_importance"])
     print(f"stride {stride}: Spearman rho per batch element {rho.tolist()}")
     assert torch.all(rho > 0.8), rho

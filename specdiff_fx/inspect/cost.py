@@ -199,10 +199,10 @@ class PropagatedShapes:
 
 def propagate_shapes(gm: fx.GraphModule, buffers: Iterable[Any] = ()) -> PropagatedShapes:
     """Run ``gm`` on fake tensors built from its placeholders' traced metadata, or from
-    ``buffers`` (objects with ``name``/``input_name``, ``shape``, ``dtype``) for added inputs."""
+    ``buffers`` (objects with ``name``, ``shape``, ``dtype``, as a ``BufferSpec``) for added inputs."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    specs = {getattr(b, "input_name", None) or b.name: b for b in buffers}
+    specs = {b.name: b for b in buffers}
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     values: dict[str, torch.Tensor] = {}
     measured: dict[str, int] = {}

@@ -146,8 +146,8 @@ def caching_level(tag: str) -> str:
 
 
 def buffer_name(buffer: Any) -> str:
-    """Runtime ``BufferSpec``s have ``name``; the passes' specs have ``input_name``."""
-    return getattr(buffer, "input_name", None) or buffer.name
+    """The placeholder name a buffer (a :class:`~specdiff_fx.buffers.BufferSpec`) is passed as."""
+    return buffer.name
 
 
 @dataclass(frozen=True)
@@ -263,10 +263,10 @@ def build_report(original: fx.GraphModule, variants: dict[str, fx.GraphModule],
     """Describe each variant graph against ``original``.
 
     ``buffers[variant]`` are the runtime-owned inputs that variant takes after the graph's
-    own (objects with ``name`` or ``input_name``, ``shape``, ``dtype``, optionally
-    ``role``): they give the shapes to run it with and the cache memory (each distinct
-    buffer once).  ``subset``: the token count ``k`` of partial variants, by default the
-    length of a buffer whose role is ``index``.
+    own (:class:`~specdiff_fx.buffers.BufferSpec`, or objects with its ``name``, ``shape``,
+    ``dtype`` and optionally ``role``): they give the shapes to run it with and the cache
+    memory (each distinct buffer once).  ``subset``: the token count ``k`` of partial
+    variants, by default the length of a buffer whose role is ``index``.
     """
     buffers = dict(buffers or {})
     distinct = list({buffer_name(b): b for specs in buffers.values() for b in specs}.values())

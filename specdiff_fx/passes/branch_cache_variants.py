@@ -16,26 +16,26 @@ from __future__ import annotations
 
 import torch.fx as fx
 
+from ..buffers import BufferRole, BufferSpec
 from .graph_copy import add_static_input, copy_graph_module, find_node, recompile, tag_inserted
 from .graph_queries import tensor_meta
 from .residual_branches import ResidualBranch
-from .variant_inputs import VariantInput
 
 RECORD_TAG = "branch_record"
 REUSE_TAG = "branch_reuse"
 CACHE_INPUT_TAG = "branch_cache_input"
-BRANCH_CACHE = "branch_cache"
+BRANCH_CACHE = BufferRole.BRANCH_CACHE
 
 
-def _cache_specs(gm: fx.GraphModule, branches: list[ResidualBranch]) -> list[VariantInput]:
+def _cache_specs(gm: fx.GraphModule, branches: list[ResidualBranch]) -> list[BufferSpec]:
     specs = []
     for i, br in enumerate(branches):
         meta = tensor_meta(find_node(gm, br.cached))
         if meta is None:
             raise ValueError(f"branch {br.name}: value {br.cached!r} has no tensor metadata")
         specs.append(
-            VariantInput(
-                input_name=f"specdiff_cache_{i}",
+            BufferSpec(
+                name=f"specdiff_cache_{i}",
                 role=BRANCH_CACHE,
                 branch=br.name,
                 shape=tuple(int(s) for s in meta.shape),
@@ -50,13 +50,13 @@ def _copy_with_cache_inputs(gm: fx.GraphModule, branches: list[ResidualBranch]):
     """A copy of ``gm`` with one cache input per branch: (copy, specs, [(branch, cache node)])."""
     specs = _cache_specs(gm, branches)
     out = copy_graph_module(gm)
-    caches = [add_static_input(out, spec.input_name, kind=CACHE_INPUT_TAG) for spec in specs]
+    caches = [add_static_input(out, spec.name, kind=CACHE_INPUT_TAG) for spec in specs]
     return out, specs, list(zip(branches, caches))
 
 
 def build_branch_record_variant(
     gm: fx.GraphModule, branches: list[ResidualBranch]
-) -> tuple[fx.GraphModule, list[VariantInput]]:
+) -> tuple[fx.GraphModule, list[BufferSpec]]:
     """Copy of ``gm`` that also writes every branch output into its cache input."""
     out, specs, pairs = _copy_with_cache_inputs(gm, branches)
     for br, cache in pairs:
@@ -71,7 +71,7 @@ def build_branch_record_variant(
 
 def build_branch_reuse_variant(
     gm: fx.GraphModule, branches: list[ResidualBranch]
-) -> tuple[fx.GraphModule, list[VariantInput]]:
+) -> tuple[fx.GraphModule, list[BufferSpec]]:
     """Copy of ``gm`` where every residual add reads its branch from the cache input."""
     out, specs, pairs = _copy_with_cache_inputs(gm, branches)
     for br, cache in pairs:

@@ -39,6 +39,7 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
+from ..buffers import BufferRole, BufferSpec
 from .collectives import RANK_PARTIAL
 from .graph_copy import (
     add_static_input,
@@ -50,15 +51,14 @@ from .graph_copy import (
 )
 from .graph_queries import tensor_meta
 from .residual_branches import ResidualBranch
-from .variant_inputs import VariantInput
 
 FORECAST_RECORD_TAG = "forecast_record"
 FORECAST_TAG = "forecast"
 FORECAST_PROBE_TAG = "forecast_probe"
 FORECAST_INPUT_TAG = "forecast_input"
-TAYLOR_TERM = "taylor_term"      # role of F, D1, D2 buffers
-TAYLOR_COEF = "taylor_coef"      # role of the [c0, c1, a1, a2] coefficient buffer
-FORECAST_ERROR = "forecast_error"  # role of the probe's error estimate buffer
+TAYLOR_TERM = BufferRole.TAYLOR_TERM        # role of F, D1, D2 buffers
+TAYLOR_COEF = BufferRole.TAYLOR_COEF        # role of the [c0, c1, a1, a2] coefficient buffer
+FORECAST_ERROR = BufferRole.FORECAST_ERROR  # role of the probe's error estimate buffer
 COEF_INPUT = "specdiff_taylor_coef"
 ERROR_INPUT = "specdiff_taylor_err"
 ORDERS = (1, 2)
@@ -82,7 +82,7 @@ class ForecastError(ValueError):
     """The graph cannot be given forecast variants (names the branch and why)."""
 
 
-def _term_specs(gm: fx.GraphModule, targets: list, order: int) -> list[VariantInput]:
+def _term_specs(gm: fx.GraphModule, targets: list, order: int) -> list[BufferSpec]:
     """``order + 1`` term buffers per forecast target (a branch's cached value, a chain's output)."""
     specs = []
     for i, target in enumerate(targets):
@@ -93,14 +93,14 @@ def _term_specs(gm: fx.GraphModule, targets: list, order: int) -> list[VariantIn
         if not meta.dtype.is_floating_point:
             raise ForecastError(f"{target.name}: value {node_name!r} is {meta.dtype}, not floating point")
         for j in range(order + 1):
-            specs.append(VariantInput(
-                input_name=f"specdiff_taylor_{i}_{j}", role=TAYLOR_TERM, branch=target.name,
+            specs.append(BufferSpec(
+                name=f"specdiff_taylor_{i}_{j}", role=TAYLOR_TERM, branch=target.name,
                 shape=tuple(int(s) for s in meta.shape), dtype=meta.dtype, device=meta.device,
             ))
     return specs
 
 
-def forecast_input_specs(gm: fx.GraphModule, branches: list, order: int = 1) -> list[VariantInput]:
+def forecast_input_specs(gm: fx.GraphModule, branches: list, order: int = 1) -> list[BufferSpec]:
     """The extra inputs both variants take: per target (branch or chain) ``order + 1`` terms,
     then the coefficients, then the error estimate."""
     if order not in ORDERS:
@@ -109,15 +109,15 @@ def forecast_input_specs(gm: fx.GraphModule, branches: list, order: int = 1) -> 
         raise ForecastError("no residual branches to forecast")
     specs = _term_specs(gm, branches, order)
     device = specs[0].device
-    specs.append(VariantInput(COEF_INPUT, TAYLOR_COEF, (4,), torch.float32, device))
-    specs.append(VariantInput(ERROR_INPUT, FORECAST_ERROR, (1,), torch.float32, device))
+    specs.append(BufferSpec(COEF_INPUT, TAYLOR_COEF, (4,), torch.float32, device))
+    specs.append(BufferSpec(ERROR_INPUT, FORECAST_ERROR, (1,), torch.float32, device))
     return specs
 
 
 def _copy_with_inputs(gm, branches, order):
     specs = forecast_input_specs(gm, branches, order)
     out = copy_graph_module(gm)
-    nodes = [add_static_input(out, s.input_name, kind=FORECAST_INPUT_TAG) for s in specs]
+    nodes = [add_static_input(out, s.name, kind=FORECAST_INPUT_TAG) for s in specs]
     terms = [nodes[i * (order + 1):(i + 1) * (order + 1)] for i in range(len(branches))]
     return out, specs, terms, nodes[-2], nodes[-1]
 
@@ -128,7 +128,7 @@ def _call(graph: fx.Graph, fn, args, like: fx.Node, tag: str) -> fx.Node:
 
 def build_forecast_record_variant(
     gm: fx.GraphModule, branches: list, order: int = 1
-) -> tuple[fx.GraphModule, list[VariantInput]]:
+) -> tuple[fx.GraphModule, list[BufferSpec]]:
     """Copy of ``gm`` that also updates every target's Taylor terms in place (a branch: its
     cached value; a :class:`ResidualChain`: its residual ``output − source``)."""
     out, specs, terms, coef, _ = _copy_with_inputs(gm, branches, order)
@@ -180,7 +180,7 @@ def build_forecast_variant(
     branches: list,
     order: int = 1,
     probe_branches: tuple[str, ...] = (),
-) -> tuple[fx.GraphModule, list[VariantInput]]:
+) -> tuple[fx.GraphModule, list[BufferSpec]]:
     """Copy of ``gm`` where every branch consumer reads its forecast (bodies dropped),
     except the ``probe_branches`` (names), which are computed and measure the forecast error.
     A :class:`ResidualChain` target's output becomes ``source + forecast``: whole blocks drop

@@ -32,6 +32,7 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
+from ..buffers import BufferRole, BufferSpec
 from . import token_ops
 from .graph_copy import (
     add_static_input,
@@ -43,16 +44,15 @@ from .graph_copy import (
 )
 from .graph_queries import tensor_meta
 from .token_axis import TokenRegion
-from .variant_inputs import VariantInput
 
-HISTORY, MIX_WEIGHTS, ENTRY = "history", "mix_weights", "entry"
+HISTORY, MIX_WEIGHTS, ENTRY = BufferRole.HISTORY, BufferRole.MIX_WEIGHTS, BufferRole.ENTRY
 ENTRY_INPUT = "specdiff_entry_out"
 TAG_FORECAST = "token_forecast"
 TAG_INPUT = "token_cache_input"
 
 
 def build_token_forecast_variant(gm: fx.GraphModule, region: TokenRegion,
-                                 residual: bool = False) -> tuple[fx.GraphModule, list[VariantInput]]:
+                                 residual: bool = False) -> tuple[fx.GraphModule, list[BufferSpec]]:
     """Copy of ``gm`` whose token-region exit is the runtime-weighted mix of the history ring
     (``residual``: the entry features plus that mix)."""
     out = copy_graph_module(gm)
@@ -60,14 +60,14 @@ def build_token_forecast_variant(gm: fx.GraphModule, region: TokenRegion,
     meta = tensor_meta(exit_node)
     if meta is None:
         raise ValueError(f"token-region exit {region.exit!r} has no tensor metadata")
-    specs: list[VariantInput] = []
+    specs: list[BufferSpec] = []
 
-    def buffer(name: str, role: str, shape, dtype) -> fx.Node:
-        specs.append(VariantInput(name, role, tuple(int(s) for s in shape), dtype, meta.device))
+    def buffer(name: str, role: BufferRole, shape, dtype, ring: int | None = None) -> fx.Node:
+        specs.append(BufferSpec(name, role, tuple(int(s) for s in shape), dtype, meta.device, ring=ring))
         return add_static_input(out, name, kind=TAG_INPUT)
 
     weights = buffer("specdiff_mix_weights", MIX_WEIGHTS, (3,), torch.float32)
-    hist = [buffer(f"specdiff_history_{i}", HISTORY, meta.shape, meta.dtype) for i in range(3)]
+    hist = [buffer(f"specdiff_history_{i}", HISTORY, meta.shape, meta.dtype, ring=i) for i in range(3)]
     users = list(exit_node.users)
     with out.graph.inserting_before(exit_node.next):
         mixed = tag_inserted(out.graph.call_function(token_ops.mix_history, (hist[0], hist[1], hist[2], weights)),
@@ -82,8 +82,8 @@ def build_token_forecast_variant(gm: fx.GraphModule, region: TokenRegion,
     return recompile(out), specs
 
 
-def forecast_residuals(variant: fx.GraphModule, specs: list[VariantInput],
-                       region: TokenRegion) -> tuple[fx.GraphModule, list[VariantInput]]:
+def forecast_residuals(variant: fx.GraphModule, specs: list[BufferSpec],
+                       region: TokenRegion) -> tuple[fx.GraphModule, list[BufferSpec]]:
     """Residual form of a record or partial variant (a new module; the input is not touched):
     it also writes the entry features into ``specdiff_entry_out``, and a partial variant's
     composition takes uncomputed tokens as ``entry + history_0``."""
@@ -101,5 +101,5 @@ def forecast_residuals(variant: fx.GraphModule, specs: list[VariantInput],
         with out.graph.inserting_before(node):
             base = tag_inserted(out.graph.call_function(torch.add, (entry, hist0)), TAG_FORECAST, node)
         node.update_arg(2, base)
-    spec = VariantInput(ENTRY_INPUT, ENTRY, tuple(int(s) for s in meta.shape), meta.dtype, meta.device)
+    spec = BufferSpec(ENTRY_INPUT, ENTRY, tuple(int(s) for s in meta.shape), meta.dtype, meta.device)
     return recompile(out), list(specs) + [spec]

@@ -24,11 +24,11 @@ import operator
 import torch
 import torch.fx as fx
 
+from ..buffers import BufferRole, BufferSpec
 from . import token_ops
 from .graph_copy import add_static_input, copy_graph_module, find_node, recompile, tag_inserted
-from .variant_inputs import VariantInput
 
-HIS, FUT, COUNT = "his", "fut", "count"
+HIS, FUT, COUNT = BufferRole.HIS, BufferRole.FUT, BufferRole.COUNT
 TAG_SELECT = "token_select"
 TAG_INPUT = "token_cache_input"
 
@@ -37,21 +37,21 @@ class TokenSelectError(ValueError):
     """The partial variant does not have the inputs selection feeds."""
 
 
-def select_tokens_in_graph(partial: fx.GraphModule, specs: list[VariantInput], k: int, c2_share: float,
-                           lam: float) -> tuple[fx.GraphModule, list[VariantInput]]:
+def select_tokens_in_graph(partial: fx.GraphModule, specs: list[BufferSpec], k: int, c2_share: float,
+                           lam: float) -> tuple[fx.GraphModule, list[BufferSpec]]:
     by_role = {s.role: s for s in specs}
-    if "index" not in by_role or "reuse_mask" not in by_role:
+    if BufferRole.INDEX not in by_role or BufferRole.REUSE_MASK not in by_role:
         raise TokenSelectError("the partial variant has no index / reuse_mask inputs to feed")
-    index_spec, mask_spec = by_role["index"], by_role["reuse_mask"]
+    index_spec, mask_spec = by_role[BufferRole.INDEX], by_role[BufferRole.REUSE_MASK]
     if index_spec.shape[1] != k:
         raise TokenSelectError(f"subset size {k} differs from the partial variant's ({index_spec.shape[1]})")
     out = copy_graph_module(partial)
     shape, device = mask_spec.shape, mask_spec.device
-    new_specs = [VariantInput("specdiff_his", HIS, shape, torch.float32, device),
-                 VariantInput("specdiff_fut", FUT, shape, torch.float32, device),
-                 VariantInput("specdiff_count", COUNT, shape, torch.long, device)]
-    his, fut, count = (add_static_input(out, s.input_name, kind=TAG_INPUT) for s in new_specs)
-    index_in, mask_in = find_node(out, index_spec.input_name), find_node(out, mask_spec.input_name)
+    new_specs = [BufferSpec("specdiff_his", HIS, shape, torch.float32, device),
+                 BufferSpec("specdiff_fut", FUT, shape, torch.float32, device),
+                 BufferSpec("specdiff_count", COUNT, shape, torch.long, device)]
+    his, fut, count = (add_static_input(out, s.name, kind=TAG_INPUT) for s in new_specs)
+    index_in, mask_in = find_node(out, index_spec.name), find_node(out, mask_spec.name)
     # the new inputs go just before ``index`` (input order = placeholder order = spec order), and the
     # selection before the first reader of ``index`` / ``reuse_mask``
     for node in (his, fut, count):

@@ -12,7 +12,7 @@
 * draft: the full computation plus importance recording, and no cache writes, so a
   speculative draft trajectory never touches the main trajectory's caches.
 
-All runtime-owned buffers are extra static inputs described by :class:`~.variant_inputs.VariantInput`.
+All runtime-owned buffers are extra static inputs described by :class:`~specdiff_fx.buffers.BufferSpec`.
 """
 
 from __future__ import annotations
@@ -23,14 +23,14 @@ import sympy
 import torch
 import torch.fx as fx
 
+from ..buffers import BufferRole, BufferSpec
 from . import token_ops
 from .graph_copy import add_static_input, copy_graph_module, recompile, tag_inserted
 from .graph_queries import tensor_meta
 from .token_axis import IMAGE, N, TokenAxis, TokenAxisError, TokenRegion
-from .variant_inputs import VariantInput
 
-INDEX, REUSE_MASK, MIX_WEIGHTS = "index", "reuse_mask", "mix_weights"
-HISTORY, KV, IMPORTANCE = "history", "kv", "importance"
+INDEX, REUSE_MASK, MIX_WEIGHTS = BufferRole.INDEX, BufferRole.REUSE_MASK, BufferRole.MIX_WEIGHTS
+HISTORY, KV, IMPORTANCE = BufferRole.HISTORY, BufferRole.KV, BufferRole.IMPORTANCE
 
 TAG_GATHER, TAG_SCATTER, TAG_KV, TAG_SCORE, TAG_CONST = (
     "token_gather", "token_compose", "kv_completion", "importance_score", "token_count")
@@ -44,9 +44,10 @@ def _meta(node: fx.Node):
     return meta
 
 
-def _spec(gm: fx.GraphModule, name: str, role: str, shape, dtype, device) -> tuple[VariantInput, fx.Node]:
+def _spec(gm: fx.GraphModule, name: str, role: BufferRole, shape, dtype, device,
+          ring: int | None = None) -> tuple[BufferSpec, fx.Node]:
     node = add_static_input(gm, name, kind=TAG_INPUT)
-    return VariantInput(name, role, tuple(int(s) for s in shape), dtype, device), node
+    return BufferSpec(name, role, tuple(int(s) for s in shape), dtype, device, ring=ring), node
 
 
 def _finish(gm: fx.GraphModule) -> fx.GraphModule:
@@ -112,7 +113,8 @@ def build_token_record_variant(gm: fx.GraphModule, region: TokenRegion, query_st
     specs.append(_record_importance(out, region, received))
     exit_node = next(n for n in out.graph.nodes if n.name == region.exit)
     meta = _meta(exit_node)
-    spec, hist = _spec(out, "specdiff_history_out", HISTORY, meta.shape, meta.dtype, meta.device)
+    # it writes the oldest ring entry, which the runtime then rotates to the front
+    spec, hist = _spec(out, "specdiff_history_out", HISTORY, meta.shape, meta.dtype, meta.device, ring=2)
     specs.append(spec)
     with out.graph.inserting_after(exit_node):
         det = tag_inserted(out.graph.call_method("detach", (exit_node,)), TAG_WRITE, exit_node)
@@ -164,7 +166,7 @@ def build_token_partial_variant(gm: fx.GraphModule, region: TokenRegion, k: int)
     specs.append(spec)
     hist = []
     for i in range(3):
-        spec, h = _spec(out, f"specdiff_history_{i}", HISTORY, meta_exit.shape, meta_exit.dtype, device)
+        spec, h = _spec(out, f"specdiff_history_{i}", HISTORY, meta_exit.shape, meta_exit.dtype, device, ring=i)
         specs.append(spec)
         hist.append(h)
 

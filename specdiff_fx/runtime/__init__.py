@@ -3,7 +3,8 @@
 Knows torch only; the backend hands it compiled variants and buffer descriptions.
 """
 
-from .cache_slots import BufferSpec, CacheSlot, CacheSlots
+from ..buffers import BufferRole, BufferSpec
+from .cache_slots import CacheSlot, CacheSlots
 from .forecast_runtime import FORECAST, ForecastRuntime
 from .runtime import FULL, REUSE, SpecDiffRuntime, warn_fallback
 from .schedule import AlwaysFull, FullStepSchedule
@@ -13,7 +14,7 @@ from .token_runtime import DRAFT, PARTIAL, TokenRuntime, TokenSlot, flow_matchin
 __all__ = [
     "FORECAST", "ForecastRuntime",
     "DRAFT", "PARTIAL", "TokenRuntime", "TokenSlot", "flow_matching_update",
-    "AlwaysFull", "BufferSpec", "CacheSlot", "CacheSlots", "FULL", "FullStepSchedule",
+    "AlwaysFull", "BufferRole", "BufferSpec", "CacheSlot", "CacheSlots", "FULL", "FullStepSchedule",
     "REUSE", "SpecDiffRuntime", "StepEvent", "StepTracker", "warn_fallback",
     "ClockFollower", "StepClock",
 ]

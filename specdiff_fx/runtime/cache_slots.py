@@ -6,23 +6,9 @@ what makes a stale read (another trajectory, a previous input signature) impossi
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
-
 import torch
 
-
-@dataclass(frozen=True)
-class BufferSpec:
-    name: str
-    shape: tuple[int, ...]
-    dtype: torch.dtype
-    device: torch.device
-    role: str = ""
-
-    @property
-    def nbytes(self) -> int:
-        return math.prod(int(s) for s in self.shape) * torch.empty((), dtype=self.dtype).element_size()
+from ..buffers import BufferSpec
 
 
 class CacheSlot:

@@ -24,6 +24,7 @@ from typing import Any, Sequence
 
 import torch
 
+from ..buffers import BufferRole
 from .host_values import write_values
 from .runtime import FULL, SpecDiffRuntime
 
@@ -57,8 +58,8 @@ class ForecastRuntime(SpecDiffRuntime):
         self.tolerance = tolerance
         self.probe = probe
         roles = [s.role for s in self.slots.specs]
-        self._coef_index = roles.index("taylor_coef")
-        self._error_index = roles.index("forecast_error")
+        self._coef_index = roles.index(BufferRole.TAYLOR_COEF)
+        self._error_index = roles.index(BufferRole.FORECAST_ERROR)
         self._states: dict[int, _SlotForecast] = {}
 
     def _position(self, event) -> float:

@@ -14,7 +14,8 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from .cache_slots import BufferSpec, CacheSlots
+from ..buffers import BufferSpec
+from .cache_slots import CacheSlots
 from .cuda_graphs import CudaGraphVariant
 from .schedule import AlwaysFull
 from .step_tracker import ClockFollower, StepClock, StepTracker

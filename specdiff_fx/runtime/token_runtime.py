@@ -12,7 +12,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from .cache_slots import BufferSpec
+from ..buffers import BufferRole, BufferSpec
 from .host_values import write_values
 from .runtime import FULL, SpecDiffRuntime
 from .scoring import (
@@ -26,6 +26,8 @@ DRAFT = "draft"
 FORECAST_TOKENS = "forecast"
 # how C3 tokens are composed: the paper's weighted history, or each token's own forecast
 C3_MODES = ("history", "forecast")
+# the buffers the token forecast variant takes (the partial variant's, nothing else)
+_FORECAST_ROLES = (BufferRole.MIX_WEIGHTS, BufferRole.HISTORY)
 
 
 def flow_matching_update(x: torch.Tensor, model_output: torch.Tensor, t: float, t_next: float,
@@ -48,15 +50,15 @@ class TokenSlot:
 
     def __init__(self, record: Sequence[BufferSpec], partial: Sequence[BufferSpec], draft: Sequence[BufferSpec],
                  kv_horizon: float | None = None):
-        self.kv = {s.name: _alloc(s) for s in list(record) + list(partial) if s.role == "kv"}
-        hist = next(s for s in record if s.role == "history")
+        self.kv = {s.name: _alloc(s) for s in list(record) + list(partial) if s.role == BufferRole.KV}
+        hist = next(s for s in record if s.role == BufferRole.HISTORY)
         self.ring = [_alloc(hist) for _ in range(3)]           # newest first
         self.ring_timesteps: list[float] = []
-        self.importance = _alloc(next(s for s in record if s.role == "importance"))
+        self.importance = _alloc(next(s for s in record if s.role == BufferRole.IMPORTANCE))
         by_role = {s.role: s for s in partial}
-        self.index = _alloc(by_role["index"])
-        self.reuse_mask = _alloc(by_role["reuse_mask"])
-        self.mix_weights = _alloc(by_role["mix_weights"])
+        self.index = _alloc(by_role[BufferRole.INDEX])
+        self.reuse_mask = _alloc(by_role[BufferRole.REUSE_MASK])
+        self.mix_weights = _alloc(by_role[BufferRole.MIX_WEIGHTS])
         self.count = torch.zeros(self.importance.shape, dtype=torch.long, device=self.importance.device)
         # importance the partial variant selects from (stable buffers: copied into, never rebound)
         self.his = torch.zeros(self.importance.shape, dtype=torch.float32, device=self.importance.device)
@@ -65,7 +67,7 @@ class TokenSlot:
         self.trajectory: int | None = None
         # c3="forecast": per-token Taylor terms of each token's residual over the blocks
         # (exit − entry; the variants write the entry features here) and each token's stamp
-        entry = [s for s in record if s.role == "entry"]
+        entry = [s for s in record if s.role == BufferRole.ENTRY]
         self.entry = _alloc(entry[0]) if entry else None
         self.value: torch.Tensor | None = None      # F: last computed value per token
         self.slope: torch.Tensor | None = None      # D1 per token (per step of position)
@@ -149,24 +151,21 @@ class TokenSlot:
         """Buffers in the order of ``specs``; ``forecast``: the token forecast variant's
         (the partial variant's weights and history ring, nothing else)."""
         if forecast:
-            specs = [s for s in specs if s.role in ("mix_weights", "history")]
+            specs = [s for s in specs if s.role in _FORECAST_ROLES]
+        by_role = {BufferRole.IMPORTANCE: self.importance, BufferRole.ENTRY: self.entry,
+                   BufferRole.HIS: self.his, BufferRole.FUT: self.fut_now, BufferRole.COUNT: self.count,
+                   BufferRole.INDEX: self.index, BufferRole.REUSE_MASK: self.reuse_mask,
+                   BufferRole.MIX_WEIGHTS: self.mix_weights}
         out = []
         for s in specs:
-            if s.role == "kv":
+            if s.role == BufferRole.KV:
                 out.append(self.kv[s.name])
-            elif s.role == "history":
-                # the record variant writes its one history input; the partial variant reads
-                # history_0..2 (newest first) and writes the oldest, history_2
-                out.append(self.ring[2] if s.name.endswith("_out") else self.ring[int(s.name.rsplit("_", 1)[1])])
-            elif s.role == "importance":
-                out.append(self.importance)
-            elif s.role == "entry":
-                out.append(self.entry)
-            elif s.role in ("his", "fut", "count"):
-                out.append({"his": self.his, "fut": self.fut_now, "count": self.count}[s.role])
+            elif s.role == BufferRole.HISTORY:
+                # the record variant writes its one history input (ring 2); the partial variant
+                # reads history_0..2 (newest first) and writes the oldest, ring 2
+                out.append(self.ring[s.ring])
             else:
-                out.append({"index": self.index, "reuse_mask": self.reuse_mask,
-                            "mix_weights": self.mix_weights}[s.role])
+                out.append(by_role[s.role])
         return out
 
     def push_history(self, timestep: float) -> None:
@@ -342,7 +341,7 @@ class TokenRuntime(SpecDiffRuntime):
 
     def buffer_specs_for(self, variant: str) -> list[BufferSpec]:
         if variant == FORECAST_TOKENS and variant in self.variants:
-            return [s for s in self.partial_specs if s.role in ("mix_weights", "history")]
+            return [s for s in self.partial_specs if s.role in _FORECAST_ROLES]
         specs = {FULL: self.record_specs, PARTIAL: self.partial_specs, DRAFT: self.draft_specs}
         if variant not in self.variants:
             raise KeyError(f"no variant {variant!r}; have {sorted(self.variants)}")
