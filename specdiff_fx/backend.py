@@ -266,7 +266,7 @@ class SpecDiffBackend:
             num_tokens=region.num_tokens,
             c2_share=cfg.c2_share,
             c3=cfg.c3,
-            kv_forecast=cfg.c3 == "forecast" if cfg.kv_forecast is None else bool(cfg.kv_forecast),
+            kv_forecast=cfg.kv_forecast,
             kv_horizon=cfg.kv_horizon,
             score_lambda=cfg.score_lambda,
             draft_steps=cfg.draft_steps,

@@ -45,10 +45,12 @@ class SpecDiffConfig:
     partial_every: specdiff with ``c3="forecast"``: every n-th step after a full step is partial
                    (computes the top tokens, which correct their forecast); the others compute
                    no token at all (every token forecast, blocks skipped).  1: all partial.
-    kv_forecast:   specdiff: keep each K/V cache as a line through the last two full steps and
-                   let a partial step attend to the forecast keys/values of the tokens it
-                   does not compute (the computed tokens write their fresh ones over them).
-                   None (default): on with ``c3="forecast"``, off with ``c3="history"``.
+    kv_forecast:   specdiff with ``c3="forecast"``: keep each K/V cache entry as a line through
+                   its last two computed values, so a partial step attends to the forecast
+                   keys/values of the tokens it does not compute (the computed tokens write
+                   their fresh ones over them and start a new line).  Off by default: on the
+                   reference model it adds up to 1.3 dB but its per-entry updates are eager ops
+                   that cost more than they save on CPU (docs/forecasting.md).
     kv_horizon:    specdiff with ``kv_forecast``: the most steps a K/V entry is extrapolated
                    (beyond it the entry holds its value at the horizon; None: no limit).
                    Default 1: measured on the reference model (docs/forecasting.md), longer
@@ -90,7 +92,7 @@ class SpecDiffConfig:
     c2_share: float = 0.3
     c3: str = "history"
     partial_every: int = 1
-    kv_forecast: bool | None = None
+    kv_forecast: bool = False
     kv_horizon: float | None = 1.0
     score_lambda: float = 1.0
     draft_steps: int = 2
@@ -151,6 +153,9 @@ class SpecDiffConfig:
         if self.partial_every > 1 and self.c3 != "forecast":
             raise ValueError("SpecDiffConfig.partial_every > 1 makes steps where no token is computed; "
                              "they need c3='forecast'")
+        if self.kv_forecast and self.c3 != "forecast":
+            raise ValueError("SpecDiffConfig.kv_forecast forecasts keys/values alongside the tokens' own "
+                             "forecast; it needs c3='forecast'")
         if self.kv_horizon is not None and (not isinstance(self.kv_horizon, (int, float)) or self.kv_horizon <= 0):
             raise ValueError(f"SpecDiffConfig.kv_horizon must be > 0 or None, got {self.kv_horizon!r}")
         if not isinstance(self.score_lambda, (int, float)) or self.score_lambda < 0:

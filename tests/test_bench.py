@@ -15,7 +15,8 @@ from specdiff_fx.bench.plot import pareto_front, pareto_plot
 
 EXPECTED_LABELS = [
     "baseline", "specdiff cr=0.5", "specdiff cr=0.7", "specdiff cr=0.8", "specdiff-forecast cr=0.7",
-    "specdiff-forecast cr=0.5 every=2", "specdiff-forecast cr=0.9 every=3 full=5,9,14,20", "fora interval=2", "fora interval=3", "taylor interval=2",
+    "specdiff-forecast cr=0.5 every=2", "specdiff-forecast cr=0.9 every=3 full=5,9,14,20",
+    "specdiff-forecast cr=0.9 every=3 full=5,9,14,20 kv", "fora interval=2", "fora interval=3", "taylor interval=2",
     "taylor interval=3", "taylor interval=4",
     "taylor interval=5", "taylor interval=4 order=2", "taylor-lite interval=4", "taylor-lite interval=5",
     "taylor-lite interval=6", "taylor-lite interval=7", "taylor-lite full=5,10,15,20", "taylor-lite full=5,9,14,20", "diffusers-firstblockcache", "diffusers-taylorseer", "diffusers-taylorseer-lite",

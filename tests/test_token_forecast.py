@@ -125,7 +125,7 @@ def test_kv_lines_forecast_the_uncomputed_entries_and_rebase_the_computed_ones()
 
 
 @pytest.mark.parametrize("kv_forecast", [True, False])
-def test_kv_forecast_is_on_with_c3_forecast_and_rebases_per_entry(kv_forecast):
+def test_kv_forecast_rebases_per_entry(kv_forecast):
     case = build_tiny("dit")
     model, _ = compile_with(case.model, policy="specdiff", compiler="eager", cache_ratio=0.5, c3="forecast",
                             c2_share=0.0, reset_steps=(), warmup_steps=2, kv_forecast=kv_forecast)
@@ -141,7 +141,9 @@ def test_kv_forecast_is_on_with_c3_forecast_and_rebases_per_entry(kv_forecast):
     else:
         assert not slot.kv_value
     assert all(torch.isfinite(g).all() for g in got)
-    assert SpecDiffConfig(c3="forecast").kv_forecast is None  # None: follows c3
+    assert SpecDiffConfig(c3="forecast").kv_forecast is False  # opt-in (docs/forecasting.md)
+    with pytest.raises(ValueError, match="needs c3='forecast'"):
+        SpecDiffConfig(kv_forecast=True)
     with pytest.raises(ValueError, match="kv_horizon"):
         SpecDiffConfig(kv_horizon=0)
 

@@ -117,7 +117,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "steps, comma-separated rows (default 5-10-15-20,5-9-14-20)")
     m.add_argument("--specdiff-forecast-schedules", type=_forecast_schedules, default=[(0.9, 3, (5, 9, 14, 20))],
                    help="token-level SpecDiff with forecasting on explicit full steps after the warm-up (0-2), as "
-                        "cache_ratio:partial_every:dash-separated steps, comma-separated rows (default 0.9:3:5-9-14-20)")
+                        "cache_ratio:partial_every:dash-separated steps, comma-separated rows (default 0.9:3:5-9-14-20); each "
+                        "with and without kv_forecast")
     m.add_argument("--taylor-tolerances", type=_floats, default=[],
                    help="taylor rows with a probe tolerance (interval = the largest --taylor-intervals)")
     m.add_argument("--specdiff-forecast", type=_pairs, default=[(0.7, 1), (0.5, 2)],
@@ -167,7 +168,8 @@ def all_methods(args: argparse.Namespace) -> list[Method]:
     methods = [baseline_method()]
     methods += [specdiff_method(cr) for cr in args.cache_ratios]
     methods += [specdiff_forecast_method(cr, every) for cr, every in args.specdiff_forecast]
-    methods += [specdiff_forecast_method(cr, every, steps) for cr, every, steps in args.specdiff_forecast_schedules]
+    methods += [specdiff_forecast_method(cr, every, steps, kv_forecast=kv)
+                for cr, every, steps in args.specdiff_forecast_schedules for kv in (False, True)]
     methods += [fora_method(iv) for iv in args.fora_intervals]
     methods += [taylor_method(iv) for iv in args.taylor_intervals]
     methods += [taylor_method(iv, order=2) for iv in args.taylor2_intervals]

@@ -158,14 +158,18 @@ def taylor_method(interval: int, order: int = 1, warmup_steps: int = 3, toleranc
                            warmup_steps=warmup_steps, tolerance=tolerance, lite=lite, reset_steps=tuple(reset_steps))
 
 
-def specdiff_forecast_method(cache_ratio: float, partial_every: int = 1, reset_steps: tuple[int, ...] = ()) -> Method:
+def specdiff_forecast_method(cache_ratio: float, partial_every: int = 1, reset_steps: tuple[int, ...] = (),
+                             kv_forecast: bool = False) -> Method:
     """Token-level SpecDiff whose uncomputed tokens follow their own forecast (c3="forecast"),
-    keys/values included (kv_forecast); ``reset_steps``: explicit full steps after the warm-up
-    (0-2) instead of the policy's default schedule."""
+    optionally their keys/values too (``kv_forecast``); ``reset_steps``: explicit full steps
+    after the warm-up (0-2) instead of the policy's default schedule."""
     when = f" full={','.join(map(str, reset_steps))}" if reset_steps else ""
-    label = f"specdiff-forecast cr={cache_ratio:g}" + (f" every={partial_every}" if partial_every != 1 else "") + when
-    config = f"cache_ratio={cache_ratio:g} c3=forecast kv_forecast (horizon 1) c2_share=0 partial_every={partial_every}"
-    kwargs = dict(policy="specdiff", cache_ratio=cache_ratio, c3="forecast", c2_share=0.0, partial_every=partial_every)
+    label = (f"specdiff-forecast cr={cache_ratio:g}" + (f" every={partial_every}" if partial_every != 1 else "")
+             + when + (" kv" if kv_forecast else ""))
+    config = (f"cache_ratio={cache_ratio:g} c3=forecast c2_share=0 partial_every={partial_every}"
+              + (" kv_forecast (horizon 1)" if kv_forecast else ""))
+    kwargs = dict(policy="specdiff", cache_ratio=cache_ratio, c3="forecast", c2_share=0.0, partial_every=partial_every,
+                  kv_forecast=kv_forecast)
     if reset_steps:
         config += f" full={','.join(map(str, reset_steps))} warmup=3"
         kwargs.update(interval=0, warmup_steps=3, reset_steps=tuple(reset_steps))
