@@ -48,7 +48,7 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     model = load_reference_model()
-    labels = torch.arange(args.images) % 10
+    labels = torch.arange(args.images) % model.num_classes
     noise = torch.randn(args.images, 3, 32, 32, generator=torch.Generator().manual_seed(0))
 
     plain = torch.compile(model.transformer, backend="inductor", fullgraph=True, dynamic=False)
@@ -58,20 +58,26 @@ def main() -> None:
         for _ in range(args.runs):
             sample(model, labels, transformer=timed(plain, log), batch_cfg=True, noise=noise)
     plain_ms = 1000 * statistics.median(log)
-    print(f"plain Inductor step: {plain_ms:.2f} ms (median of {len(log)} calls, batch {2 * args.images})")
+    plain_total = 1000 * sum(log) / args.runs
+    print(f"plain Inductor step: {plain_ms:.2f} ms (median of {len(log)} calls, batch {2 * args.images}); "
+          f"denoiser time per trajectory {plain_total:.0f} ms")
     for name, config in CONFIGS.items():
         compiled = torch.compile(model.transformer, backend=make_backend(**config), fullgraph=True, dynamic=False)
         per_kind: dict[str, list[float]] = {}
+        totals = []
         with torch.no_grad():
             sample(model, labels, transformer=compiled, batch_cfg=True, noise=noise)
             for _ in range(args.runs):
                 log = []
                 sample(model, labels, transformer=timed(compiled, log), batch_cfg=True, noise=noise)
+                totals.append(1000 * sum(log))
                 kinds = [e["calls"][0] for e in get_runtime(compiled).stats()["plan"]]
                 for kind, t in zip(kinds, log):
                     per_kind.setdefault(kind, []).append(t)
         host = get_runtime(compiled).stats()["host_ms_per_call"]
-        print(f"\n{name}: host {host['median']:.2f} ms/call (median)")
+        total = statistics.median(totals)
+        print(f"\n{name}: host {host['median']:.2f} ms/call (median); denoiser time per trajectory "
+              f"{total:.0f} ms ({plain_total / total:.2f}x plain)")
         for kind, ts in per_kind.items():
             ms = 1000 * statistics.median(ts)
             print(f"  {kind:9s} x{len(ts) // args.runs:2d}/trajectory  {ms:8.2f} ms  {ms / plain_ms:6.3f} of plain")
