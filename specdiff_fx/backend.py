@@ -167,8 +167,9 @@ class SpecDiffBackend:
             return self._token_runtime(gm, example_inputs, inputs, branches, common)
         if cfg.policy == "taylor":
             return self._forecast_runtime(gm, example_inputs, branches, common)
-        record, specs = build_branch_record_variant(gm, branches)
-        reuse, _ = build_branch_reuse_variant(gm, branches)
+        held = _cache_dtype(cfg)
+        record, specs = build_branch_record_variant(gm, branches, held)
+        reuse, _ = build_branch_reuse_variant(gm, branches, held)
         trace_artifacts({FULL: record, REUSE: reuse},
                         {"branches": [dataclasses.asdict(b) for b in branches]})
         buffers, examples = _buffers_and_examples(specs, example_inputs)
@@ -188,8 +189,9 @@ class SpecDiffBackend:
         try:
             lite = cfg.lite and _lite_allowed(gm)
             targets = lite_targets(gm, branches, cfg.group_blocks) if lite else branches
-            record, specs = build_forecast_record_variant(gm, targets, cfg.taylor_order)
-            forecast, _ = build_forecast_variant(gm, targets, cfg.taylor_order, probe)
+            held = _cache_dtype(cfg)
+            record, specs = build_forecast_record_variant(gm, targets, cfg.taylor_order, held)
+            forecast, _ = build_forecast_variant(gm, targets, cfg.taylor_order, probe, held)
         except ForecastError as exc:
             raise UnsupportedGraph(f"forecasting not possible: {exc}") from exc
         trace_artifacts({FULL: record, FORECAST: forecast},
@@ -326,6 +328,11 @@ class SpecDiffBackend:
             if runtime is not None and (owned & params or (not owned and not params)):
                 return runtime
         return None
+
+
+def _cache_dtype(cfg: SpecDiffConfig) -> torch.dtype | None:
+    """``SpecDiffConfig.cache_dtype`` as a torch dtype (None: the model's own)."""
+    return None if cfg.cache_dtype is None else getattr(torch, cfg.cache_dtype)
 
 
 def _verify(name: str, graph: fx.GraphModule, examples: Sequence[Any], expected) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields, replace
 from typing import Callable
 
+CACHE_DTYPES = ("bfloat16", "float16", "float32")
 POLICIES = ("off", "fora", "taylor", "specdiff")
 # Schedule defaults per policy (warm-up full steps, interval, reset steps).
 _SCHEDULE_DEFAULTS = {
@@ -78,6 +79,9 @@ class SpecDiffConfig:
     cudagraphs:    replay each variant from a CUDA graph, captured once per cache slot with the
                    runtime's own buffers as static inputs (runtime/cuda_graphs.py). CUDA only:
                    a clear error where CUDA is unavailable.
+    cache_dtype:   fora/taylor: hold branch caches and Taylor terms in ``"bfloat16"`` or
+                   ``"float16"`` (None: the model's dtype); reads cast back, so only the stored
+                   values are rounded.  Halves cache memory for an fp32 model.
     inductor_config: ``config_patches`` passed to Inductor's ``compile_fx``.
     timestep_input: substring naming the timestep input if it is not called ``timestep``.
     timestep_direction: ``"down"`` (the timestep falls along a trajectory, most samplers) or
@@ -106,6 +110,7 @@ class SpecDiffConfig:
     tolerance: float | None = None
     compiler: str = "inductor"
     cudagraphs: bool = False
+    cache_dtype: str | None = None
     inductor_config: dict = field(default_factory=dict)
     timestep_input: str | None = None
     timestep_direction: str = "down"
@@ -123,6 +128,13 @@ class SpecDiffConfig:
             if not torch.cuda.is_available():
                 raise ValueError("SpecDiffConfig(cudagraphs=True) needs a CUDA device; this machine has none "
                                  "(torch.cuda.is_available() is False). Leave cudagraphs off on CPU.")
+        if self.cache_dtype is not None:
+            if self.cache_dtype not in CACHE_DTYPES:
+                raise ValueError(f"SpecDiffConfig.cache_dtype must be one of {CACHE_DTYPES} or None, "
+                                 f"got {self.cache_dtype!r}")
+            if self.policy not in ("fora", "taylor"):
+                raise ValueError("SpecDiffConfig.cache_dtype applies to the fora and taylor caches; "
+                                 f"policy {self.policy!r} keeps its caches in the model's dtype")
         if self.compiler not in COMPILERS:
             raise ValueError(f"SpecDiffConfig.compiler must be one of {COMPILERS}, got {self.compiler!r}")
         for name in ("warmup_steps", "interval"):

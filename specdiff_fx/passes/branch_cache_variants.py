@@ -10,10 +10,15 @@
 
 Both variants take the original inputs followed by the caches in the same order, so the
 runtime can hand the same buffer list to either.
+
+``cache_dtype`` (e.g. ``torch.bfloat16``) holds the caches in a narrower dtype than the model
+computes in: the record's ``copy_`` rounds, and the reuse variant reads the cache through a
+cast back to the branch's own dtype, so every op downstream sees the dtype it had.
 """
 
 from __future__ import annotations
 
+import torch
 import torch.fx as fx
 
 from ..buffers import BufferRole, BufferSpec
@@ -27,7 +32,8 @@ CACHE_INPUT_TAG = "branch_cache_input"
 BRANCH_CACHE = BufferRole.BRANCH_CACHE
 
 
-def _cache_specs(gm: fx.GraphModule, branches: list[ResidualBranch]) -> list[BufferSpec]:
+def _cache_specs(gm: fx.GraphModule, branches: list[ResidualBranch],
+                 cache_dtype: torch.dtype | None = None) -> list[BufferSpec]:
     specs = []
     for i, br in enumerate(branches):
         meta = tensor_meta(find_node(gm, br.cached))
@@ -39,26 +45,27 @@ def _cache_specs(gm: fx.GraphModule, branches: list[ResidualBranch]) -> list[Buf
                 role=BRANCH_CACHE,
                 branch=br.name,
                 shape=tuple(int(s) for s in meta.shape),
-                dtype=meta.dtype,
+                dtype=cache_dtype if cache_dtype is not None and meta.dtype.is_floating_point else meta.dtype,
                 device=meta.device,
             )
         )
     return specs
 
 
-def _copy_with_cache_inputs(gm: fx.GraphModule, branches: list[ResidualBranch]):
+def _copy_with_cache_inputs(gm: fx.GraphModule, branches: list[ResidualBranch],
+                            cache_dtype: torch.dtype | None = None):
     """A copy of ``gm`` with one cache input per branch: (copy, specs, [(branch, cache node)])."""
-    specs = _cache_specs(gm, branches)
+    specs = _cache_specs(gm, branches, cache_dtype)
     out = copy_graph_module(gm)
     caches = [add_static_input(out, spec.name, kind=CACHE_INPUT_TAG) for spec in specs]
     return out, specs, list(zip(branches, caches))
 
 
 def build_branch_record_variant(
-    gm: fx.GraphModule, branches: list[ResidualBranch]
+    gm: fx.GraphModule, branches: list[ResidualBranch], cache_dtype: torch.dtype | None = None
 ) -> tuple[fx.GraphModule, list[BufferSpec]]:
     """Copy of ``gm`` that also writes every branch output into its cache input."""
-    out, specs, pairs = _copy_with_cache_inputs(gm, branches)
+    out, specs, pairs = _copy_with_cache_inputs(gm, branches, cache_dtype)
     for br, cache in pairs:
         value = find_node(out, br.cached)
         add = find_node(out, br.add)
@@ -70,13 +77,19 @@ def build_branch_record_variant(
 
 
 def build_branch_reuse_variant(
-    gm: fx.GraphModule, branches: list[ResidualBranch]
+    gm: fx.GraphModule, branches: list[ResidualBranch], cache_dtype: torch.dtype | None = None
 ) -> tuple[fx.GraphModule, list[BufferSpec]]:
     """Copy of ``gm`` where every residual add reads its branch from the cache input."""
-    out, specs, pairs = _copy_with_cache_inputs(gm, branches)
-    for br, cache in pairs:
+    out, specs, pairs = _copy_with_cache_inputs(gm, branches, cache_dtype)
+    for (br, cache), spec in zip(pairs, specs):
         consumer = find_node(out, br.add if br.cached == br.output else br.output)
-        consumer.replace_input_with(find_node(out, br.cached), cache)
+        value = find_node(out, br.cached)
+        read = cache
+        own = tensor_meta(value).dtype
+        if spec.dtype != own:
+            with out.graph.inserting_before(consumer):
+                read = tag_inserted(out.graph.call_method("to", (cache, own)), REUSE_TAG, consumer)
+        consumer.replace_input_with(value, read)
         consumer.meta["specdiff"] = REUSE_TAG
     out.graph.eliminate_dead_code()
     return recompile(out), specs

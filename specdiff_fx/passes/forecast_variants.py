@@ -82,8 +82,10 @@ class ForecastError(ValueError):
     """The graph cannot be given forecast variants (names the branch and why)."""
 
 
-def _term_specs(gm: fx.GraphModule, targets: list, order: int) -> list[BufferSpec]:
-    """``order + 1`` term buffers per forecast target (a branch's cached value, a chain's output)."""
+def _term_specs(gm: fx.GraphModule, targets: list, order: int,
+                cache_dtype: torch.dtype | None = None) -> list[BufferSpec]:
+    """``order + 1`` term buffers per forecast target (a branch's cached value, a chain's output),
+    in ``cache_dtype`` if given (read back through a cast to the target's dtype)."""
     specs = []
     for i, target in enumerate(targets):
         node_name = target.cached if isinstance(target, ResidualBranch) else target.output
@@ -95,31 +97,47 @@ def _term_specs(gm: fx.GraphModule, targets: list, order: int) -> list[BufferSpe
         for j in range(order + 1):
             specs.append(BufferSpec(
                 name=f"specdiff_taylor_{i}_{j}", role=TAYLOR_TERM, branch=target.name,
-                shape=tuple(int(s) for s in meta.shape), dtype=meta.dtype, device=meta.device,
+                shape=tuple(int(s) for s in meta.shape), dtype=cache_dtype or meta.dtype, device=meta.device,
             ))
     return specs
 
 
-def forecast_input_specs(gm: fx.GraphModule, branches: list, order: int = 1) -> list[BufferSpec]:
+def forecast_input_specs(gm: fx.GraphModule, branches: list, order: int = 1,
+                         cache_dtype: torch.dtype | None = None) -> list[BufferSpec]:
     """The extra inputs both variants take: per target (branch or chain) ``order + 1`` terms,
     then the coefficients, then the error estimate."""
     if order not in ORDERS:
         raise ForecastError(f"forecast order must be one of {ORDERS}, got {order!r}")
     if not branches:
         raise ForecastError("no residual branches to forecast")
-    specs = _term_specs(gm, branches, order)
+    specs = _term_specs(gm, branches, order, cache_dtype)
     device = specs[0].device
     specs.append(BufferSpec(COEF_INPUT, TAYLOR_COEF, (4,), torch.float32, device))
     specs.append(BufferSpec(ERROR_INPUT, FORECAST_ERROR, (1,), torch.float32, device))
     return specs
 
 
-def _copy_with_inputs(gm, branches, order):
-    specs = forecast_input_specs(gm, branches, order)
+_HELD_DTYPE = "specdiff_held_dtype"  # node meta: the dtype a term input is held in
+
+
+def _copy_with_inputs(gm, branches, order, cache_dtype=None):
+    """The copy, its specs, per target its term inputs, the coefficients and the error input.
+    Reads of a term go through ``_read`` (a cast back when the terms are held narrower)."""
+    specs = forecast_input_specs(gm, branches, order, cache_dtype)
     out = copy_graph_module(gm)
     nodes = [add_static_input(out, s.name, kind=FORECAST_INPUT_TAG) for s in specs]
+    for node, spec in zip(nodes, specs):
+        node.meta[_HELD_DTYPE] = spec.dtype
     terms = [nodes[i * (order + 1):(i + 1) * (order + 1)] for i in range(len(branches))]
     return out, specs, terms, nodes[-2], nodes[-1]
+
+
+
+def _read(graph: fx.Graph, term: fx.Node, dtype: torch.dtype, like: fx.Node, tag: str) -> fx.Node:
+    """``term`` as ``dtype``: itself, or a cast when the term is held in another dtype."""
+    if term.meta.get(_HELD_DTYPE, dtype) == dtype:
+        return term
+    return tag_inserted(graph.call_method("to", (term, dtype)), tag, like)
 
 
 def _call(graph: fx.Graph, fn, args, like: fx.Node, tag: str) -> fx.Node:
@@ -127,11 +145,11 @@ def _call(graph: fx.Graph, fn, args, like: fx.Node, tag: str) -> fx.Node:
 
 
 def build_forecast_record_variant(
-    gm: fx.GraphModule, branches: list, order: int = 1
+    gm: fx.GraphModule, branches: list, order: int = 1, cache_dtype: torch.dtype | None = None
 ) -> tuple[fx.GraphModule, list[BufferSpec]]:
     """Copy of ``gm`` that also updates every target's Taylor terms in place (a branch: its
     cached value; a :class:`ResidualChain`: its residual ``output − source``)."""
-    out, specs, terms, coef, _ = _copy_with_inputs(gm, branches, order)
+    out, specs, terms, coef, _ = _copy_with_inputs(gm, branches, order, cache_dtype)
     g_ = out.graph
     for target, term in zip(branches, terms):
         if isinstance(target, ResidualChain):
@@ -151,26 +169,30 @@ def _insert_record(g_: fx.Graph, value: fx.Node, terms: list[fx.Node], coef: fx.
     # inserting_before(next) keeps consecutive inserts in program order
     with g_.inserting_before(value.next):
         g = tag_inserted(g_.call_method("detach", (value,)), FORECAST_RECORD_TAG, like)
+        meta = tensor_meta(value)
+        dtype = (meta if meta is not None else tensor_meta(like)).dtype
         c0 = _call(g_, operator.getitem, (coef, 0), like, FORECAST_RECORD_TAG)
-        delta = _call(g_, operator.sub, (g, f_prev), like, FORECAST_RECORD_TAG)
+        delta = _call(g_, operator.sub, (g, _read(g_, f_prev, dtype, like, FORECAST_RECORD_TAG)), like,
+                      FORECAST_RECORD_TAG)
         d1_new = _call(g_, operator.mul, (delta, c0), like, FORECAST_RECORD_TAG)
         writes = []
         if order == 2:
             c1 = _call(g_, operator.getitem, (coef, 1), like, FORECAST_RECORD_TAG)
-            step = _call(g_, operator.sub, (d1_new, diffs[0]), like, FORECAST_RECORD_TAG)
+            step = _call(g_, operator.sub, (d1_new, _read(g_, diffs[0], dtype, like, FORECAST_RECORD_TAG)), like,
+                         FORECAST_RECORD_TAG)
             writes.append((diffs[1], _call(g_, operator.mul, (step, c1), like, FORECAST_RECORD_TAG)))
         writes += [(diffs[0], d1_new), (f_prev, g)]
         for buf, new in writes:  # every read above happens before the first write
             tag_inserted(g_.call_method("copy_", (buf, new)), FORECAST_RECORD_TAG, like, writes=True)
 
 
-def _forecast_value(graph: fx.Graph, f_prev, diffs, coef, like) -> fx.Node:
-    """``F + a1·D1 (+ a2·D2)`` inserted before ``like``."""
+def _forecast_value(graph: fx.Graph, f_prev, diffs, coef, like, dtype: torch.dtype) -> fx.Node:
+    """``F + a1·D1 (+ a2·D2)`` in ``dtype``, inserted before ``like``."""
     with graph.inserting_before(like):
-        value = f_prev
+        value = _read(graph, f_prev, dtype, like, FORECAST_TAG)
         for j, diff in enumerate(diffs):
             a = _call(graph, operator.getitem, (coef, 2 + j), like, FORECAST_TAG)
-            term = _call(graph, operator.mul, (diff, a), like, FORECAST_TAG)
+            term = _call(graph, operator.mul, (_read(graph, diff, dtype, like, FORECAST_TAG), a), like, FORECAST_TAG)
             value = _call(graph, operator.add, (value, term), like, FORECAST_TAG)
     return value
 
@@ -180,6 +202,7 @@ def build_forecast_variant(
     branches: list,
     order: int = 1,
     probe_branches: tuple[str, ...] = (),
+    cache_dtype: torch.dtype | None = None,
 ) -> tuple[fx.GraphModule, list[BufferSpec]]:
     """Copy of ``gm`` where every branch consumer reads its forecast (bodies dropped),
     except the ``probe_branches`` (names), which are computed and measure the forecast error.
@@ -188,20 +211,20 @@ def build_forecast_variant(
     unknown = set(probe_branches) - {b.name for b in branches}
     if unknown:
         raise ForecastError(f"probe branches {sorted(unknown)} are not residual branches of this graph")
-    out, specs, terms, coef, err = _copy_with_inputs(gm, branches, order)
+    out, specs, terms, coef, err = _copy_with_inputs(gm, branches, order, cache_dtype)
     g_ = out.graph
     num = den = last = None
     for br, (f_prev, *diffs) in zip(branches, terms):
         if isinstance(br, ResidualChain):
             last = find_node(out, br.output)
-            forecast = _forecast_value(g_, f_prev, diffs, coef, last.next)
+            forecast = _forecast_value(g_, f_prev, diffs, coef, last.next, tensor_meta(last).dtype)
             with g_.inserting_after(forecast):
                 value = _call(g_, operator.add, (find_node(out, br.source), forecast), last, FORECAST_TAG)
             last.replace_all_uses_with(value)
             continue
         consumer = find_node(out, br.add if br.cached == br.output else br.output)
         value = find_node(out, br.cached)
-        forecast = _forecast_value(g_, f_prev, diffs, coef, consumer)
+        forecast = _forecast_value(g_, f_prev, diffs, coef, consumer, tensor_meta(value).dtype)
         if br.name not in probe_branches:
             consumer.replace_input_with(value, forecast)
             consumer.meta["specdiff"] = FORECAST_TAG
