@@ -20,6 +20,7 @@ would be missed.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
@@ -373,8 +374,6 @@ def inspect_frames(model: torch.nn.Module, example_kwargs: dict[str, Any], polic
     eager compiler, ``fullgraph=False``), call it once, and report the frame that caches the
     most branches (or, if every frame falls back, the largest one).  ``report.frames`` lists
     every frame with what the backend did with it."""
-    import warnings
-
     backend = make_backend(policy=policy, compiler="eager")
     compiled = torch.compile(model, backend=backend, dynamic=False)
     with warnings.catch_warnings(), torch.no_grad():
