@@ -1,4 +1,4 @@
-"""Does the importance estimate survive bf16 logits?  (Evidence for a cheaper record step.)
+"""Does the importance estimate survive bf16 logits, or fewer queries?  (Evidence for a cheaper record step.)
 
 Why: on an H200 at SD3-medium shape the full+record step costs 2.1x a plain step (docs/scale.md).
 The likely cause is ``token_ops.attention_received`` upcasting q and k to fp32 and materialising the
@@ -12,6 +12,10 @@ and with q, k rounded to bf16 and a bf16 matmul.  Per call it reports the overla
 (k = (1 - cache_ratio) * N, i.e. C1) and the Spearman rank correlation of the summed importance.
 
     python examples/importance_precision.py --seeds 4
+
+``--approx-stride S`` compares instead the graph's importance with one computed from every S-th
+query (fp32, as the graph does): how much ranking a sparser query sample loses.  Run it with
+``--stride 1`` to compare against the exact importance.
 """
 
 from __future__ import annotations
@@ -37,15 +41,19 @@ def received_bf16(query, key, scale, offset, count, query_stride=1):
 
 
 class TwoPrecisions(fx.Interpreter):
-    def __init__(self, gm):
+    def __init__(self, gm, approx_stride: int | None = None):
         super().__init__(gm)
         self.exact, self.approx = [], []
+        self.approx_stride = approx_stride
 
     def call_function(self, target, args, kwargs):
         out = super().call_function(target, args, kwargs)
         if target is token_ops.attention_received:
             self.exact.append(out)
-            self.approx.append(received_bf16(*args, **kwargs))
+            if self.approx_stride is None:
+                self.approx.append(received_bf16(*args, **kwargs))
+            else:
+                self.approx.append(token_ops.attention_received(*args[:5], self.approx_stride))
         return out
 
 
@@ -60,6 +68,7 @@ def main() -> None:
     parser.add_argument("--record-steps", default="2,14", help="steps whose inputs are scored (the full steps before partial ones)")
     parser.add_argument("--cache-ratio", type=float, default=0.7)
     parser.add_argument("--stride", type=int, default=4)
+    parser.add_argument("--approx-stride", type=int, help="compare with this query stride instead of bf16")
     args = parser.parse_args()
     torch.set_num_threads(1)
     model = load_reference_model()
@@ -100,7 +109,7 @@ def main() -> None:
                         flat[i] = kw[key]
                         replaced.add(key)
                 assert {"hidden_states", "timestep"} <= replaced, replaced
-                interp = TwoPrecisions(graph)
+                interp = TwoPrecisions(graph, args.approx_stride)
                 interp.run(*flat, *buffers)
                 exact = torch.stack(interp.exact).sum(0)
                 approx = torch.stack(interp.approx).sum(0)
@@ -112,7 +121,9 @@ def main() -> None:
                     overlaps.append(len(a & b) / k)
                     ra, rb = ranks(exact[row]), ranks(approx[row])
                     spearman.append(float(torch.corrcoef(torch.stack([ra, rb]))[0, 1]))
-    print(f"top-{args.cache_ratio:g} C1 overlap, bf16 vs fp32 logits: mean {statistics.fmean(overlaps):.4f} "
+    what = "bf16 vs fp32 logits" if args.approx_stride is None else \
+        f"query stride {args.approx_stride} vs {args.stride}"
+    print(f"top-{args.cache_ratio:g} C1 overlap, {what}: mean {statistics.fmean(overlaps):.4f} "
           f"min {min(overlaps):.4f} over {len(overlaps)} rows; Spearman mean {statistics.fmean(spearman):.5f} "
           f"min {min(spearman):.5f}")
 

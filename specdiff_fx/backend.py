@@ -44,9 +44,11 @@ from .passes.token_forecast import build_token_forecast_variant, forecast_residu
 from .passes.token_select import select_tokens_in_graph
 from .passes.verify import VariantVerificationError, output_signature, verify_variant, with_fake_values
 from .passes.token_variants import (
+    ImportanceSampling,
     build_token_draft_variant,
     build_token_partial_variant,
     build_token_record_variant,
+    importance_plan,
 )
 from .runtime import (
     DRAFT,
@@ -219,14 +221,14 @@ class SpecDiffBackend:
         except TokenAxisError as exc:
             raise UnsupportedGraph(f"token-level caching not possible: {exc}") from exc
         k = max(2, min(region.num_tokens, round((1.0 - cfg.cache_ratio) * region.num_tokens)))
-        stride = cfg.importance_query_stride
+        sampling = ImportanceSampling(cfg.importance_query_stride, cfg.importance_queries, cfg.importance_sites)
         try:
-            record, record_specs = build_token_record_variant(gm, region, stride)
+            record, record_specs = build_token_record_variant(gm, region, sampling)
             partial, partial_specs = build_token_partial_variant(gm, region, k)
             graphs = {"original": gm, FULL: record, PARTIAL: partial}
             built = {FULL: (record, record_specs), PARTIAL: (partial, partial_specs)}
             if cfg.draft_steps >= 2:
-                draft, draft_specs = build_token_draft_variant(gm, region, stride)
+                draft, draft_specs = build_token_draft_variant(gm, region, sampling)
                 graphs[DRAFT] = draft
                 built[DRAFT] = (draft, draft_specs)
             if cfg.c3 == "forecast":  # forecast each token's residual over the blocks
@@ -276,7 +278,9 @@ class SpecDiffBackend:
             draft_update=cfg.draft_update,
             flops=flops,
             info={"branches": len(branches), "branch_kinds": count_kinds(branches),
-                  "attention_sites": sum(s.key_layout is not None for s in region.sites)},
+                  "attention_sites": sum(s.key_layout is not None for s in region.sites),
+                  "importance_sites": [{"site": node, "query_stride": stride}
+                                       for node, stride in importance_plan(region, sampling)]},
             graphs=graphs,
             **common,
         )

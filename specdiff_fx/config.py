@@ -61,7 +61,14 @@ class SpecDiffConfig:
     draft_update:  specdiff: ``f(x, model_output, t, t_next, scale) -> x_next`` advancing
                    the draft; default: Euler step of a velocity (flow-matching) model.
     importance_query_stride: specdiff: 1 scores tokens by the exact attention they receive;
-                   s > 1 estimates it from every s-th query at 1/s of the cost.
+                   s > 1 estimates it from one query in every s (jittered within each block
+                   of s, so no lattice aliases with the image grid) at 1/s of the cost.
+    importance_queries: specdiff: at most this many queries sampled per attention site; at
+                   large sizes the stride grows to stay under it.  None: no cap.  Default 64:
+                   on the reference model 16 queries per site score as well as all of them
+                   (docs/scale.md), and the record step's cost stops growing with N².
+    importance_sites: specdiff: score at most this many attention sites, spread evenly over
+                   the stack.  None: every self/joint attention site.
     taylor_order:  taylor: 1 (default) or 2, the order of the branch forecast.
     forecast_variable: taylor: ``"step"`` (k counts steps) or ``"timestep"`` (k is the
                    timestep distance, following a sampler's uneven spacing).
@@ -102,6 +109,8 @@ class SpecDiffConfig:
     draft_steps: int = 2
     draft_update: Callable | None = None
     importance_query_stride: int = 4
+    importance_queries: int | None = 64
+    importance_sites: int | None = None
     taylor_order: int = 1
     forecast_variable: str = "step"
     probe: bool = False
@@ -177,6 +186,10 @@ class SpecDiffConfig:
         if not isinstance(self.importance_query_stride, int) or self.importance_query_stride < 1:
             raise ValueError(
                 f"SpecDiffConfig.importance_query_stride must be an int >= 1, got {self.importance_query_stride!r}")
+        for name in ("importance_queries", "importance_sites"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise ValueError(f"SpecDiffConfig.{name} must be an int >= 1 or None, got {value!r}")
         if self.taylor_order not in (1, 2):
             raise ValueError(f"SpecDiffConfig.taylor_order must be 1 or 2, got {self.taylor_order!r}")
         if self.forecast_variable not in ("step", "timestep"):

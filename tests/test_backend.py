@@ -25,6 +25,9 @@ FAMILIES = ["dit", "pixart", "sd3", "flux", "unet"]
     (dict(draft_steps=-1), "draft_steps"),
     (dict(draft_update=3), "draft_update"),
     (dict(reset_steps=(-1,)), "reset_steps"),
+    (dict(importance_queries=0), "importance_queries"),
+    (dict(importance_sites=True), "importance_sites"),
+    (dict(importance_query_stride=0), "importance_query_stride"),
 ])
 def test_config_rejects_bad_values(bad, match):
     with pytest.raises((ValueError, TypeError), match=match):

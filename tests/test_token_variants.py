@@ -4,9 +4,11 @@ subsets: the C1 tokens' features equal the full features at those tokens."""
 import pytest
 import torch
 
-from specdiff_fx.passes.graph_queries import is_attention
+from specdiff_fx.passes.graph_queries import is_attention, tensor_meta
 from specdiff_fx.passes.token_axis import analyze_token_axis
+from specdiff_fx.passes import token_ops
 from specdiff_fx.passes.token_variants import (
+    ImportanceSampling,
     build_token_draft_variant,
     build_token_partial_variant,
     build_token_record_variant,
@@ -177,7 +179,7 @@ def test_query_subsampled_importance_ranks_like_exact(stride, capture):
     gm, example = capture(case.model, case.make_inputs(batch=2))
     region = analyze_token_axis(gm)
     _, exact_bufs, _ = record_at(gm, region, example)
-    estimate, specs = build_token_record_variant(gm, region, query_stride=stride)
+    estimate, specs = build_token_record_variant(gm, region, ImportanceSampling(stride))
     bufs = {s.name: torch.zeros(s.shape, dtype=s.dtype) for s in specs}
     with torch.no_grad():
         estimate(*example, *[bufs[s.name] for s in specs])
@@ -185,3 +187,72 @@ def test_query_subsampled_importance_ranks_like_exact(stride, capture):
     print(f"stride {stride}: Spearman rho per batch element {rho.tolist()}")
     assert torch.all(rho > 0.8), rho
     assert not torch.allclose(bufs["specdiff_importance"], exact_bufs["specdiff_importance"])
+
+
+def test_importance_sampling_stride_and_sites():
+    s = ImportanceSampling(stride=4, max_queries=256)
+    assert s.stride_for(1056) == 5          # ceil(1056/256) = 5, odd already
+    assert s.stride_for(4429) == 18 and -(-4429 // 18) <= 256
+    assert s.stride_for(800) == 4           # the minimum stride already samples <= 256
+    assert ImportanceSampling(stride=1, max_queries=64).stride_for(256) == 4
+    assert ImportanceSampling().stride_for(10_000) == 1
+    assert ImportanceSampling(max_sites=6).sites(24) == [2, 6, 10, 14, 18, 22]
+    assert ImportanceSampling(max_sites=2).sites(4) == [1, 3]
+    assert ImportanceSampling(max_sites=1).sites(5) == [2]
+    assert ImportanceSampling(max_sites=8).sites(3) == [0, 1, 2]
+    for bad in (dict(stride=0), dict(max_queries=0), dict(max_sites=True), dict(max_sites=1.5)):
+        with pytest.raises(ValueError):
+            ImportanceSampling(**bad)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_importance_sampling_bounds_the_scored_sites_and_queries(family, capture):
+    """max_sites scores only that many sites; max_queries bounds each site's query sample."""
+    case = build_tiny(family)
+    gm, example = capture(case.model, case.make_inputs(batch=2))
+    region = analyze_token_axis(gm)
+    exact, _ = build_token_record_variant(gm, region)
+
+    def calls(g):
+        return [n for n in g.graph.nodes if n.target is token_ops.attention_received]
+
+    sites = len(calls(exact))
+    assert sites >= 2
+    sampling = ImportanceSampling(stride=1, max_queries=8, max_sites=sites - 1)
+    sampled, specs = build_token_record_variant(gm, region, sampling)
+    assert len(calls(sampled)) == sites - 1
+    bufs = [torch.zeros(s.shape, dtype=s.dtype) for s in specs]
+    with torch.no_grad():
+        sampled(*example, *bufs)
+    importance = bufs[[s.name for s in specs].index("specdiff_importance")]
+    assert torch.isfinite(importance).all() and importance.sum() > 0
+    for node in calls(sampled):
+        query = tensor_meta(node.args[0])
+        stride = node.args[5]
+        assert -(-query.shape[2] // stride) <= 8, (query.shape, stride)
+
+
+@pytest.mark.parametrize("length,stride", [(256, 4), (257, 4), (1056, 17), (7, 3), (5, 1), (3, 8)])
+def test_query_sample_takes_one_query_per_block(length, stride):
+    """One position in each block of ``stride`` (the last block may be short), inside the sequence."""
+    pos = token_ops.query_sample(length, stride)
+    assert pos.shape == (-(-length // stride),)
+    assert torch.equal(pos // stride, torch.arange(pos.numel()))
+    assert int(pos.max()) < length and int(pos.min()) >= 0
+    if stride > 2 and length >= 8 * stride:  # jittered, not a lattice
+        assert len(set((pos % stride).tolist())) > 1
+
+
+def test_backend_reports_and_applies_its_importance_plan(capture):
+    """SpecDiffConfig's importance knobs reach the record and draft graphs and runtime.info."""
+    from specdiff_fx import make_backend
+
+    case = build_tiny("sd3", layers=3, sample=16, patch=2)  # 64 image tokens (+ text) per query row
+    gm, example = capture(case.model, case.make_inputs(batch=2))
+    runtime = make_backend(policy="specdiff", compiler="eager", importance_queries=8,
+                           importance_sites=2).build_runtime(gm, example)
+    plan = runtime.info["importance_sites"]
+    assert len(plan) == 2 and all(row["query_stride"] >= 8 for row in plan), plan
+    for name in ("full", "draft"):
+        calls = [n for n in runtime.graphs[name].graph.nodes if n.target is token_ops.attention_received]
+        assert [n.args[5] for n in calls] == [row["query_stride"] for row in plan]

@@ -263,6 +263,9 @@ class FlopModel:
             flops = self.attention(node, value_products=True)
         elif node.op == "call_function" and node.target is token_ops.attention_received:
             flops = self.attention(node, value_products=False)  # softmax(QKᵀ) only
+            stride = node.args[5] if len(node.args) > 5 else node.kwargs.get("query_stride", 1)
+            if flops is not None and isinstance(stride, int) and stride > 1:
+                flops = flops / stride  # one query in every ``stride`` (token_ops.query_sample)
         elif node.op == "call_function" and node.target is torch.einsum:
             flops = self.einsum(node)
         elif (node.op == "call_function" and node.target in _MATMUL_FUNCTIONS) or (

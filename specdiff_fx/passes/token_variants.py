@@ -17,6 +17,7 @@ All runtime-owned buffers are extra static inputs described by :class:`~specdiff
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import sympy
@@ -64,9 +65,66 @@ def _image_segment(layout: TokenAxis, n: int) -> tuple[int, int]:
     raise TokenAxisError(f"attention keys with layout {layout.segments} have no image segment")
 
 
-def _record_sites(out: fx.GraphModule, region: TokenRegion, write_kv: bool, query_stride: int = 1):
+@dataclass(frozen=True)
+class ImportanceSampling:
+    """How the full+record and draft variants estimate the attention each image token receives.
+
+    The exact sum (every query, every self/joint attention site) materialises a
+    ``queries × keys`` map per head: at SD3-medium shape and 1024² that is 2.1× a plain step on
+    an H200 (docs/scale.md), where fused SDPA never materialises it.  Three knobs bound it:
+
+    * ``stride``: one query in every s (at least), jittered within its block of s
+      (:func:`token_ops.query_sample`: no lattice to alias with the image grid); 1 is exact.
+    * ``max_queries``: at most this many queries per site.  Where the stride would sample more,
+      it grows to ``ceil(queries / max_queries)``.
+    * ``max_sites``: score at most this many sites, spread evenly over the stack (the centres
+      of ``max_sites`` equal groups), so early and late layers both contribute.
+    """
+
+    stride: int = 1
+    max_queries: int | None = None
+    max_sites: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("max_queries", "max_sites"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise ValueError(f"ImportanceSampling.{name} must be an int >= 1 or None, got {value!r}")
+        if not isinstance(self.stride, int) or self.stride < 1:
+            raise ValueError(f"ImportanceSampling.stride must be an int >= 1, got {self.stride!r}")
+
+    def stride_for(self, queries: int) -> int:
+        """The query stride at a site with ``queries`` queries."""
+        stride = self.stride
+        if self.max_queries is not None and -(-queries // stride) > self.max_queries:
+            stride = -(-queries // self.max_queries)
+        return stride
+
+    def sites(self, count: int) -> list[int]:
+        """Which of ``count`` scoring sites (in graph order) contribute."""
+        if self.max_sites is None or self.max_sites >= count:
+            return list(range(count))
+        return sorted({int((i + 0.5) * count / self.max_sites) for i in range(self.max_sites)})
+
+
+def _scoring_sites(region: TokenRegion) -> list:
+    """Self/joint attention sites whose attention map scores the image tokens."""
+    return [s for s in region.sites if s.key_layout is not None
+            and s.query_layout.axis == 2 and s.key_layout.axis == 2]
+
+
+def importance_plan(region: TokenRegion, sampling: ImportanceSampling) -> list[tuple[str, int]]:
+    """``(sdpa node, query stride)`` of each site that contributes to the importance."""
+    sites = _scoring_sites(region)
+    return [(sites[i].node, sampling.stride_for(sites[i].query_layout.concrete(region.num_tokens)))
+            for i in sampling.sites(len(sites))]
+
+
+def _record_sites(out: fx.GraphModule, region: TokenRegion, write_kv: bool,
+                  sampling: ImportanceSampling = ImportanceSampling()):
     """Insert K/V cache writes (optionally) and importance recording at attention sites."""
     nodes = {n.name: n for n in out.graph.nodes}
+    plan = dict(importance_plan(region, sampling))
     specs, received = [], []
     for i, site in enumerate(s for s in region.sites if s.key_layout is not None):
         sdpa = nodes[site.node]
@@ -79,11 +137,11 @@ def _record_sites(out: fx.GraphModule, region: TokenRegion, write_kv: bool, quer
                 with out.graph.inserting_before(sdpa):
                     det = tag_inserted(out.graph.call_method("detach", (value_node,)), TAG_WRITE, sdpa)
                     tag_inserted(out.graph.call_method("copy_", (cache, det)), TAG_WRITE, sdpa, writes=True)
-        if site.query_layout.axis == 2 and site.key_layout.axis == 2:
+        if site.node in plan:
             offset, count = _image_segment(site.key_layout, region.num_tokens)
             with out.graph.inserting_before(sdpa):
                 received.append(tag_inserted(out.graph.call_function(
-                    token_ops.attention_received, (query, key, site.scale, offset, count, query_stride)),
+                    token_ops.attention_received, (query, key, site.scale, offset, count, plan[site.node])),
                     TAG_SCORE, sdpa))
     return specs, received
 
@@ -105,11 +163,12 @@ def _record_importance(out: fx.GraphModule, region: TokenRegion, received: list[
     return spec
 
 
-def build_token_record_variant(gm: fx.GraphModule, region: TokenRegion, query_stride: int = 1):
+def build_token_record_variant(gm: fx.GraphModule, region: TokenRegion,
+                               sampling: ImportanceSampling = ImportanceSampling()):
     """Full computation that refreshes K/V caches and history and records importance
-    (exactly, or estimated from every ``query_stride``-th query)."""
+    (exactly by default, or estimated as ``sampling`` says)."""
     out = copy_graph_module(gm)
-    specs, received = _record_sites(out, region, write_kv=True, query_stride=query_stride)
+    specs, received = _record_sites(out, region, write_kv=True, sampling=sampling)
     specs.append(_record_importance(out, region, received))
     exit_node = next(n for n in out.graph.nodes if n.name == region.exit)
     meta = _meta(exit_node)
@@ -123,10 +182,11 @@ def build_token_record_variant(gm: fx.GraphModule, region: TokenRegion, query_st
     return _finish(out), specs
 
 
-def build_token_draft_variant(gm: fx.GraphModule, region: TokenRegion, query_stride: int = 1):
+def build_token_draft_variant(gm: fx.GraphModule, region: TokenRegion,
+                              sampling: ImportanceSampling = ImportanceSampling()):
     """Full computation that only records importance (no cache is touched)."""
     out = copy_graph_module(gm)
-    _, received = _record_sites(out, region, write_kv=False, query_stride=query_stride)
+    _, received = _record_sites(out, region, write_kv=False, sampling=sampling)
     spec = _record_importance(out, region, received)
     return _finish(out), [spec]
 
