@@ -232,7 +232,7 @@ def test_importance_sampling_bounds_the_scored_sites_and_queries(family, capture
         assert -(-query.shape[2] // stride) <= 8, (query.shape, stride)
 
 
-@pytest.mark.parametrize("length,stride", [(256, 4), (257, 4), (1056, 17), (7, 3), (5, 1), (3, 8)])
+@pytest.mark.parametrize("length,stride", [(256, 4), (257, 4), (1056, 17), (7, 3), (5, 1), (3, 8), (300_000, 4)])
 def test_query_sample_takes_one_query_per_block(length, stride):
     """One position in each block of ``stride`` (the last block may be short), inside the sequence."""
     pos = token_ops.query_sample(length, stride)

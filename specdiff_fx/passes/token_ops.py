@@ -89,11 +89,12 @@ def query_sample(length: int, stride: int, device: torch.device | None = None) -
     """
     # device arithmetic with small constants: a graph constant would be a host-to-device copy
     # (a sync) on every eager call, and Triton indexes in int32, where 2654435761 (2^32/φ)
-    # does not fit; 40503 = 2^16/φ does, and every intermediate stays below 2^31
+    # does not fit; 40503 = 2^16/φ does, and with the block number taken mod 2^15 every
+    # intermediate stays below 2^31 at any sequence length
     blocks = torch.arange(-(-length // stride), device=device)
     start = blocks * stride
     width = (length - start).clamp_max(stride)
-    return start + (blocks * 40503) % 65536 * width // 65536
+    return start + (blocks % 32768) * 40503 % 65536 * width // 65536
 
 
 def attention_received(query: torch.Tensor, key: torch.Tensor, scale: float | None,
