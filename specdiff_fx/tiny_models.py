@@ -106,7 +106,8 @@ def tiny_flux(seed: int = 0) -> TinyCase:
 
     torch.manual_seed(seed)
     model = FluxTransformer2DModel(
-        patch_size=1, in_channels=8, num_layers=1, num_single_layers=1, attention_head_dim=8,
+        # two single-stream blocks: the image tokens stay joint with the text after the first one
+        patch_size=1, in_channels=8, num_layers=1, num_single_layers=2, attention_head_dim=8,
         num_attention_heads=2, joint_attention_dim=12, pooled_projection_dim=10,
         axes_dims_rope=(2, 2, 4),
     ).eval()
@@ -220,7 +221,8 @@ def tiny_auraflow(seed: int = 0) -> TinyCase:
 
     torch.manual_seed(seed)
     model = AuraFlowTransformer2DModel(
-        sample_size=8, patch_size=2, in_channels=4, num_mmdit_layers=1, num_single_dit_layers=1,
+        # two single-stream blocks: the image tokens stay joint with the text after the first one
+        sample_size=8, patch_size=2, in_channels=4, num_mmdit_layers=1, num_single_dit_layers=2,
         attention_head_dim=8, num_attention_heads=2, joint_attention_dim=12, caption_projection_dim=16,
         out_channels=4, pos_embed_max_size=16,
     ).eval()
@@ -271,7 +273,8 @@ def tiny_flux2(seed: int = 0) -> TinyCase:
 
     torch.manual_seed(seed)
     model = Flux2Transformer2DModel(
-        patch_size=1, in_channels=8, num_layers=1, num_single_layers=1, attention_head_dim=8,
+        # two single-stream blocks: the image tokens stay joint with the text after the first one
+        patch_size=1, in_channels=8, num_layers=1, num_single_layers=2, attention_head_dim=8,
         num_attention_heads=2, joint_attention_dim=12, timestep_guidance_channels=16,
         axes_dims_rope=(2, 2, 2, 2), guidance_embeds=False,
     ).eval()
@@ -296,7 +299,8 @@ def tiny_chroma(seed: int = 0) -> TinyCase:
 
     torch.manual_seed(seed)
     model = ChromaTransformer2DModel(
-        patch_size=1, in_channels=8, num_layers=1, num_single_layers=1, attention_head_dim=8,
+        # two single-stream blocks: the image tokens stay joint with the text after the first one
+        patch_size=1, in_channels=8, num_layers=1, num_single_layers=2, attention_head_dim=8,
         num_attention_heads=2, joint_attention_dim=12, axes_dims_rope=(2, 2, 4),
         approximator_num_channels=8, approximator_hidden_dim=16, approximator_layers=1,
     ).eval()

@@ -250,7 +250,8 @@ def test_ulysses_caching_matches_single_process_and_skips_communication(tmp_path
         assert any(c["branch"] for c in full_graph["calls"]), "the analysis maps collectives to branches"
         if family == "flux":  # owning branch and its local token count: 16 image (+ 6 text) over 2 ranks
             assert {(c["branch"], c["tokens"]) for c in full_graph["calls"] if c["branch"]} == {
-                ("transformer_blocks.0:self_attention", 8), ("single_transformer_blocks.0:joint_parallel", 11)}
+                ("transformer_blocks.0:self_attention", 8), ("single_transformer_blocks.0:joint_parallel", 11),
+                ("single_transformer_blocks.1:joint_parallel", 11)}
 
         full, cached = _full_and_cached_steps(rank)
         assert full and cached, rank["plan"]
@@ -300,8 +301,11 @@ def test_taylor_tolerance_is_reduced_across_ranks(tmp_path):
     _, probe_model = single_process("flux", dict(policy="taylor", compiler="eager", probe=True), trajectories=1)
     probe_plan = get_runtime(probe_model).stats()["plan"]
     errors = sorted(_errors(probe_plan))
-    assert len(errors) >= 2 and errors[-1] > errors[len(errors) // 2]
-    config = dict(policy="taylor", compiler="eager", tolerance=errors[len(errors) // 2])
+    middle = len(errors) // 2
+    assert len(errors) >= 2 and errors[middle] > errors[middle - 1]
+    # between two measured errors, never at one: a threshold equal to a step's error would let the
+    # ranks' all-reduced sum (another summation order, ~1e-7 relative) decide that step either way
+    config = dict(policy="taylor", compiler="eager", tolerance=0.5 * (errors[middle - 1] + errors[middle]))
     reference, tolerant = single_process("flux", config, trajectories=1)
     tolerant_plan = get_runtime(tolerant).stats()["plan"]
     assert [e["calls"] for e in tolerant_plan] != [e["calls"] for e in probe_plan], \

@@ -13,9 +13,10 @@ EXPECTED = {
     "pixart": {"self_attention": 2, "cross_attention": 2, "feed_forward": 2},
     # SD3: dual stream; the last block is context_pre_only (no context residuals).
     "sd3": {"self_attention": 2, "feed_forward": 2, "context_self_attention": 1, "context_feed_forward": 1},
-    # FLUX: one dual-stream block, one single-stream (parallel attention+MLP) block.
+    # FLUX: one dual-stream block, two single-stream (parallel attention+MLP) blocks; text and image
+    # are concatenated once before them, so the second reads the first one's joint add: joint too.
     "flux": {"self_attention": 1, "feed_forward": 1, "context_self_attention": 1,
-             "context_feed_forward": 1, "joint_parallel": 1},
+             "context_feed_forward": 1, "joint_parallel": 2},
     # UNet: 8 ResnetBlock2D + 4 Transformer2DModel (outermost residual kept).
     "unet": {"resnet": 8, "transformer": 4},
 }

@@ -9,7 +9,7 @@ EXPECTED = {
     "dit": (2, 2, None),
     "pixart": (2, 4, None),          # 2 self + 2 cross (keys are text: no K/V completion)
     "sd3": (2, 2, "after"),          # joint: [image, text]
-    "flux": (2, 2, "before"),        # joint: [text, image]
+    "flux": (3, 3, "before"),        # joint: [text, image]; 1 double + 2 single-stream blocks
 }
 
 
@@ -45,8 +45,9 @@ def test_flux_rope_tables_and_reshapes(capture):
     case = build_tiny("flux")
     gm, _ = capture(case.model, case.make_inputs())
     region = analyze_token_axis(gm)
-    # RoPE cos/sin tables meet q and k of both blocks: 2 tables x 2 tensors x 2 blocks
-    assert len(region.position_operands) == 8
+    # RoPE cos/sin tables meet q and k of every block: 2 tables x 2 tensors x 3 blocks (the
+    # second single-stream block reads the first one's joint output, not a concat)
+    assert len(region.position_operands) == 12
     exprs = {x for args, _ in region.templates.values() for x in sympy.preorder_traversal(sympy.Tuple(*[
         a for a in args[1:] if isinstance(a, (int, sympy.Basic))]))}
     assert N + 5 in exprs  # reshape(B, N + T, heads, -1, 2) in apply_rotary_emb
@@ -111,7 +112,7 @@ def test_key_side_masks_pass_and_query_side_masks_are_gathered(capture):
     gm, _ = capture(chroma.model, chroma.make_inputs())
     region = analyze_token_axis(gm)
     masked = [p for p in region.position_operands if p[1] == "attn_mask"]
-    assert len(masked) == 2 and all(p[2] == 2 for p in masked)   # gathered on the mask's query axis
+    assert len(masked) == 3 and all(p[2] == 2 for p in masked)   # gathered on the mask's query axis
     assert {p[0] for p in masked} == {s.node for s in region.sites}
 
 
@@ -142,3 +143,17 @@ def test_complex_rope_and_type_as_and_dual_stream_exit(family, capture):
         assert region.position_operands
     else:                        # Wan: RoPE into empty_like halves; type_as after the exit
         assert any(nodes[n].target is torch.empty_like for n in region.region)
+
+
+def test_fp16_clip_is_token_wise(capture):
+    """In float16 diffusers clips FLUX/Chroma block outputs (``hidden_states.clip(-65504, 65504)``):
+    a token-wise method, so the region still reaches the exit through it."""
+    import torch
+
+    case = build_tiny("chroma")
+    inputs = {k: v.half() if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+              for k, v in case.make_inputs().items()}
+    gm, _ = capture(case.model.half(), inputs)
+    assert any(n.target == "clip" for n in gm.graph.nodes)
+    region = analyze_token_axis(gm)
+    assert len(region.sites) == 3

@@ -147,8 +147,19 @@ def _is_sequence_concat(node: fx.Node) -> bool:
     return meta is not None and meta.dim() == 3 and dim in (1, -2)
 
 
-def _stream(source: fx.Node, body: set[fx.Node], output: fx.Node) -> str:
-    if _is_sequence_concat(source):
+def _through_same_shape_ops(node: fx.Node) -> fx.Node:
+    """Back through single-input ops that keep the shape (fp16 ``.clip``, casts) to what feeds them."""
+    while node.op in ("call_function", "call_method") and len(node.all_input_nodes) == 1 \
+            and _same_shape(node, node.all_input_nodes[0]):
+        node = node.all_input_nodes[0]
+    return node
+
+
+def _stream(source: fx.Node, body: set[fx.Node], output: fx.Node, joint_adds: set[fx.Node]) -> str:
+    """``joint``: the branch reads text and image tokens concatenated -- the concat itself, or the
+    residual add of a joint branch before it (AuraFlow and Chroma concatenate once, before their
+    single-stream blocks; FLUX in each block)."""
+    if _is_sequence_concat(source) or _through_same_shape_ops(source) in joint_adds:
         return JOINT_STREAM
     first_users = [u for u in source.users if u in body]
     paths = [module_path_of(n) for n in first_users] + [module_path_of(output)]
@@ -203,6 +214,7 @@ def find_residual_branches(gm: fx.GraphModule, *, frame_root_adds: bool = False)
                 break
 
     adds = {c[0] for c in found}
+    joint_adds: set[fx.Node] = set()  # ``found`` is in graph order: a joint branch feeds the next
     branches: list[ResidualBranch] = []
     names: Counter[str] = Counter()
     for add, source, out, body in found:
@@ -217,7 +229,9 @@ def find_residual_branches(gm: fx.GraphModule, *, frame_root_adds: bool = False)
             inside = [x for x in out.all_input_nodes if x in body]
             if len(outside) == 1 and len(inside) == 1:
                 gate, cached = outside[0].name, inside[0].name
-        stream = _stream(source, body, out)
+        stream = _stream(source, body, out, joint_adds)
+        if stream == JOINT_STREAM:
+            joint_adds.add(add)
         base = f"{owner}:{kind}" if stream == IMAGE_STREAM else f"{owner}:{stream}_{kind}"
         names[base] += 1
         name = base if names[base] == 1 else f"{base}#{names[base]}"

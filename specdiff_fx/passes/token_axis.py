@@ -226,13 +226,13 @@ _NORMS = (F.layer_norm, F.rms_norm, torch.layer_norm, torch.rms_norm)
 @register(
     operator.add, operator.sub, operator.mul, operator.truediv, operator.neg, operator.pow,
     torch.add, torch.sub, torch.mul, torch.div, torch.neg, torch.pow, torch.rsqrt, torch.exp,
-    torch.tanh, torch.sigmoid, torch.abs, torch.where, torch.clamp, torch.cos, torch.sin,
+    torch.tanh, torch.sigmoid, torch.abs, torch.where, torch.clamp, torch.clip, torch.cos, torch.sin,
     F.gelu, F.silu, F.relu, F.dropout, F.sigmoid, F.tanh, F.mish, F.softmax, *_NORMS,
     torch.empty_like, torch.zeros_like, torch.ones_like, torch.full_like,
     methods=("to", "float", "half", "bfloat16", "double", "type", "contiguous", "clone",
              "add", "sub", "mul", "div", "pow", "neg", "rsqrt", "sigmoid", "tanh", "exp", "abs",
              "__add__", "__mul__", "__sub__", "__truediv__", "__rmul__", "__radd__", "float_power",
-             "cos", "sin", *_REDUCTION_METHODS),
+             "cos", "sin", "clamp", "clip", *_REDUCTION_METHODS),
 )
 def elementwise(p: _Propagator, node: fx.Node, token_inputs: list[fx.Node]):
     """Token-wise ops (and reductions/norms over other axes): the subset simply flows
