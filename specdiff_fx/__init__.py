@@ -2,9 +2,10 @@
 
 from .backend import SpecDiffBackend, UnsupportedGraph, get_runtime, make_backend, specdiff_backend
 from .config import SpecDiffConfig
+from .pipeline import compile_pipeline, restore_pipeline
 
 __all__ = [
-    "SpecDiffBackend", "SpecDiffConfig", "UnsupportedGraph", "get_runtime", "make_backend",
-    "specdiff_backend",
+    "SpecDiffBackend", "SpecDiffConfig", "UnsupportedGraph", "compile_pipeline", "get_runtime", "make_backend",
+    "restore_pipeline", "specdiff_backend",
 ]
 __version__ = "0.1.0"

@@ -62,6 +62,7 @@ from .runtime import (
     ClockFollower,
     ForecastRuntime,
     FullStepSchedule,
+    PipelineClock,
     SpecDiffRuntime,
     StepClock,
     TokenRuntime,
@@ -107,6 +108,8 @@ class SpecDiffBackend:
         # every graph of the model shares its steps (graph breaks, docs/design.md)
         self.clock = StepClock()
         self._leader: weakref.ref | None = None
+        # the pipeline's clock when compile_pipeline drives this backend (docs/pipelines.md)
+        self.pipeline_clock: PipelineClock | None = None
 
     def __repr__(self) -> str:
         return f"SpecDiffBackend({self.config!r})"
@@ -137,6 +140,8 @@ class SpecDiffBackend:
             timestep_direction=cfg.timestep_direction,
             clock=self.clock,
             cudagraphs=cfg.cudagraphs,
+            latent_index=_latent_input_index(gm, inputs),
+            pipeline_clock=self.pipeline_clock,
         )
         if cfg.policy == "off":
             return SpecDiffRuntime(
@@ -253,9 +258,15 @@ class SpecDiffBackend:
                         {"region": {"entry": region.entry, "exit": region.exit, "tokens": region.num_tokens,
                                     "subset": k, "sites": [s.node for s in region.sites]}})
 
+        latent_index = common["latent_index"]
         variants, flops = {}, {}
         for name, (graph, specs) in built.items():
-            examples = list(example_inputs) + [_example_buffer(s, region.num_tokens) for s in specs]
+            graph_inputs = list(example_inputs)
+            if name == DRAFT:  # the draft passes latents and timestep of its own, contiguous
+                for i in (latent_index, inputs.timestep_index):
+                    if i is not None and isinstance(graph_inputs[i], torch.Tensor):
+                        graph_inputs[i] = graph_inputs[i].contiguous()
+            examples = graph_inputs + [_example_buffer(s, region.num_tokens) for s in specs]
             flops[name] = count_flops(graph, examples)
             variants[name] = self.compile(graph, examples)
         return TokenRuntime(
@@ -274,7 +285,6 @@ class SpecDiffBackend:
             kv_horizon=cfg.kv_horizon,
             score_lambda=cfg.score_lambda,
             draft_steps=cfg.draft_steps,
-            latent_index=_latent_input_index(gm, inputs),
             draft_update=cfg.draft_update,
             flops=flops,
             info={"branches": len(branches), "branch_kinds": count_kinds(branches),
@@ -309,6 +319,8 @@ class SpecDiffBackend:
             timestep_index=timestep_index,
             timestep_direction=self.config.timestep_direction,
             clock=self.clock if timestep_index is not None else None,
+            pipeline_clock=self.pipeline_clock,
+            example_inputs=example_inputs,
         )
 
     def _follower(self) -> ClockFollower | None:
@@ -324,14 +336,77 @@ class SpecDiffBackend:
         self._runtimes = [(r, p) for r, p in self._runtimes if r() is not None]
         self._runtimes.append((weakref.ref(runtime), params))
 
+    def runtimes_for(self, model: torch.nn.Module) -> list[SpecDiffRuntime]:
+        """Every live runtime of ``model``: one per graph it compiled to (frames of a model
+        whose code breaks the graph, calls of other shapes), oldest first.  Two modules through
+        one graph each have their own (SpecDiffRuntime.siblings)."""
+        params = {p.data_ptr() for p in model.parameters() if p.data_ptr()}
+        self._runtimes = [(r, p) for r, p in self._runtimes if r() is not None]
+        found = []
+        for ref, _ in self._runtimes:
+            for runtime in ref().all_runtimes():
+                if runtime.param_ptrs & params or (not runtime.param_ptrs and not params):
+                    found.append(runtime)
+        return found
+
     def runtime_for(self, model: torch.nn.Module) -> SpecDiffRuntime | None:
-        """The most recent live runtime built for a graph of ``model``."""
-        params = {id(p) for p in model.parameters()}
-        for ref, owned in reversed(self._runtimes):
-            runtime = ref()
-            if runtime is not None and (owned & params or (not owned and not params)):
-                return runtime
-        return None
+        """The runtime that caches most for ``model`` (see ModelRuntime.primary)."""
+        runtimes = self.runtimes_for(model)
+        return ModelRuntime(runtimes).primary if runtimes else None
+
+
+class ModelRuntime:
+    """What ``get_runtime(model)`` returns: one view of every runtime a model compiled to.
+
+    Attribute access goes to the *primary* runtime: the one that caches (no fallback) with the
+    most residual branches, then the most calls, then the latest; a model compiled to one graph has just
+    that one.  ``stats()`` and ``report()`` add a row per frame (graph), with fallbacks named,
+    so a model whose code breaks the graph (HiDream, Lumina2, Qwen-Image) reports what each
+    of its frames did; ``reset()`` and ``begin_trajectory()`` reach all of them."""
+
+    def __init__(self, runtimes: Sequence[SpecDiffRuntime]) -> None:
+        if not runtimes:
+            raise ValueError("a model view needs at least one runtime")
+        self.runtimes = list(runtimes)
+        ranked = sorted(enumerate(self.runtimes), key=lambda ir: (
+            ir[1].fallback is None, ir[1].info.get("branches", 0), ir[1].stats()["calls"], ir[0]))
+        self.primary = ranked[-1][1]
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.__dict__["primary"], name)
+
+    def frames(self) -> list[dict]:
+        rows = []
+        for i, runtime in enumerate(self.runtimes):
+            s = runtime.stats()
+            rows.append({"frame": i, "primary": runtime is self.primary, "policy": s["policy"],
+                         "fallback": s["fallback"], "branches": s.get("branches", 0), "calls": s["calls"],
+                         "trajectories": s["trajectories"], "steps": s["steps"],
+                         "cached_steps": s["cached_steps"], "clock": s.get("clock")})
+        return rows
+
+    def stats(self) -> dict:
+        return {**self.primary.stats(), "frames": self.frames()}
+
+    def report(self) -> str:
+        from tabulate import tabulate
+
+        text = self.primary.report()
+        if len(self.runtimes) > 1:
+            rows = [[f["frame"], "*" if f["primary"] else "", f["fallback"] or "-", f["branches"], f["calls"],
+                     f["trajectories"], f"{f['steps']} ({f['cached_steps']} cached)"] for f in self.frames()]
+            text += "\n\nframes (graphs this model compiled to; * reported above)\n" + tabulate(
+                rows, headers=["frame", "", "fallback", "branches", "calls", "trajectories", "steps"])
+        return text
+
+    def reset(self) -> None:
+        for runtime in self.runtimes:
+            runtime.reset()
+
+    def begin_trajectory(self) -> None:
+        """The next call starts a new trajectory, in every frame (docs/pipelines.md)."""
+        for runtime in self.runtimes:
+            runtime.begin_trajectory()
 
 
 def _cache_dtype(cfg: SpecDiffConfig) -> torch.dtype | None:
@@ -452,17 +527,37 @@ specdiff_backend = SpecDiffBackend()
 """The backend with the default configuration; also registered as ``backend="specdiff"``."""
 
 
-def get_runtime(compiled_model: Any) -> SpecDiffRuntime:
-    """The runtime behind the most recent compiled graph of ``compiled_model``."""
-    from torch._dynamo.eval_frame import OptimizedModule, innermost_backend
+def backend_of(model: Any) -> SpecDiffBackend:
+    """The specdiff backend a model was compiled with: ``torch.compile(model, backend=...)``
+    (an OptimizedModule) or ``model.compile(backend=...)`` in place (what compile_pipeline does)."""
+    from torch._dynamo.eval_frame import OptimizedModule, _TorchDynamoContext, innermost_backend
 
-    if not isinstance(compiled_model, OptimizedModule):
-        raise TypeError("get_runtime expects the module returned by torch.compile(..., backend=<specdiff>)")
-    backend = innermost_backend(compiled_model.dynamo_ctx.callback)
+    if isinstance(model, OptimizedModule):
+        callback = model.dynamo_ctx.callback
+    elif isinstance(model, torch.nn.Module) and getattr(model, "_compiled_call_impl", None) is not None:
+        # nn.Module.compile keeps torch.compile(self._call_impl); its dynamo context is in the closure
+        cells = getattr(model._compiled_call_impl, "__closure__", None) or ()
+        contexts = [c.cell_contents for c in cells if isinstance(c.cell_contents, _TorchDynamoContext)]
+        if not contexts:
+            raise TypeError("could not find the backend of this in-place compiled module")
+        callback = contexts[0].callback
+    else:
+        raise TypeError("get_runtime expects a model compiled with a specdiff backend: the module returned by "
+                        "torch.compile(model, backend=...), or one compiled in place (model.compile(...), "
+                        "specdiff_fx.compile_pipeline)")
+    backend = innermost_backend(callback)
     backend = getattr(backend, "compiler_fn", backend)  # torch.compile's _TorchCompileWrapper
     if not isinstance(backend, SpecDiffBackend):
         raise TypeError(f"this model was compiled with backend {backend!r}, not a specdiff backend")
-    runtime = backend.runtime_for(compiled_model._orig_mod)
-    if runtime is None:
+    return backend
+
+
+def get_runtime(compiled_model: Any) -> ModelRuntime:
+    """Every runtime behind ``compiled_model`` as one view (:class:`ModelRuntime`): attributes
+    of the runtime that caches most, ``stats()``/``report()`` with a row per frame."""
+    backend = backend_of(compiled_model)
+    model = getattr(compiled_model, "_orig_mod", compiled_model)
+    runtimes = backend.runtimes_for(model)
+    if not runtimes:
         raise LookupError("no specdiff runtime yet: call the compiled model once first")
-    return runtime
+    return ModelRuntime(runtimes)

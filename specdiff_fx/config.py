@@ -93,8 +93,11 @@ class SpecDiffConfig:
                    values are rounded.  Halves cache memory for an fp32 model.
     inductor_config: ``config_patches`` passed to Inductor's ``compile_fx``.
     timestep_input: substring naming the timestep input if it is not called ``timestep``.
-    timestep_direction: ``"down"`` (the timestep falls along a trajectory, most samplers) or
-                   ``"up"`` (it rises, e.g. Lumina2's ``1 − t/1000``).
+    timestep_direction: ``"auto"`` (default: learned from the first move of the first
+                   trajectory), ``"down"`` (the timestep falls along a trajectory, most
+                   samplers) or ``"up"`` (it rises, e.g. Lumina2's ``1 − t/1000``).  Only the
+                   raw path reads it: through compile_pipeline the pipeline says where
+                   trajectories start.
     """
 
     policy: str = "taylor"
@@ -124,7 +127,7 @@ class SpecDiffConfig:
     cache_dtype: str | None = None
     inductor_config: dict = field(default_factory=dict)
     timestep_input: str | None = None
-    timestep_direction: str = "down"
+    timestep_direction: str = "auto"
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
@@ -167,8 +170,9 @@ class SpecDiffConfig:
             raise ValueError(f"SpecDiffConfig.cache_ratio must be in [0, 1), got {self.cache_ratio!r}")
         if not isinstance(self.c2_share, (int, float)) or not 0.0 <= float(self.c2_share) < 1.0:
             raise ValueError(f"SpecDiffConfig.c2_share must be in [0, 1), got {self.c2_share!r}")
-        if self.timestep_direction not in ("down", "up"):
-            raise ValueError(f"SpecDiffConfig.timestep_direction must be 'down' or 'up', got {self.timestep_direction!r}")
+        if self.timestep_direction not in ("auto", "down", "up"):
+            raise ValueError("SpecDiffConfig.timestep_direction must be 'auto', 'down' or 'up', "
+                             f"got {self.timestep_direction!r}")
         if self.c3 not in ("history", "forecast"):
             raise ValueError(f"SpecDiffConfig.c3 must be 'history' or 'forecast', got {self.c3!r}")
         if not isinstance(self.partial_every, int) or isinstance(self.partial_every, bool) or self.partial_every < 1:

@@ -260,3 +260,63 @@ def test_variant_graphs_are_structured_trace_artifacts():
     text = "\n".join(records)
     for name in ("specdiff_analysis", "specdiff_full_graph", "specdiff_partial_graph", "specdiff_draft_graph"):
         assert name in text
+
+
+class _SinusoidalDenoiser(torch.nn.Module):
+    """A residual denoiser whose forward takes ``*args`` (as diffusers' ``apply_lora_scale``
+    wrapper makes it), so dynamo names the timestep ``L['args'][1]``."""
+
+    def __init__(self, width=8):
+        super().__init__()
+        self.temb = torch.nn.Linear(width, width)
+        self.transformer_blocks = torch.nn.ModuleList(_FFBlock(width) for _ in range(2))
+
+    def forward(self, *args, **kwargs):
+        return self._forward(*args, **kwargs)
+
+    def _forward(self, hidden_states, t):
+        half = hidden_states.shape[-1] // 2
+        freqs = torch.exp(-torch.arange(half, dtype=torch.float32) / half)
+        angles = t.float()[:, None] * freqs[None]
+        emb = self.temb(torch.cat([torch.sin(angles), torch.cos(angles)], dim=-1))
+        h = hidden_states + emb[:, None]
+        for block in self.transformer_blocks:
+            h = block(h)
+        return h
+
+
+class _FFBlock(torch.nn.Module):
+    def __init__(self, width):
+        super().__init__()
+        self.ff = torch.nn.Sequential(torch.nn.Linear(width, width), torch.nn.GELU(), torch.nn.Linear(width, width))
+
+    def forward(self, h):
+        return h + self.ff(h)
+
+
+def test_positional_timestep_is_found_by_what_it_feeds():
+    model = _SinusoidalDenoiser().eval()
+    compiled, _ = compile_with(model, policy="fora", compiler="eager", warmup_steps=1, interval=2)
+    x = torch.randn(2, 4, 8)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # no fallback
+        for t in TIMESTEPS_10[:5]:
+            compiled(x, torch.tensor(t).expand(2))
+    runtime = get_runtime(compiled)
+    assert runtime.timestep_index is not None and "args" in runtime.graphs["original"].graph.find_nodes(
+        op="placeholder")[runtime.timestep_index].name
+    stats = runtime.stats()
+    assert (stats["trajectories"], stats["steps"]) == (1, 5) and stats["cached_steps"] == 2
+
+
+def test_get_runtime_of_a_module_compiled_in_place():
+    case = build_tiny("dit")
+    backend = make_backend(policy="fora", compiler="eager")
+    case.model.compile(backend=backend, fullgraph=True, dynamic=False)
+    try:
+        run_steps(case, case.model, TIMESTEPS_10[:4])
+        view = get_runtime(case.model)
+        assert view.stats()["steps"] == 4 and len(view.stats()["frames"]) == 1
+        assert "frames" not in view.report()  # one graph: no frame table
+    finally:
+        case.model._compiled_call_impl = None

@@ -104,8 +104,8 @@ def test_fora_caches_the_blocks_after_a_graph_break():
 
 def test_two_models_on_one_backend_keep_separate_caches():
     """Two models of one class compiled with one backend share dynamo's graphs (parameters are
-    graph inputs), so the leader sees two calls per step and each model's calls get their own
-    cache slot: each model's outputs equal its own hook reference."""
+    graph inputs); each model gets a runtime of its own (its frames follow its own leader frame),
+    so each model's outputs equal its own hook reference and get_runtime works for both."""
     a, b = broken_case(0), broken_case(1)
     backend = make_backend(policy="fora", compiler="eager", warmup_steps=2, interval=3)
     model_a = torch.compile(a.model, backend=backend, dynamic=False)
@@ -116,12 +116,14 @@ def test_two_models_on_one_backend_keep_separate_caches():
             for t in TIMESTEPS_10:
                 got_a.append(model_a(**a.make_inputs(timestep=t)))
                 got_b.append(model_b(**b.make_inputs(timestep=t)))
-    runtimes = [r for r in (ref() for ref, _ in backend._runtimes) if r is not None and r.fallback is None]
-    plan = runtimes[-1].stats()["plan"]
-    assert all(len(e["calls"]) == 2 for e in plan)
-    assert_all_close(got_a, hook_reference(a, ("ff",), TIMESTEPS_10, [e["calls"][0] for e in plan]))
-    assert_all_close(got_b, hook_reference(b, ("ff",), TIMESTEPS_10, [e["calls"][1] for e in plan]))
-    assert "reuse" in plan[3]["calls"]
+    plan_a = get_runtime(model_a).stats()["plan"]
+    plan_b = get_runtime(model_b).stats()["plan"]
+    assert get_runtime(model_a).primary is not get_runtime(model_b).primary
+    assert all(len(e["calls"]) == 1 for e in plan_a + plan_b)
+    assert len(plan_a) == len(plan_b) == 10
+    assert_all_close(got_a, hook_reference(a, ("ff",), TIMESTEPS_10, [e["calls"][0] for e in plan_a]))
+    assert_all_close(got_b, hook_reference(b, ("ff",), TIMESTEPS_10, [e["calls"][0] for e in plan_b]))
+    assert "reuse" in plan_a[3]["calls"] and "reuse" in plan_b[3]["calls"]
 
 
 @pytest.mark.slow
@@ -146,7 +148,8 @@ def test_hidream_runs_fora_in_block_frames():
     trace each block's ``forward`` as a frame of its own, one graph per block kind run once per
     block.  Those frames follow the timestep-embedding frame's steps; their attention residuals
     (adds owned by the frame's root, residual_branches.find_residual_branches) are reused, each
-    block in its own cache slot, and equal a hook reference that replays ``attn1``."""
+    block with a runtime of its own (the blocks' parameters are the frame's inputs), and equal a
+    hook reference that replays ``attn1``."""
     case = build_tiny("hidream", layers=2)
     model, backend = compile_broken(case.model, policy="fora", compiler="eager", warmup_steps=2, interval=3)
     with warnings.catch_warnings(record=True) as caught:  # the embedder and expert frames fall back
@@ -158,9 +161,17 @@ def test_hidream_runs_fora_in_block_frames():
     for runtime in cached:
         stats = runtime.stats()
         assert stats["branch_kinds"] == {"self_attention": runtime.stats()["branches"]}
-        assert all(len(e["calls"]) == 2 for e in stats["plan"])  # two blocks share each frame
+        assert len(runtime.all_runtimes()) == 2  # two blocks share each frame, each with its own state
+        for block in runtime.all_runtimes():
+            assert [len(e["calls"]) for e in block.stats()["plan"]] == [1] * 10
     plan = [e["calls"][0] for e in cached[0].stats()["plan"]]
     assert plan == ["full", "full", "full", "reuse", "reuse", "full", "reuse", "reuse", "full", "reuse"]
+    # one view of the model: a caching frame first, every frame in stats() and report()
+    view = get_runtime(model)
+    stats = view.stats()
+    assert stats["fallback"] is None and stats["cached_steps"] > 0
+    assert any(f["fallback"] for f in stats["frames"]) and sum(f["fallback"] is None for f in stats["frames"]) >= 2
+    assert "frames (graphs this model compiled to" in view.report()
     want = hook_reference(case, ("block.attn1",), TIMESTEPS_10, plan,
                           lists=("double_stream_blocks", "single_stream_blocks"))
     assert_all_close(got, want)

@@ -403,5 +403,6 @@ def inspect_frames(model: torch.nn.Module, example_kwargs: dict[str, Any], polic
 
 def inspect_compiled(compiled_model: Any, title: str | None = None) -> InspectionReport:
     """Report on a model already compiled with a specdiff backend and called at least once."""
-    runtime = get_runtime(compiled_model)
-    return inspect_runtime(runtime, title=title or type(compiled_model._orig_mod).__name__)
+    view = get_runtime(compiled_model)  # torch.compile(...)'s module, or one compiled in place
+    model = getattr(compiled_model, "_orig_mod", compiled_model)
+    return inspect_runtime(view.primary, title=title or type(model).__name__)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+import torch
 import torch.fx as fx
 
 _MODULE_SOURCE = re.compile(r"^(L\['self'\]|G\[|L\['mod'\])")
@@ -28,6 +29,29 @@ def _source_name(node: fx.Node) -> str:
     return source.name if source is not None and hasattr(source, "name") else ""
 
 
+_SINUSOIDS = {torch.sin, torch.cos, "sin", "cos"}
+
+
+def _feeds_time_embedding(node: fx.Node, depth: int = 12) -> bool:
+    """A scalar or per-row input whose values reach a sin/cos within ``depth`` ops: what every
+    diffusers timestep embedding (``get_timestep_embedding``, RoPE-free) does first."""
+    value = node.meta.get("example_value")
+    if not isinstance(value, torch.Tensor) or value.dim() > 1:
+        return False
+    frontier, seen = [node], {node}
+    for _ in range(depth):
+        nxt = []
+        for n in frontier:
+            for user in n.users:
+                if user.op in ("call_function", "call_method") and user.target in _SINUSOIDS:
+                    return True
+                if user not in seen:
+                    seen.add(user)
+                    nxt.append(user)
+        frontier = nxt
+    return False
+
+
 def find_graph_inputs(gm: fx.GraphModule, timestep_hint: str | None = None) -> GraphInputs:
     """Classify placeholders; ``timestep_hint`` is a substring that names the timestep input."""
     nodes = list(gm.graph.find_nodes(op="placeholder"))
@@ -43,6 +67,10 @@ def find_graph_inputs(gm: fx.GraphModule, timestep_hint: str | None = None) -> G
     exact = [i for i in matches if re.search(rf"\b{re.escape(hint)}\b|'{re.escape(hint)}'|_{re.escape(hint)}_$",
                                              _source_name(nodes[i]) + " " + nodes[i].name)]
     chosen = (exact or matches or [None])[0]
+    if chosen is None and timestep_hint is None:
+        # passed positionally (``unet(latents, t, ...)`` under a ``*args`` wrapper arrives as
+        # ``L['args'][1]``): the input that feeds a sinusoidal timestep embedding
+        chosen = next((i for i in user if _feeds_time_embedding(nodes[i])), None)
     return GraphInputs(
         names=tuple(n.name for n in nodes),
         user_indices=tuple(user),

@@ -7,6 +7,7 @@ from ..buffers import BufferRole, BufferSpec
 from .cache_slots import CacheSlot, CacheSlots
 from .forecast_runtime import FORECAST, ForecastRuntime
 from .runtime import FULL, REUSE, SpecDiffRuntime, warn_fallback
+from .pipeline_clock import Draft, PipelineClock
 from .schedule import AlwaysFull, FullStepSchedule
 from .step_tracker import ClockFollower, StepClock, StepEvent, StepTracker
 from .token_runtime import DRAFT, PARTIAL, TokenRuntime, TokenSlot, flow_matching_update
@@ -16,5 +17,5 @@ __all__ = [
     "DRAFT", "PARTIAL", "TokenRuntime", "TokenSlot", "flow_matching_update",
     "AlwaysFull", "BufferRole", "BufferSpec", "CacheSlot", "CacheSlots", "FULL", "FullStepSchedule",
     "REUSE", "SpecDiffRuntime", "StepEvent", "StepTracker", "warn_fallback",
-    "ClockFollower", "StepClock",
+    "ClockFollower", "StepClock", "Draft", "PipelineClock",
 ]

@@ -60,6 +60,9 @@ class ForecastRuntime(SpecDiffRuntime):
         roles = [s.role for s in self.slots.specs]
         self._coef_index = roles.index(BufferRole.TAYLOR_COEF)
         self._error_index = roles.index(BufferRole.FORECAST_ERROR)
+
+    def _init_state(self) -> None:
+        super()._init_state()
         self._states: dict[int, _SlotForecast] = {}
 
     def _position(self, event) -> float:
@@ -100,12 +103,7 @@ class ForecastRuntime(SpecDiffRuntime):
         details["k"] = k
         return out, FORECAST, details
 
-    def reset(self) -> None:
-        super().reset()
-        self._states.clear()
-
-    def invalidate(self) -> None:
-        super().invalidate()
+    def _drop_caches(self) -> None:
         self._states.clear()
 
     def _extra_stats(self) -> dict:

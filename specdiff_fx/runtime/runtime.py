@@ -6,6 +6,8 @@ module: dynamo would guard on it and recompile every step.
 
 from __future__ import annotations
 
+import copy
+import logging
 import statistics
 import time
 import warnings
@@ -17,11 +19,16 @@ import torch
 from ..buffers import BufferSpec
 from .cache_slots import CacheSlots
 from .cuda_graphs import CudaGraphVariant
-from .schedule import AlwaysFull
+from .pipeline_clock import PipelineClock
+from .schedule import AlwaysFull, FullStepSchedule
 from .step_tracker import ClockFollower, StepClock, StepTracker
+
+log = logging.getLogger("specdiff_fx")
 
 FULL = "full"
 REUSE = "reuse"
+MAX_SIBLINGS = 16
+"""Other modules through one graph with state of their own (the oldest is dropped beyond it)."""
 
 
 def _signature(args: Sequence[Any], indices: Sequence[int]) -> tuple:
@@ -33,6 +40,12 @@ def _signature(args: Sequence[Any], indices: Sequence[int]) -> tuple:
         else:
             sig.append((type(a), a))
     return tuple(sig)
+
+
+def _owner_key(args: Sequence[Any], index: int | None) -> int | None:
+    if index is None or not isinstance(args[index], torch.Tensor):
+        return None
+    return args[index].data_ptr() or None
 
 
 def _plain_entry(entry: dict) -> dict:
@@ -83,10 +96,12 @@ class SpecDiffRuntime:
         fallback: str | None = None,
         info: dict | None = None,
         graphs: dict | None = None,
-        timestep_direction: str = "down",
+        timestep_direction: str = "auto",
         clock: StepClock | None = None,
         follow: ClockFollower | None = None,
         cudagraphs: bool = False,
+        latent_index: int | None = None,
+        pipeline_clock: PipelineClock | None = None,
     ) -> None:
         if FULL not in variants:
             raise ValueError("a runtime needs a 'full' variant")
@@ -99,25 +114,77 @@ class SpecDiffRuntime:
         self.variants = {name: _TimedVariant(fn, self._variant_clock) for name, fn in variants.items()}
         self.schedule = schedule if schedule is not None else AlwaysFull()
         self.timestep_index = timestep_index
+        self.latent_index = latent_index
         self.signature_indices = list(signature_indices)
         self.fallback = fallback
         self.info = dict(info or {})
         self.graphs = dict(graphs or {})  # the FX graphs behind each variant, for inspection
-        self.slots = CacheSlots(list(buffer_specs))
-        self.tracker = StepTracker(timestep_direction)
+        self.buffer_specs = list(buffer_specs)
+        self.timestep_direction = timestep_direction
         # graph breaks: a graph with the timestep publishes its steps on ``clock``; a graph
         # without it follows them (``follow``) instead of reading a timestep
         self.clock = clock
-        self.follow = follow
-        self._signature = _signature(example_inputs, self.signature_indices) if example_inputs else None
+        self._follow_leader = follow.leader if follow is not None else None
+        # the pipeline's own clock (compile_pipeline); None: inferred from the inputs
+        self.pipeline_clock = pipeline_clock
+        # One runtime per compiled module: two modules of one class through one backend share
+        # dynamo's graph (their parameters are its inputs), so the parameters say whose call it is.
+        self._param_index = next((i for i, x in enumerate(example_inputs) if isinstance(x, torch.nn.Parameter)),
+                                 None)
+        self.owner = _owner_key(example_inputs, self._param_index)
+        self.param_ptrs = frozenset(x.data_ptr() for x in example_inputs
+                                    if isinstance(x, torch.nn.Parameter) and x.data_ptr())
+        self.siblings: dict[int, SpecDiffRuntime] = {}
+        self.root = self  # the runtime dynamo called; a sibling's root is the one it was made from
+        self._initial_signature = _signature(example_inputs, self.signature_indices) if example_inputs else None
+        self._warned: set[str] = set()
+        self._init_state()
+
+    def _init_state(self) -> None:
+        """Every piece of state one model's calls build up (caches, the inferred clock, stats).
+        reset() and a sibling runtime (another module through the same graph) start from here."""
+        self.slots = CacheSlots(self.buffer_specs)
+        self.tracker = StepTracker(self.timestep_direction)
+        self.follow = ClockFollower(self.clock, self._follow_leader) if self._follow_leader is not None else None
+        self._signature = self._initial_signature
+        self._source: str | None = None
         self._reset_stats()
+
+    def _sibling(self, owner: int, args: Sequence[Any]) -> "SpecDiffRuntime":
+        """The runtime of another module that reaches this graph: the same compiled variants,
+        state of its own (never a cache of this module's)."""
+        sibling = self.siblings.get(owner)
+        if sibling is None:
+            sibling = copy.copy(self)
+            sibling.siblings = {}
+            sibling.root = self
+            sibling.owner = owner
+            sibling.param_ptrs = frozenset(a.data_ptr() for a in args
+                                           if isinstance(a, torch.nn.Parameter) and a.data_ptr())
+            sibling._warned = set()
+            sibling._init_state()
+            if len(self.siblings) >= MAX_SIBLINGS:  # modules that are gone keep no caches alive
+                self.siblings.pop(next(iter(self.siblings)))
+            self.siblings[owner] = sibling
+            log.info("specdiff: another module through this %s graph gets its own runtime state", self.policy)
+        return sibling
+
+    def all_runtimes(self) -> list["SpecDiffRuntime"]:
+        """This runtime and the siblings made for other modules through the same graph."""
+        return [self, *self.siblings.values()]
 
     # ------------------------------------------------------------------ calls
     def __call__(self, *args: Any) -> Any:
+        if self.owner is not None:
+            owner = args[self._param_index].data_ptr()
+            if owner != self.owner:
+                return self._sibling(owner, args)(*args)
         if self.fallback is not None or (self.timestep_index is None and self.follow is None):
             if self.clock is not None and self.timestep_index is not None:
                 # a plain graph that still counts the model's steps for its other graphs
-                self.clock.publish(self, self.tracker.observe(self._read_timestep(args)))
+                event = self._event(args)
+                self.clock.publish(self.root, event)
+                self._record(event, FULL)
             return self.variants[FULL](*args)
         start = time.perf_counter()
         self._variant_clock[0] = 0.0
@@ -127,25 +194,59 @@ class SpecDiffRuntime:
             self._signature = sig
             self.invalidate()
         if self.follow is not None:
+            self._source = "leader frame"
             event = self.follow.event()
             if event is None:  # no step of our own leader to follow: never read a cache
                 slot = self.slots[-1]
                 slot.invalidate()
                 return self.variants[FULL](*args, *slot.buffers)
         else:
-            event = self.tracker.observe(self._read_timestep(args))
+            event = self._event(args)
             if self.clock is not None:
-                self.clock.publish(self, event)
+                self.clock.publish(self.root, event)
         out, kind, details = self._run_step(args, event)
         self._record(event, kind, details)
         self._host_s.append(time.perf_counter() - start - self._variant_clock[0])
         return out
 
+    def _event(self, args: Sequence[Any]):
+        """This call's step event: from the pipeline's clock while it runs a trajectory, else
+        inferred from the timestep and the latents (runtime/step_tracker.py).  A change of
+        source drops every cache: the two number trajectories differently."""
+        timestep = self._read_timestep(args)
+        event = self.pipeline_clock.observe(self, timestep) if self.pipeline_clock is not None else None
+        source = "pipeline" if event is not None else "inferred"
+        if source != self._source:
+            if self._source is not None:
+                log.info("specdiff: clock source %s -> %s; caches dropped", self._source, source)
+                self.invalidate()
+            self._source = source
+        if event is None:
+            latents = args[self.latent_index] if self.latent_index is not None else None
+            event = self.tracker.observe(timestep, latents if isinstance(latents, torch.Tensor) else None)
+            if event.doubt is not None and "doubt" not in self._warned:
+                self._warned.add("doubt")
+                warnings.warn(
+                    f"specdiff: the clock inferred from timesteps takes this call as the next step ({event.doubt}); "
+                    "if a new call starts here (e.g. a refine call right after a full one), call "
+                    "get_runtime(model).begin_trajectory() before it, or compile the pipeline with "
+                    "specdiff_fx.compile_pipeline(pipe) (docs/pipelines.md)", RuntimeWarning, stacklevel=3)
+        return event
+
+    def begin_trajectory(self) -> None:
+        """Start a new trajectory at the next call: for a loop of one's own where the inputs
+        cannot show it (a short refine call right after a full one, docs/pipelines.md)."""
+        self.invalidate()
+
     def invalidate(self) -> None:
         """Drop every cache; the next call starts a new trajectory."""
         self.slots.clear()
+        self._drop_caches()
         self.tracker.invalidate()
         self._invalidations += 1
+
+    def _drop_caches(self) -> None:
+        """Policy-owned per-slot state beyond ``slots`` (subclasses)."""
 
     def _run_step(self, args: Sequence[Any], event) -> tuple[Any, str, dict | None]:
         """Branch-level policy: reuse every cached branch output between full steps."""
@@ -170,9 +271,7 @@ class SpecDiffRuntime:
     # ------------------------------------------------------------------ state
     def reset(self) -> None:
         """Forget every cache and all step state; the next call starts a new trajectory."""
-        self.slots.clear()
-        self.tracker.reset()
-        self._reset_stats()
+        self._init_state()
 
     def _reset_stats(self) -> None:
         self._calls = 0
@@ -181,22 +280,47 @@ class SpecDiffRuntime:
         self._cached_steps = 0
         self._invalidations = 0
         self._plan: list[dict] = []
+        self._trajectory_steps: deque[int] = deque(maxlen=8)
         self._host_s: deque[float] = deque(maxlen=4096)  # host seconds of the latest calls
 
     def _record(self, event, kind: str, details: dict | None = None) -> None:
         self._calls += 1
         if event.new_trajectory:
-            self._trajectories += 1
+            self._check_clock()
+            self._trajectories += 1 + getattr(event, "skipped", 0)
             self._plan = []
-        if event.new_step:
+            self._trajectory_steps.append(0)
+        if event.new_step or not self._plan:  # a graph compiled mid-step joins where it is
             self._steps += 1
             self._plan.append({"step": event.step, "timestep": event.timestep, "calls": []})
+            if self._trajectory_steps:
+                self._trajectory_steps[-1] += 1
         entry = self._plan[-1]
         if kind != FULL and all(c == FULL for c in entry["calls"]):
             self._cached_steps += 1
         entry["calls"].append(kind)
         if details:
             entry.setdefault("details", []).append(details)
+
+    def _check_clock(self) -> None:
+        """Warn once when an inferred clock looks wrong (runtime/step_tracker.py says what the
+        inputs cannot show)."""
+        if self._source != "inferred" or not isinstance(self.schedule, FullStepSchedule):
+            return
+        recent = list(self._trajectory_steps)[-3:]
+        if len(recent) == 3 and all(n <= 2 for n in recent) and "short" not in self._warned:
+            self._warned.add("short")
+            warnings.warn(
+                "specdiff: the clock inferred from timesteps sees trajectories of 1-2 steps in a row, so "
+                "nothing is cached; if these calls are steps of one trajectory, drive the model through "
+                "specdiff_fx.compile_pipeline(pipe) or call get_runtime(model).begin_trajectory() where a "
+                "trajectory starts (docs/pipelines.md)", RuntimeWarning, stacklevel=4)
+        if self._steps >= 12 and self._cached_steps == 0 and "uncached" not in self._warned:
+            self._warned.add("uncached")
+            warnings.warn(
+                f"specdiff: {self._steps} steps and none cached: the clock inferred from timesteps may not "
+                "match the sampler (docs/pipelines.md; compile_pipeline(pipe) takes it from the pipeline)",
+                RuntimeWarning, stacklevel=4)
 
     # ------------------------------------------------------------------ reporting
     def stats(self) -> dict:
@@ -209,6 +333,7 @@ class SpecDiffRuntime:
             "full_steps": self._steps - self._cached_steps,
             "cached_steps": self._cached_steps,
             "invalidations": self._invalidations,
+            "clock": self._source,
             "cache_slots": len(self.slots._slots),
             "cache_bytes": self.slots.allocated_bytes,
             "plan": [_plain_entry(e) for e in self._plan],
@@ -239,7 +364,7 @@ class SpecDiffRuntime:
         """The runtime-owned buffers ``variant`` is called with, after the graph inputs."""
         if variant not in self.variants:
             raise KeyError(f"no variant {variant!r}; have {sorted(self.variants)}")
-        return list(self.slots.specs) if self.fallback is None else []
+        return list(self.buffer_specs) if self.fallback is None else []
 
     def report(self) -> str:
         from tabulate import tabulate

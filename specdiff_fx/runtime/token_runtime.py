@@ -41,6 +41,14 @@ def flow_matching_update(x: torch.Tensor, model_output: torch.Tensor, t: float, 
     return x + (t_next - t) / scale * v.to(x.dtype)
 
 
+def _prediction_for(x: torch.Tensor, model_output: torch.Tensor) -> torch.Tensor:
+    """The part of a model output a sampler steps with (learned-variance models predict more
+    channels than the latent has: the first ones are the prediction)."""
+    if model_output.shape != x.shape and model_output.dim() == x.dim() and model_output.shape[1] > x.shape[1]:
+        model_output = model_output[:, : x.shape[1]]
+    return model_output.to(x.dtype)
+
+
 def _alloc(spec: BufferSpec) -> torch.Tensor:
     return torch.zeros(spec.shape, dtype=spec.dtype, device=spec.device)
 
@@ -199,7 +207,6 @@ class TokenRuntime(SpecDiffRuntime):
         c2_share: float,
         score_lambda: float,
         draft_steps: int,
-        latent_index: int | None,
         draft_update: Callable | None = None,
         flops: dict | None = None,
         c3: str = "history",
@@ -215,21 +222,18 @@ class TokenRuntime(SpecDiffRuntime):
         self.record_specs, self.partial_specs, self.draft_specs = list(record_specs), list(partial_specs), list(draft_specs)
         self.k, self.n = subset_size, num_tokens
         self.c2_share, self.lam = c2_share, score_lambda
-        self.draft_steps = draft_steps if latent_index is not None else 0
-        self.latent_index = latent_index
-        self.draft_update = draft_update or flow_matching_update
+        self.draft_steps = draft_steps if self.latent_index is not None else 0
+        self.draft_update = draft_update  # None: the pipeline's sampler, else flow matching
         self.flops = dict(flops or {})
+
+    # ------------------------------------------------------------------ state
+    def _init_state(self) -> None:
+        super()._init_state()
         self.token_slots: dict[int, TokenSlot] = {}
         self._timestep_scale: float | None = None
 
-    # ------------------------------------------------------------------ state
-    def invalidate(self) -> None:
+    def _drop_caches(self) -> None:
         self.token_slots.clear()
-        super().invalidate()
-
-    def reset(self) -> None:
-        self.token_slots.clear()
-        super().reset()
 
     def _reset_stats(self) -> None:
         super()._reset_stats()
@@ -273,24 +277,46 @@ class TokenRuntime(SpecDiffRuntime):
         return out, FULL, {"c1": self.n, "c2": 0, "c3": 0, "est_flops_saved": 0.0}
 
     def _run_draft(self, args, first_out, t0: float, slot: TokenSlot) -> None:
-        """Speculate a short trajectory with the same model; step 0 is the main step 0."""
+        """Speculate a short trajectory with the same model; step 0 is the main step 0.
+
+        It advances with the pipeline's own sampler where the pipeline's clock lends one
+        (runtime/pipeline_clock.py), else with ``draft_update`` (default: a flow-matching Euler
+        step).  The draft variant is compiled for contiguous latents and timestep, and gets
+        them so, whatever strides the pipeline passes (``t.expand(B)`` has stride 0)."""
         if self.draft_steps < 2 or DRAFT not in self.variants:
             return
-        if self._timestep_scale is None:
-            self._timestep_scale = 1000.0 if t0 > 1.5 else 1.0
-        ts = draft_timesteps(t0, self.draft_steps)
+        plan = self._draft_plan(t0)
+        if plan is None:
+            return
+        ts, advance = plan
         x = args[self.latent_index]
         prediction = first_out[0] if isinstance(first_out, (tuple, list)) else first_out
         t_arg = args[self.timestep_index]
-        for j in range(1, self.draft_steps):
-            x = self.draft_update(x, prediction, ts[j - 1], ts[j], self._timestep_scale)
+        for j in range(1, len(ts)):
+            x = advance(x, prediction, j - 1).contiguous()
             draft_args = list(args)
             draft_args[self.latent_index] = x
-            draft_args[self.timestep_index] = torch.full_like(t_arg, ts[j]) if isinstance(t_arg, torch.Tensor) else ts[j]
+            draft_args[self.timestep_index] = (torch.full(t_arg.shape, ts[j], dtype=t_arg.dtype, device=t_arg.device)
+                                               if isinstance(t_arg, torch.Tensor) else ts[j])
             out = self.variants[DRAFT](*draft_args, *slot.buffers_for(self.draft_specs))
             prediction = out[0] if isinstance(out, (tuple, list)) else out
             slot.fut.append((ts[j], slot.importance.clone()))
             self._draft_calls += 1
+
+    def _draft_plan(self, t0: float):
+        """The draft's timesteps (as the model receives them) and its update."""
+        draft = None
+        if self.draft_update is None and self.pipeline_clock is not None and self._source == "pipeline":
+            draft = self.pipeline_clock.draft(self.draft_steps)
+        if draft is not None and len(draft.timesteps) > 1 and draft.timesteps[0] > 0 and t0 > 0:
+            scale = t0 / draft.timesteps[0]   # model units per scheduler unit (FLUX passes t / 1000)
+            ts = [t0] + [scale * t for t in draft.timesteps[1:]]
+            return ts, lambda x, pred, i: draft.advance(x, _prediction_for(x, pred), i)
+        if self._timestep_scale is None:
+            self._timestep_scale = 1000.0 if t0 > 1.5 else 1.0
+        ts = draft_timesteps(t0, self.draft_steps)
+        update = self.draft_update or flow_matching_update
+        return ts, lambda x, pred, i: update(x, pred, ts[i], ts[i + 1], self._timestep_scale)
 
     def _partial_step(self, args, event, slot: TokenSlot):
         """The variant scores and picks the tokens itself (passes/token_select.py) from ``his``,

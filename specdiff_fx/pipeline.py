@@ -1,0 +1,210 @@
+"""``compile_pipeline``: a diffusers pipeline's denoisers compiled with specdiff, on the pipeline's clock.
+
+Why an entry point for pipelines: a model compiled on its own has only its inputs to tell
+trajectories, steps and call slots apart (runtime/step_tracker.py), and some patterns cannot
+be told from inputs at all (a short refine call right after a full one).  The pipeline knows:
+every diffusers pipeline calls ``scheduler.set_timesteps`` before its loop and
+``scheduler.step`` after each model evaluation it consumes.  So ``compile_pipeline``
+
+* compiles every denoiser the pipeline holds (``transformer``, ``transformer_2``, ``unet``, …)
+  in place (``nn.Module.compile``), each with a backend and runtimes of its own;
+* wraps *this pipeline's scheduler instance* (instance attributes ``set_timesteps`` and
+  ``step``, ``functools.wraps`` so pipelines that inspect ``step``'s signature still see it) to
+  report those two events to one :class:`~specdiff_fx.runtime.PipelineClock` that every
+  runtime of every denoiser reads;
+* lends the scheduler to specdiff's self-speculative draft: a copy set to a few steps, so the
+  draft advances as the pipeline samples.
+
+No diffusers class is patched; ``restore_pipeline`` removes the instance attributes and the
+compiled call of each denoiser.  docs/pipelines.md has the whole picture.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import inspect
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+
+from .backend import SpecDiffBackend, make_backend
+from .config import SpecDiffConfig
+from .runtime import Draft, PipelineClock
+
+log = logging.getLogger("specdiff_fx")
+
+DENOISER_PACKAGES = ("diffusers.models.transformers", "diffusers.models.unets")
+"""Where diffusers keeps its denoiser classes (not VAEs, text encoders or ControlNets)."""
+
+_WRAPPED = ("set_timesteps", "step")
+
+
+@dataclass
+class PipelineCaching:
+    """What compile_pipeline did to one pipeline (``pipe._specdiff``), so it can be undone."""
+
+    clock: PipelineClock
+    backends: dict[str, SpecDiffBackend]
+    scheduler: Any = None
+    set_timesteps_call: tuple | None = None   # the pipeline's latest (args, kwargs)
+    wrapped: list[str] = field(default_factory=list)
+
+
+def denoiser_names(pipe: Any) -> list[str]:
+    """The pipeline components that are diffusers transformers or UNets."""
+    names = []
+    for name, component in getattr(pipe, "components", {}).items():
+        if isinstance(component, torch.nn.Module) and type(component).__module__.startswith(DENOISER_PACKAGES):
+            names.append(name)
+    return names
+
+
+def compile_pipeline(pipe: Any, config: SpecDiffConfig | None = None, *, denoisers: Sequence[str] | None = None,
+                     fullgraph: bool = False, dynamic: bool = False, **overrides: Any) -> Any:
+    """Compile ``pipe``'s denoisers with specdiff and drive their caches from the pipeline's
+    own clock.  ``config`` / ``overrides``: as for :func:`~specdiff_fx.make_backend`.
+    ``denoisers``: component names (default: every diffusers transformer or UNet it holds).
+    ``fullgraph`` stays False by default: some models break the graph in their own code
+    (Lumina2, HiDream), and their frames still cache (docs/design.md, graph breaks).
+    Returns ``pipe``; :func:`restore_pipeline` undoes everything."""
+    if getattr(pipe, "_specdiff", None) is not None:
+        raise ValueError("this pipeline is compiled with specdiff already; call restore_pipeline(pipe) first")
+    names = list(denoisers) if denoisers is not None else denoiser_names(pipe)
+    modules = {name: getattr(pipe, name, None) for name in names}
+    modules = {name: m for name, m in modules.items() if m is not None}
+    if not modules:
+        raise ValueError(f"no denoiser found in {type(pipe).__name__} (looked for diffusers transformers and "
+                         "UNets among its components); name them with denoisers=[...]")
+    for name, module in modules.items():
+        if not isinstance(module, torch.nn.Module):
+            raise TypeError(f"pipe.{name} is a {type(module).__name__}, not a torch module")
+        if isinstance(module, torch._dynamo.eval_frame.OptimizedModule) or \
+                getattr(module, "_compiled_call_impl", None) is not None:
+            raise ValueError(f"pipe.{name} is compiled already; pass the pipeline with its plain modules")
+    scheduler = getattr(pipe, "scheduler", None)
+    if scheduler is None or not all(callable(getattr(scheduler, n, None)) for n in _WRAPPED):
+        raise ValueError(f"{type(pipe).__name__} has no scheduler with set_timesteps() and step(): "
+                         "compile its denoiser with torch.compile(model, backend=...) instead")
+    clock = PipelineClock()
+    caching = PipelineCaching(clock=clock, backends={})
+    for name, module in modules.items():
+        backend = make_backend(config, **overrides)
+        backend.pipeline_clock = clock
+        module.compile(backend=backend, fullgraph=fullgraph, dynamic=dynamic)
+        caching.backends[name] = backend
+    _wrap_scheduler(scheduler, caching)
+    clock.draft_source = functools.partial(_scheduler_draft, caching)
+    pipe._specdiff = caching
+    log.info("specdiff: compiled %s of %s on the pipeline's clock (%s)", ", ".join(modules), type(pipe).__name__,
+             type(scheduler).__name__)
+    return pipe
+
+
+def restore_pipeline(pipe: Any) -> Any:
+    """Undo :func:`compile_pipeline`: plain denoisers, the scheduler as it was."""
+    caching = getattr(pipe, "_specdiff", None)
+    if caching is None:
+        raise ValueError("this pipeline was not compiled with specdiff_fx.compile_pipeline")
+    for name in caching.backends:
+        module = getattr(pipe, name, None)
+        if isinstance(module, torch.nn.Module):
+            module._compiled_call_impl = None
+    for attr in caching.wrapped:
+        caching.scheduler.__dict__.pop(attr, None)
+    del pipe._specdiff
+    return pipe
+
+
+def _wrap_scheduler(scheduler: Any, caching: PipelineCaching) -> None:
+    """Report this scheduler instance's ``set_timesteps`` and ``step`` to the clock."""
+    clock = caching.clock
+    set_timesteps, step = scheduler.set_timesteps, scheduler.step
+
+    @functools.wraps(set_timesteps)
+    def set_timesteps_and_begin(*args: Any, **kwargs: Any) -> Any:
+        out = set_timesteps(*args, **kwargs)
+        caching.set_timesteps_call = (args, kwargs)
+        clock.begin_trajectory()
+        return out
+
+    @functools.wraps(step)
+    def step_and_count(*args: Any, **kwargs: Any) -> Any:
+        out = step(*args, **kwargs)
+        clock.end_step()
+        return out
+
+    scheduler.__dict__["set_timesteps"] = set_timesteps_and_begin
+    scheduler.__dict__["step"] = step_and_count
+    caching.scheduler, caching.wrapped = scheduler, list(_WRAPPED)
+
+
+def _subsample(values: Any, steps: int) -> Any:
+    """``steps`` evenly spaced entries of a sigma/timestep list, the first one first."""
+    n = len(values)
+    picked = [values[min(n - 1, round(j * n / steps))] for j in range(steps)]
+    if isinstance(values, torch.Tensor):
+        return torch.stack(list(picked))
+    try:
+        import numpy as np
+
+        if isinstance(values, np.ndarray):
+            return np.array(picked, dtype=values.dtype)
+    except ImportError:  # pragma: no cover - numpy comes with torch
+        pass
+    return [float(v) for v in picked]
+
+
+def _scheduler_draft(caching: PipelineCaching, steps: int) -> Draft | None:
+    """A ``steps``-step draft of the pipeline's own sampler: a copy of its scheduler, set as the
+    pipeline set it with fewer steps (a custom sigma or timestep list is subsampled).  None when
+    the copy cannot be set so, or when the trajectory starts below the draft's first timestep
+    (img2img): the runtime then uses its default draft update."""
+    if caching.set_timesteps_call is None or caching.scheduler is None:
+        return None
+    args, kwargs = caching.set_timesteps_call
+    real = caching.scheduler
+    try:
+        draft = copy.deepcopy(real)
+        for attr in caching.wrapped:
+            draft.__dict__.pop(attr, None)
+        args, kwargs = list(args), dict(kwargs)
+        for key in ("sigmas", "timesteps"):
+            if kwargs.get(key) is not None:
+                kwargs[key] = _subsample(kwargs[key], steps)
+                if "num_inference_steps" in kwargs and kwargs["num_inference_steps"] is not None:
+                    kwargs["num_inference_steps"] = steps
+                break
+        else:
+            if "num_inference_steps" in kwargs or not args:
+                kwargs["num_inference_steps"] = steps
+            else:
+                args[0] = steps
+        draft.set_timesteps(*args, **kwargs)
+        timesteps = draft.timesteps[:steps]
+        begin = getattr(real, "begin_index", None) or 0
+        first = float(real.timesteps[begin])
+    except Exception as exc:  # a scheduler we cannot copy or re-set: the runtime's default draft
+        log.info("specdiff: no draft from %s (%s: %s)", type(real).__name__, type(exc).__name__, exc)
+        return None
+    if len(timesteps) < 2 or float(timesteps[0]) > first * 1.001 + 1e-6:
+        return None  # img2img: the draft would start above the trajectory
+
+    # a stochastic sampler (DDPM) draws its noise from a generator of the draft's own: the
+    # draft is deterministic and never touches the global random state the user seeded
+    takes_generator = "generator" in inspect.signature(draft.step).parameters
+    generators: dict = {}
+
+    def advance(x: torch.Tensor, model_output: torch.Tensor, i: int) -> torch.Tensor:
+        extra = {}
+        if takes_generator:
+            if i == 0 or x.device not in generators:
+                generators[x.device] = torch.Generator(device=x.device).manual_seed(0)
+            extra["generator"] = generators[x.device]
+        prev = draft.step(model_output, timesteps[i], x, return_dict=False, **extra)[0]
+        scale = getattr(draft, "scale_model_input", None)
+        return scale(prev, timesteps[i + 1]) if scale is not None else prev
+
+    return Draft(timesteps=[float(t) for t in timesteps], advance=advance)

@@ -1,0 +1,113 @@
+"""The denoising clock as the pipeline tells it: trajectories, steps and call slots.
+
+A runtime that infers its clock from timesteps (runtime/step_tracker.py) must guess where a
+trajectory starts and which calls belong to one step; the pipeline knows.  Every diffusers
+pipeline calls ``scheduler.set_timesteps`` before its loop and ``scheduler.step`` after each
+model evaluation it consumes, so ``specdiff_fx.compile_pipeline`` reports those two events
+here (``begin_trajectory``, ``end_step``) and every runtime of the pipeline's denoisers reads
+its events from this one object:
+
+* a trajectory starts at ``begin_trajectory``;
+* a step ends at ``end_step`` (Heun-type schedulers step after each of their two
+  evaluations: each is a step, as the scheduler counts it);
+* the calls a runtime gets between two step ends are that step's call slots 0, 1, … (separate
+  cond/uncond passes, "true CFG").
+
+Steps are counted per runtime from its first call in the trajectory, so a denoiser that joins
+a trajectory late (the second expert of Wan 2.2, a graph compiled mid-trajectory for a call of
+another shape) starts with its own warm-up instead of reading caches it never wrote.
+
+The clock also lends the pipeline's sampler to the self-speculative draft (``draft``): a copy
+of the pipeline's scheduler set to a few steps, so the draft advances as the pipeline does
+(DPM-Solver, DDPM with epsilon or v prediction, PNDM, flow matching) instead of assuming one.
+"""
+
+from __future__ import annotations
+
+import logging
+import weakref
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from .step_tracker import MAX_CALL_SLOTS, StepEvent
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Draft:
+    """A short trajectory of the pipeline's own sampler: ``timesteps`` (as the model receives
+    them) and ``advance(x, model_output, i) -> x`` moving a sample from ``timesteps[i]`` to
+    ``timesteps[i + 1]``."""
+
+    timesteps: list[float]
+    advance: Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
+
+
+class _User:
+    __slots__ = ("trajectory", "index", "first_step", "step", "calls")
+
+    def __init__(self) -> None:
+        self.trajectory = -1   # the clock's trajectory this runtime last ran in
+        self.index = -1        # this runtime's own count of trajectories
+        self.first_step = 0
+        self.step = -1
+        self.calls = 0
+
+
+class PipelineClock:
+    """Trajectory and step events reported by a pipeline, read by every runtime of its
+    denoisers.  ``draft_source(steps)`` (set by compile_pipeline) builds a :class:`Draft`."""
+
+    def __init__(self) -> None:
+        self.trajectory = -1
+        self.step = 0
+        self.draft_source: Callable[[int], Draft | None] | None = None
+        self._users: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        self.overflows = 0
+
+    # ---------------------------------------------------------------- pipeline side
+    def begin_trajectory(self) -> None:
+        self.trajectory += 1
+        self.step = 0
+        log.debug("pipeline clock: trajectory %d begins", self.trajectory)
+
+    def end_step(self) -> None:
+        if self.trajectory >= 0:
+            self.step += 1
+
+    # ---------------------------------------------------------------- runtime side
+    @property
+    def running(self) -> bool:
+        """A trajectory has begun: events come from the pipeline."""
+        return self.trajectory >= 0
+
+    def observe(self, user: object, timestep: float) -> StepEvent | None:
+        """The event of ``user``'s call (one runtime); None when the pipeline has not begun a
+        trajectory or the call is one more than a step can have (the caller then infers the
+        clock from the inputs instead)."""
+        if self.trajectory < 0:
+            return None
+        state = self._users.get(user)
+        if state is None:
+            state = self._users[user] = _User()
+        new_trajectory = state.trajectory != self.trajectory
+        new_step = new_trajectory or state.step != self.step
+        if new_trajectory:
+            state.trajectory, state.first_step = self.trajectory, self.step
+            state.index += 1
+        if new_step:
+            state.step, state.calls = self.step, 0
+        if state.calls >= 2 * MAX_CALL_SLOTS:
+            # scheduler.step is not being called (a loop of the user's own around a pipeline
+            # component): do not grow slots without bound
+            self.overflows += 1
+            return None
+        state.calls += 1
+        return StepEvent(trajectory=state.index, step=self.step - state.first_step, slot=state.calls - 1,
+                         timestep=timestep, new_trajectory=new_trajectory, new_step=new_step)
+
+    def draft(self, steps: int) -> Draft | None:
+        return self.draft_source(steps) if self.draft_source is not None else None
