@@ -25,6 +25,7 @@ import copy
 import functools
 import inspect
 import logging
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -97,6 +98,7 @@ def compile_pipeline(pipe: Any, config: SpecDiffConfig | None = None, *, denoise
         caching.backends[name] = backend
     _wrap_scheduler(scheduler, caching)
     clock.draft_source = functools.partial(_scheduler_draft, caching)
+    clock.before_call = functools.partial(_follow_scheduler_swap, weakref.ref(pipe), caching)
     pipe._specdiff = caching
     log.info("specdiff: compiled %s of %s on the pipeline's clock (%s)", ", ".join(modules), type(pipe).__name__,
              type(scheduler).__name__)
@@ -116,6 +118,22 @@ def restore_pipeline(pipe: Any) -> Any:
         caching.scheduler.__dict__.pop(attr, None)
     del pipe._specdiff
     return pipe
+
+
+def _follow_scheduler_swap(pipe_ref: weakref.ref, caching: PipelineCaching) -> None:
+    """``pipe.scheduler = OtherScheduler.from_config(...)`` after compile_pipeline: the new one set
+    its timesteps unseen, so this call begins a trajectory; from here on the new one reports."""
+    pipe = pipe_ref()
+    scheduler = getattr(pipe, "scheduler", None) if pipe is not None else None
+    if scheduler is None or scheduler is caching.scheduler:
+        return
+    for attr in caching.wrapped:
+        caching.scheduler.__dict__.pop(attr, None)
+    _wrap_scheduler(scheduler, caching)
+    caching.set_timesteps_call = None  # its settings were not seen: the draft uses its default update
+    caching.clock.begin_trajectory()
+    log.info("specdiff: the pipeline's scheduler was replaced (%s); following the new one",
+             type(scheduler).__name__)
 
 
 def _wrap_scheduler(scheduler: Any, caching: PipelineCaching) -> None:

@@ -172,6 +172,24 @@ def test_wan22_experts_each_have_their_own_runtime_and_warm_up():
     assert torch.equal(case(0), plain)
 
 
+def test_a_scheduler_swapped_in_after_compile_drives_the_clock():
+    from diffusers import FlowMatchHeunDiscreteScheduler
+
+    case = build_pipeline("sd3")
+    compile_pipeline(case.pipe, policy="fora", compiler="eager", **SCHEDULES["fora"])
+    case(0)
+    old = case.pipe.scheduler
+    case.pipe.scheduler = FlowMatchHeunDiscreteScheduler.from_config(old.config)
+    case(0)
+    case(0)
+    stats = get_runtime(case.pipe.transformer).stats()
+    heun_steps = 2 * 5 - 1  # 5 steps: every evaluation after the first is a scheduler step of its own
+    assert (stats["trajectories"], stats["steps"]) == (3, 5 + 2 * heun_steps)
+    assert "step" not in vars(old) and "step" in vars(case.pipe.scheduler)
+    restore_pipeline(case.pipe)
+    assert "step" not in vars(case.pipe.scheduler)
+
+
 def test_compile_pipeline_errors_are_clear():
     case = build_pipeline("sd3")
     compile_pipeline(case.pipe, policy="off", compiler="eager")

@@ -65,6 +65,9 @@ class PipelineClock:
         self.trajectory = -1
         self.step = 0
         self.draft_source: Callable[[int], Draft | None] | None = None
+        # called before each runtime reads the clock: compile_pipeline re-attaches to a scheduler
+        # the user swapped in (``pipe.scheduler = ...``) and begins the trajectory it missed
+        self.before_call: Callable[[], None] | None = None
         self._users: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self.overflows = 0
 
@@ -88,6 +91,8 @@ class PipelineClock:
         """The event of ``user``'s call (one runtime); None when the pipeline has not begun a
         trajectory or the call is one more than a step can have (the caller then infers the
         clock from the inputs instead)."""
+        if self.before_call is not None:
+            self.before_call()
         if self.trajectory < 0:
             return None
         state = self._users.get(user)
