@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One GPU check for issue 10, sized for a short device lease (about 7 minutes of wall time).
+# One GPU check, sized for a short stay on a GPU machine (about 7 minutes of wall time).
 #
 # Why a script: device time is scarce and each machine start costs minutes, so everything the
 # GPU must show runs in one prepared command, each stage under its own timeout, each writing
@@ -22,8 +22,8 @@
 # Environment knobs: STAGES (default "machine tests scale cg"; add "profile"), TEST_TIMEOUT,
 # SCALE_TIMEOUT, CG_TIMEOUT, PROFILE_TIMEOUT (seconds), SCALE_ARGS (extra args for stages 3-4,
 # e.g. "--layers 1 --resolution 256" for a smoke test on CPU with DEVICE=cpu), PROFILE_ARGS.
-# The Inductor cache is packed into $OUT/inductor_cache.tgz (when small enough) so a later lease
-# can carry it back (CACHE_TGZ=path) and skip most of the compile.
+# The Inductor cache is packed into $OUT/inductor_cache.tgz (when small enough) so a later run on a
+# fresh machine can carry it back (CACHE_TGZ=path) and skip most of the compile.
 set -u
 OUT=${OUT:-out/gpu_check}
 mkdir -p "$OUT"

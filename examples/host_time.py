@@ -1,4 +1,4 @@
-"""Runtime host time per denoiser call on the reference model (issue 10: must stay < 1 ms).
+"""Runtime host time per denoiser call on the reference model (our target: under 1 ms).
 
 Why: at batch 1 a cached step costs a few ms, so a runtime that spends a millisecond of
 Python per call (step detection, scoring, bookkeeping) would eat a large share of the saving.

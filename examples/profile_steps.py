@@ -1,8 +1,8 @@
 """Where does a partial / full+record step spend its time beyond its compute share?
 
-Why: issue 10 sets targets (partial at cache ratio 0.8 <= 0.25 of a plain step on CPU, <= 0.3 on
+Why: we set targets (partial at cache ratio 0.8 <= 0.25 of a plain step on CPU, <= 0.3 on
 a GPU at SD3-medium shape; full+record <= 1.08) and the scale bench only says how far off we are.
-This script builds the same model as ``specdiff-fx scale`` (default: the issue's CPU size, SD3
+This script builds the same model as ``specdiff-fx scale`` (default: the target CPU size, SD3
 class, 4 layers x 384, 1024 image + 32 text tokens, CFG batch 2), compiles plain, full+record and
 partial with Inductor, times them round-robin (median per call, as the scale bench does), and
 then profiles a few calls of each under torch.profiler:
