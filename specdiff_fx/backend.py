@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import warnings
 import weakref
 from typing import Any, Callable, Sequence
@@ -70,6 +71,9 @@ from .runtime import (
 )
 
 
+log = logging.getLogger("specdiff_fx")
+
+
 def trace_artifacts(graphs: dict[str, fx.GraphModule], analysis: dict) -> None:
     """Emit the variant graphs (named as the runtime names them) and the analysis as
     structured-trace artifacts, so ``TORCH_TRACE`` + tlparse show them beside dynamo's."""
@@ -126,6 +130,9 @@ class SpecDiffBackend:
         except Exception as exc:  # a bug of ours must not break the user's compile
             runtime = self._fallback(gm, example_inputs, f"internal error {type(exc).__name__}: {exc}")
         self._register(runtime, example_inputs)
+        log.info("specdiff: %s graph (%d nodes): %s", self.config.policy, len(gm.graph.nodes),
+                 f"fallback: {runtime.fallback}" if runtime.fallback else
+                 f"variants {sorted(runtime.variants)}, {runtime.info.get('branches', 0)} branches")
         return runtime
 
     def build_runtime(self, gm: fx.GraphModule, example_inputs: Sequence[Any]) -> SpecDiffRuntime:

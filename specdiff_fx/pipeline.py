@@ -25,6 +25,7 @@ import copy
 import functools
 import inspect
 import logging
+import math
 import weakref
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -74,8 +75,12 @@ def compile_pipeline(pipe: Any, config: SpecDiffConfig | None = None, *, denoise
     if getattr(pipe, "_specdiff", None) is not None:
         raise ValueError("this pipeline is compiled with specdiff already; call restore_pipeline(pipe) first")
     names = list(denoisers) if denoisers is not None else denoiser_names(pipe)
-    modules = {name: getattr(pipe, name, None) for name in names}
-    modules = {name: m for name, m in modules.items() if m is not None}
+    modules, seen = {}, set()
+    for name in names:  # one module under two names is compiled once
+        module = getattr(pipe, name, None)
+        if module is not None and id(module) not in seen:
+            modules[name] = module
+            seen.add(id(module))
     if not modules:
         raise ValueError(f"no denoiser found in {type(pipe).__name__} (looked for diffusers transformers and "
                          "UNets among its components); name them with denoisers=[...]")
@@ -176,11 +181,26 @@ def _subsample(values: Any, steps: int) -> Any:
 
 
 def _scheduler_draft(caching: PipelineCaching, steps: int) -> Draft | None:
-    """A ``steps``-step draft of the pipeline's own sampler: a copy of its scheduler, set as the
-    pipeline set it with fewer steps (a custom sigma or timestep list is subsampled).  None when
-    the copy cannot be set so, or when the trajectory starts below the draft's first timestep
-    (img2img): the runtime then uses its default draft update."""
-    if caching.set_timesteps_call is None or caching.scheduler is None:
+    """A ``steps``-step draft of the pipeline's own sampler, starting where its trajectory starts:
+    a copy of its scheduler re-set to ``steps`` steps where that copy starts at the trajectory's
+    first timestep; else a DDIM step on the scheduler's own noise schedule (``alphas_cumprod``)
+    and parameterization (epsilon, v or sample); else None (the runtime's default update)."""
+    real = caching.scheduler
+    if real is None:
+        return None
+    try:
+        begin = getattr(real, "begin_index", None) or 0
+        first = float(real.timesteps[begin])
+    except Exception:  # no timesteps set: nothing to draft along
+        return None
+    return _copied_draft(caching, steps, first) or _alphas_draft(real, steps, first)
+
+
+def _copied_draft(caching: PipelineCaching, steps: int, first: float) -> Draft | None:
+    """The pipeline's scheduler, copied and set as the pipeline set it but with ``steps`` steps (a
+    custom sigma or timestep list is subsampled).  None when the copy cannot be set so, or starts
+    elsewhere than the trajectory (``leading`` spacing, img2img), or yields a non-finite timestep."""
+    if caching.set_timesteps_call is None:
         return None
     args, kwargs = caching.set_timesteps_call
     real = caching.scheduler
@@ -188,6 +208,8 @@ def _scheduler_draft(caching: PipelineCaching, steps: int) -> Draft | None:
         draft = copy.deepcopy(real)
         for attr in caching.wrapped:
             draft.__dict__.pop(attr, None)
+        if getattr(draft.config, "skip_prk_steps", True) is False:
+            draft.register_to_config(skip_prk_steps=True)  # PNDM's Runge-Kutta warm-up needs 4+ steps
         args, kwargs = list(args), dict(kwargs)
         for key in ("sigmas", "timesteps"):
             if kwargs.get(key) is not None:
@@ -201,28 +223,67 @@ def _scheduler_draft(caching: PipelineCaching, steps: int) -> Draft | None:
             else:
                 args[0] = steps
         draft.set_timesteps(*args, **kwargs)
-        timesteps = draft.timesteps[:steps]
-        begin = getattr(real, "begin_index", None) or 0
-        first = float(real.timesteps[begin])
-    except Exception as exc:  # a scheduler we cannot copy or re-set: the runtime's default draft
-        log.info("specdiff: no draft from %s (%s: %s)", type(real).__name__, type(exc).__name__, exc)
+        timesteps = [float(t) for t in draft.timesteps[:steps]]
+    except Exception as exc:  # a scheduler we cannot copy or re-set
+        log.info("specdiff: no draft copy of %s (%s: %s)", type(real).__name__, type(exc).__name__, exc)
         return None
-    if len(timesteps) < 2 or float(timesteps[0]) > first * 1.001 + 1e-6:
-        return None  # img2img: the draft would start above the trajectory
-
+    if len(timesteps) < 2 or not all(math.isfinite(t) for t in timesteps) \
+            or abs(timesteps[0] - first) > 1e-3 * abs(first) + 1e-6:
+        return None
     # a stochastic sampler (DDPM) draws its noise from a generator of the draft's own: the
     # draft is deterministic and never touches the global random state the user seeded
     takes_generator = "generator" in inspect.signature(draft.step).parameters
-    generators: dict = {}
+    scale_input = getattr(draft, "scale_model_input", None)
+    state: dict = {}
 
     def advance(x: torch.Tensor, model_output: torch.Tensor, i: int) -> torch.Tensor:
+        """``x`` is the model's input: a sampler that scales it (Euler-type: x / sqrt(sigma^2 + 1))
+        steps the unscaled sample, so the draft keeps that and scales what it hands back."""
         extra = {}
         if takes_generator:
-            if i == 0 or x.device not in generators:
-                generators[x.device] = torch.Generator(device=x.device).manual_seed(0)
-            extra["generator"] = generators[x.device]
-        prev = draft.step(model_output, timesteps[i], x, return_dict=False, **extra)[0]
-        scale = getattr(draft, "scale_model_input", None)
-        return scale(prev, timesteps[i + 1]) if scale is not None else prev
+            if i == 0:
+                state["generator"] = torch.Generator(device=x.device).manual_seed(0)
+            extra["generator"] = state["generator"]
+        if i == 0:
+            unit = torch.ones((), dtype=x.dtype, device=x.device)
+            sample = x / scale_input(unit, timesteps[0]) if scale_input is not None else x
+        else:
+            sample = state["sample"]
+        prev = draft.step(model_output, draft.timesteps[i], sample, return_dict=False, **extra)[0]
+        state["sample"] = prev
+        return scale_input(prev, draft.timesteps[i + 1]) if scale_input is not None else prev
 
-    return Draft(timesteps=[float(t) for t in timesteps], advance=advance)
+    return Draft(timesteps=timesteps, advance=advance)
+
+
+def _alphas_draft(real: Any, steps: int, first: float) -> Draft | None:
+    """DDIM (deterministic) on the pipeline's noise schedule and parameterization, over ``steps``
+    evenly spaced timesteps from ``first``.  It works on the model's input as it is: for every
+    scheduler with ``alphas_cumprod`` that input is the sample in DDPM form (Euler-type schedulers
+    divide by sqrt(sigma^2 + 1) to make it so)."""
+    alphas = getattr(real, "alphas_cumprod", None)
+    prediction = getattr(getattr(real, "config", None), "prediction_type", "epsilon")
+    if not isinstance(alphas, torch.Tensor) or prediction not in ("epsilon", "v_prediction", "sample") \
+            or not first > 0:
+        return None
+    timesteps = [first * (1.0 - j / steps) for j in range(steps)]
+
+    def alpha(t: float) -> float:
+        return float(alphas[min(len(alphas) - 1, max(0, round(t)))])
+
+    def advance(x: torch.Tensor, model_output: torch.Tensor, i: int) -> torch.Tensor:
+        a = alpha(timesteps[i])
+        a_next = alpha(timesteps[i + 1]) if i + 1 < len(timesteps) else 1.0
+        pred = model_output.to(x.dtype)
+        if prediction == "epsilon":
+            eps = pred
+            x0 = (x - (1 - a) ** 0.5 * eps) / a ** 0.5
+        elif prediction == "v_prediction":
+            x0 = a ** 0.5 * x - (1 - a) ** 0.5 * pred
+            eps = a ** 0.5 * pred + (1 - a) ** 0.5 * x
+        else:
+            x0 = pred
+            eps = (x - a ** 0.5 * x0) / (1 - a) ** 0.5
+        return a_next ** 0.5 * x0 + (1 - a_next) ** 0.5 * eps
+
+    return Draft(timesteps=timesteps, advance=advance)

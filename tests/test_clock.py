@@ -142,3 +142,21 @@ def test_a_refine_call_after_a_full_one_is_doubted(refine):
     tracker = StepTracker()
     events = [tracker.observe(t, x) for t, x in zip(full + refine, _latents(len(full) + len(refine)))]
     assert events[len(full)].trajectory == 0 and events[len(full)].doubt is not None
+
+
+# Karras-type and second-order schedulers (sd15 config, 5 steps): their last moves shrink toward 0
+# and KDPM2A repeats its timesteps to 1e-6; none of that is a new call
+OTHER_SCHEDULES = {
+    "dpm_karras": [999.0, 786.0, 427.0, 59.0, 0.0],
+    "kdpm2": [999.0, 885.208, 749.25, 632.229, 499.5, 371.383, 249.75, 21.275, 0.0],
+    "kdpm2_ancestral": [999.0, 749.25, 749.2496, 499.5, 499.4997, 249.75, 249.7498, 0.0, 0.0],
+}
+
+
+@pytest.mark.parametrize("name", sorted(OTHER_SCHEDULES))
+def test_shrinking_and_near_repeated_schedules_are_not_doubted(name):
+    timesteps = OTHER_SCHEDULES[name]
+    tracker = StepTracker()
+    events = [tracker.observe(t, x) for t, x in zip(timesteps, _latents(len(timesteps)))]
+    assert [e.trajectory for e in events] == [0] * len(timesteps)
+    assert all(e.doubt is None for e in events), [e.doubt for e in events]

@@ -8,6 +8,7 @@ scheduler took; caching happened unless the fallback is a documented one (SPECDI
 README's support matrix); cache memory stays the same over repeated calls.
 """
 
+import math
 import os
 import warnings
 
@@ -323,3 +324,39 @@ def test_pipeline_policy_under_inductor(name, policy):
 
 if __name__ == "__main__":
     print(support_matrix())
+
+
+SCHEDULER_DRAFTS = {  # scheduler -> where its 2-step draft comes from
+    "DDIMScheduler": "alphas",           # "leading" spacing: a 2-step copy would start below the trajectory
+    "EulerDiscreteScheduler": "copy",    # scales the model input: the draft steps the unscaled sample
+    "PNDMScheduler": "alphas",           # copied with its Runge-Kutta warm-up skipped, but "leading" too
+    "KDPM2AncestralDiscreteScheduler": "alphas",  # diffusers gives it a NaN timestep at 2 steps
+    "DPMSolverMultistepScheduler": "copy",
+}
+
+
+@pytest.mark.parametrize("scheduler", sorted(SCHEDULER_DRAFTS))
+def test_specdiff_draft_follows_the_pipelines_scheduler(scheduler):
+    import diffusers
+
+    from specdiff_fx.pipeline import _scheduler_draft
+
+    case = build_pipeline("pixart_sigma")
+    case.pipe.scheduler = getattr(diffusers, scheduler).from_config(case.pipe.scheduler.config)
+    compile_pipeline(case.pipe, policy="specdiff", compiler="eager", **SCHEDULES["specdiff"])
+    out = case(0)
+    assert torch.isfinite(out).all() and torch.equal(case(0), out)
+    stats = get_runtime(case.pipe.transformer).stats()
+    assert stats["draft_steps"] == 2 and stats["trajectories"] == 2 and stats["cached_steps"] > 0
+    real = case.pipe.scheduler
+    first = float(real.timesteps[getattr(real, "begin_index", None) or 0])
+    draft = _scheduler_draft(case.pipe._specdiff, 2)
+    assert draft is not None and draft.timesteps[0] == pytest.approx(first)
+    assert all(math.isfinite(t) for t in draft.timesteps)
+    # a model that predicts zero noise: every DDPM-form sampler maps x_t to sqrt(a_next / a_t) x_t
+    x = torch.randn(2, 4, 8, 8)
+    alphas = real.alphas_cumprod
+    want = x * (alphas[round(draft.timesteps[1])] / alphas[round(draft.timesteps[0])]) ** 0.5
+    torch.testing.assert_close(draft.advance(x, torch.zeros_like(x), 0), want, rtol=1e-4, atol=1e-5)
+    copied = "alphas" if draft.advance.__qualname__.startswith("_alphas_draft") else "copy"
+    assert copied == SCHEDULER_DRAFTS[scheduler]

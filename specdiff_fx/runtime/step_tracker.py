@@ -103,6 +103,7 @@ class StepTracker:
         self._streams = 1          # latents seen at the first timestep (each its own slot)
         self._gap: float | None = None  # the trajectory's last non-zero move
         self._repeats = 0
+        self._first = 0.0               # the trajectory's first timestep (tracked terms)
         self._series = False       # learned: calls at one timestep with new latents are 1-step calls
 
     def invalidate(self) -> None:
@@ -152,13 +153,13 @@ class StepTracker:
             self._calls_this_step = 1
             self._calls_per_step = None
             self._streams = 1
-            self._gap, self._repeats = None, 0
+            self._gap, self._repeats, self._first = None, 0, t
         elif kind == "step":
             if self._calls_per_step is None:
                 self._calls_per_step = self._calls_this_step
             self._step += 1
             self._calls_this_step = 1
-            doubt = self._doubt(last - t)
+            doubt = self._doubt(last - t, t)
         else:
             self._calls_this_step += 1
         self._last = t
@@ -175,17 +176,19 @@ class StepTracker:
             doubt=doubt,
         )
 
-    def _doubt(self, gap: float) -> str | None:
+    def _doubt(self, gap: float, t: float) -> str | None:
         """A step that looks like the start of another call: a first repeated timestep late in a
-        trajectory (Heun repeats from its second timestep on, PNDM its second one), or a move
-        far shorter than the one before (a refine call starting just below where the last ended)."""
+        trajectory (Heun-type samplers repeat from their second timestep on, PNDM its second
+        one), or, on a falling schedule, a move far shorter than the one before that does not
+        land near the schedule's end (a refine call starting just below where the last ended;
+        Karras-type schedules shrink their last moves toward 0)."""
         doubt = None
-        if gap == 0:
+        if gap == 0 or (self._gap is not None and gap < 1e-3 * self._gap):  # KDPM2A repeats to 1e-6
             if self._repeats == 0 and self._step >= 3:
                 doubt = f"step {self._step} repeats the last timestep after {self._step - 1} that did not"
             self._repeats += 1
             return doubt
-        if self._gap is not None and gap < self._gap / 2:
+        if self._gap is not None and gap < self._gap / 2 and self._sign > 0 and t > 0.1 * self._first:
             doubt = f"step {self._step} moves {gap:.4g} after a move of {self._gap:.4g}"
         self._gap = gap
         return doubt

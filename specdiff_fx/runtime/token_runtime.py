@@ -308,10 +308,14 @@ class TokenRuntime(SpecDiffRuntime):
         draft = None
         if self.draft_update is None and self.pipeline_clock is not None and self._source == "pipeline":
             draft = self.pipeline_clock.draft(self.draft_steps)
-        if draft is not None and len(draft.timesteps) > 1 and draft.timesteps[0] > 0 and t0 > 0:
-            scale = t0 / draft.timesteps[0]   # model units per scheduler unit (FLUX passes t / 1000)
-            ts = [t0] + [scale * t for t in draft.timesteps[1:]]
-            return ts, lambda x, pred, i: draft.advance(x, _prediction_for(x, pred), i)
+        if draft is not None and len(draft.timesteps) > 1:
+            first = draft.timesteps[0]
+            # model units per scheduler unit (FLUX passes t / 1000); a trajectory at 0 (inverted
+            # sigmas) starts at 0 in both
+            scale = t0 / first if first != 0 and t0 != 0 else 1.0 if first == t0 else None
+            if scale is not None:
+                ts = [t0] + [scale * t for t in draft.timesteps[1:]]
+                return ts, lambda x, pred, i: draft.advance(x, _prediction_for(x, pred), i)
         if self._timestep_scale is None:
             self._timestep_scale = 1000.0 if t0 > 1.5 else 1.0
         ts = draft_timesteps(t0, self.draft_steps)
