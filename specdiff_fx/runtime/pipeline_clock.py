@@ -69,7 +69,6 @@ class PipelineClock:
         # the user swapped in (``pipe.scheduler = ...``) and begins the trajectory it missed
         self.before_call: Callable[[], None] | None = None
         self._users: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-        self.overflows = 0
 
     # ---------------------------------------------------------------- pipeline side
     def begin_trajectory(self) -> None:
@@ -108,7 +107,6 @@ class PipelineClock:
         if state.calls >= 2 * MAX_CALL_SLOTS:
             # scheduler.step is not being called (a loop of the user's own around a pipeline
             # component): do not grow slots without bound
-            self.overflows += 1
             return None
         state.calls += 1
         return StepEvent(trajectory=state.index, step=self.step - state.first_step, slot=state.calls - 1,
