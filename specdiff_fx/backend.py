@@ -450,8 +450,10 @@ def _for_context_parallel(gm: fx.GraphModule) -> fx.GraphModule:
 def _lite_allowed(gm: fx.GraphModule) -> bool:
     """taylor lite is off under context parallelism (with a warning): on Qwen-Image with 2
     gloo ranks (Ulysses 2) its forecast steps differed from the single-process run by up to
-    6e-2 (rel) while per-branch forecasting matched to 1.5e-7 (docs/context_parallel.md).
-    Until the cause is found, graphs with collectives forecast every branch."""
+    6e-2 (rel) while per-branch forecasting matched to 1.5e-7.  The cause (dead-code elimination
+    drops diffusers' copies into its gathered-mask buffers; lite does not skip Qwen's blocks) and
+    its fix are in docs/context_parallel.md; until both land, graphs with collectives forecast
+    every branch."""
     if not has_collectives(gm):
         return True
     warnings.warn("specdiff: taylor lite is off under context parallelism (not verified there); "
