@@ -356,11 +356,6 @@ class SpecDiffBackend:
                     found.append(runtime)
         return found
 
-    def runtime_for(self, model: torch.nn.Module) -> SpecDiffRuntime | None:
-        """The runtime that caches most for ``model`` (see ModelRuntime.primary)."""
-        runtimes = self.runtimes_for(model)
-        return ModelRuntime(runtimes).primary if runtimes else None
-
 
 class ModelRuntime:
     """What ``get_runtime(model)`` returns: one view of every runtime a model compiled to.
