@@ -22,7 +22,14 @@ import torch
 import torch.fx as fx
 
 from ..buffers import BufferRole, BufferSpec
-from .graph_copy import add_static_input, copy_graph_module, find_node, recompile, tag_inserted
+from .graph_copy import (
+    add_static_input,
+    copy_graph_module,
+    eliminate_dead_code_keeping_writes,
+    find_node,
+    recompile,
+    tag_inserted,
+)
 from .graph_queries import tensor_meta
 from .residual_branches import ResidualBranch
 
@@ -91,5 +98,5 @@ def build_branch_reuse_variant(
                 read = tag_inserted(out.graph.call_method("to", (cache, own)), REUSE_TAG, consumer)
         consumer.replace_input_with(value, read)
         consumer.meta["specdiff"] = REUSE_TAG
-    out.graph.eliminate_dead_code()
+    eliminate_dead_code_keeping_writes(out)
     return recompile(out), specs

@@ -26,7 +26,13 @@ import torch.fx as fx
 
 from ..buffers import BufferRole, BufferSpec
 from . import token_ops
-from .graph_copy import add_static_input, copy_graph_module, recompile, tag_inserted
+from .graph_copy import (
+    add_static_input,
+    copy_graph_module,
+    eliminate_dead_code_keeping_writes,
+    recompile,
+    tag_inserted,
+)
 from .graph_queries import tensor_meta
 from .token_axis import IMAGE, N, TokenAxis, TokenAxisError, TokenRegion
 
@@ -52,7 +58,7 @@ def _spec(gm: fx.GraphModule, name: str, role: BufferRole, shape, dtype, device,
 
 
 def _finish(gm: fx.GraphModule) -> fx.GraphModule:
-    gm.graph.eliminate_dead_code(is_impure_node=lambda n: n.is_impure() or n.meta.get("specdiff_writes", False))
+    eliminate_dead_code_keeping_writes(gm)
     return recompile(gm)
 
 
