@@ -178,6 +178,37 @@ def test_fully_dead_coalesced_collective_goes():
     assert not has_collectives(pruned) and not any(is_wait(n) for n in pruned.graph.nodes)
 
 
+def _gathered_mask_graph(group: str, read: bool) -> fx.GraphModule:
+    """diffusers' gathered text mask under context parallelism: ``t = empty_like(mask);
+    t.copy_(wait(all_gather(mask)))``, then ``cat([t, x])`` feeds the output -- or, with
+    ``read=False``, nothing reads ``t`` (its attention was cached away)."""
+    g = fx.Graph()
+    x, mask = _meta(g.placeholder("x"), 2, 3), _meta(g.placeholder("mask"), 2, 3)
+    buf = _meta(g.call_function(torch.empty_like, (mask,)), 2, 3)
+    gathered = _meta(g.call_function(c10d.all_gather_into_tensor, (mask, 1, group)), 2, 3)
+    waited = _meta(g.call_function(c10d.wait_tensor, (gathered,)), 2, 3)
+    g.call_method("copy_", (buf, g.call_function(operator.getitem, (waited, slice(0, 2)))))
+    out = g.call_function(torch.cat, ([buf, x], -1)) if read else g.call_function(operator.add, (x, 1.0))
+    g.output((out,))
+    return fx.GraphModule(torch.nn.Module(), g)
+
+
+def test_copy_into_a_read_buffer_stays_with_its_gather(group_name):
+    gm = _gathered_mask_graph(group_name, read=True)
+    pruned = prune_dead_collectives(gm)
+    assert [n.target for n in pruned.graph.nodes if n.op == "call_method"] == ["copy_"]
+    assert len(find_collectives(pruned)) == 1
+    x, mask = torch.randn(2, 3), torch.randn(2, 3)
+    torch.testing.assert_close(pruned(x, mask)[0], torch.cat([mask, x], -1), rtol=0, atol=0)
+
+
+def test_copy_into_a_dead_buffer_does_not_pin_its_gather():
+    """An in-place write is no root: into a tensor nothing reads, it goes, and its gather too."""
+    pruned = prune_dead_collectives(_gathered_mask_graph("no-such-group", read=False))
+    assert not has_collectives(pruned) and not any(is_wait(n) for n in pruned.graph.nodes)
+    assert [n.op for n in pruned.graph.nodes] == ["placeholder", "placeholder", "call_function", "output"]
+
+
 def test_summary_counts_bytes_modules_and_branches():
     gm = build_graph(ranks=2)
     branch = ResidualBranch(

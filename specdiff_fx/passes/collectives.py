@@ -47,7 +47,7 @@ from typing import Any, Callable, Iterable
 import torch
 import torch.fx as fx
 
-from .graph_copy import copy_graph_module, recompile
+from .graph_copy import copy_graph_module, live_nodes_keeping_writes, recompile
 from .graph_queries import tensor_meta
 from .module_paths import block_of, module_path_of
 
@@ -140,17 +140,14 @@ def has_collectives(gm: fx.GraphModule) -> bool:
 
 
 # ------------------------------------------------------------------------------- pruning
-def _is_inplace(node: fx.Node) -> bool:
-    if node.op == "call_method":
-        return isinstance(node.target, str) and node.target.endswith("_") and not node.target.endswith("__")
-    if node.op == "call_function":
-        name = getattr(node.target, "__name__", "") or ""
-        return name.endswith("_") and not name.endswith("__")
-    return False
-
-
 def _is_root(node: fx.Node) -> bool:
-    """A node that must stay regardless of its users: outputs, inputs, side effects."""
+    """A node that must stay regardless of its users: outputs, inputs, side effects.
+
+    An in-place write is no root by itself: it lives when the tensor it writes is read
+    (or is a graph input), see :func:`~.graph_copy.live_nodes_keeping_writes`.  Counting every
+    write as a root would keep diffusers' gathered-mask copies, and with them the mask
+    all-gathers, in a variant whose attention is gone.
+    """
     if node.op in ("placeholder", "output", "get_attr"):
         return True
     op = collective_op(node)
@@ -158,7 +155,7 @@ def _is_root(node: fx.Node) -> bool:
         return COLLECTIVE_OPS[op].inplace
     if is_wait(node):
         return False  # kept iff its collective is kept (see _waits_of)
-    return node.is_impure() or bool(node.meta.get("specdiff_writes")) or _is_inplace(node)
+    return node.is_impure() or bool(node.meta.get("specdiff_writes"))
 
 
 def _waits_of(collective: fx.Node) -> list[fx.Node]:
@@ -174,18 +171,11 @@ def _waits_of(collective: fx.Node) -> list[fx.Node]:
 
 
 def live_nodes(gm: fx.GraphModule) -> set[fx.Node]:
-    """Nodes the graph needs: the roots, their inputs, and every wait of a live collective."""
-    live: set[fx.Node] = set()
-    stack = [n for n in gm.graph.nodes if _is_root(n)]
-    while stack:
-        node = stack.pop()
-        if node in live:
-            continue
-        live.add(node)
-        stack.extend(node.all_input_nodes)
-        if is_collective(node):
-            stack.extend(_waits_of(node))  # an issued collective is always waited on
-    return live
+    """Nodes the graph needs: the roots, their inputs, every in-place write into a tensor
+    that is still read, and every wait of a live collective."""
+    return live_nodes_keeping_writes(
+        gm.graph, _is_root,
+        also=lambda n: _waits_of(n) if is_collective(n) else ())  # an issued collective is always waited on
 
 
 def prune_dead_collectives(gm: fx.GraphModule) -> fx.GraphModule:
