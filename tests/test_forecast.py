@@ -314,6 +314,50 @@ def test_lite_targets_chain_each_stream(capture):
     assert any(isinstance(t, ResidualChain) for t in targets)
 
 
+def test_lite_chains_follow_the_dataflow_across_stream_labels(capture):
+    """Qwen-Image's text branches (``txt_norm1``, ``txt_mlp``) carry the image-stream label.
+    Lite chains by dataflow: one chain per stream covers every branch of both blocks, and the
+    forecast step computes no block (no attention left)."""
+    from specdiff_fx.passes.forecast_variants import ResidualChain, lite_targets
+
+    case = build_tiny("qwen_image")
+    gm, _ = capture(case.model, case.make_inputs())
+    branches = find_residual_branches(gm)
+    assert len(branches) == 8
+    targets = lite_targets(gm, branches)
+    assert len(targets) == 2 and all(isinstance(t, ResidualChain) for t in targets)
+    assert sorted(b for t in targets for b in t.branches) == sorted(b.name for b in branches)
+    assert all(t.blocks == ("transformer_blocks.0", "transformer_blocks.1") for t in targets)
+    by_name = {b.name: b for b in branches}
+    for t in targets:  # each branch leaves the stream where the one before it added back
+        links = [by_name[n] for n in t.branches]
+        assert t.source == links[0].source and t.output == links[-1].add
+        assert all(b.source == a.add for a, b in zip(links, links[1:]))
+    forecast, _ = build_forecast_variant(gm, targets)
+    assert not any(is_attention(n) for n in forecast.graph.nodes)
+
+
+@pytest.mark.parametrize("family", ["dit", "qwen_image"])
+def test_lite_chains_compose_from_what_earlier_chains_became(family, capture):
+    """Cut every block, a chain starts at the previous chain's output, which the forecast
+    replaced by ``source + forecast``: it must read that, so every block drops out."""
+    from specdiff_fx.passes.forecast_variants import lite_targets
+
+    case = build_tiny(family)
+    gm, example = capture(case.model, case.make_inputs())
+    targets = lite_targets(gm, find_residual_branches(gm), group_blocks=1)
+    outputs = {t.output for t in targets}
+    assert any(t.source in outputs for t in targets), "chains start where others end"
+    record, specs = build_forecast_record_variant(gm, targets)
+    forecast, _ = build_forecast_variant(gm, targets)
+    assert not any(is_attention(n) for n in forecast.graph.nodes)
+    bufs = [torch.zeros(s.shape, dtype=s.dtype) for s in specs]
+    reference = _run(gm, example)
+    assert torch.equal(_run(record, example + bufs), reference)
+    _set_coef(bufs, [0.0, 0.0, 2.0, 2.0])  # no difference recorded: forecast = recorded residual
+    torch.testing.assert_close(_run(forecast, example + bufs), reference, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_lite_record_then_forecast_at_same_inputs(family, capture):
     """Terms recorded at X with no difference yet forecast the recorded residual: the lite

@@ -214,13 +214,19 @@ def build_forecast_variant(
     out, specs, terms, coef, err = _copy_with_inputs(gm, branches, order, cache_dtype)
     g_ = out.graph
     num = den = last = None
+    # A chain's output becomes ``source + forecast``.  A later chain that starts at it must read
+    # that replacement, not the computed output, or the earlier chain's blocks stay alive.
+    replaced: dict[fx.Node, fx.Node] = {}
     for br, (f_prev, *diffs) in zip(branches, terms):
         if isinstance(br, ResidualChain):
             last = find_node(out, br.output)
+            source = find_node(out, br.source)
+            source = replaced.get(source, source)
             forecast = _forecast_value(g_, f_prev, diffs, coef, last.next, tensor_meta(last).dtype)
             with g_.inserting_after(forecast):
-                value = _call(g_, operator.add, (find_node(out, br.source), forecast), last, FORECAST_TAG)
+                value = _call(g_, operator.add, (source, forecast), last, FORECAST_TAG)
             last.replace_all_uses_with(value)
+            replaced[last] = value
             continue
         consumer = find_node(out, br.add if br.cached == br.output else br.output)
         value = find_node(out, br.cached)
@@ -261,28 +267,32 @@ def _chain_link(gm: fx.GraphModule, br: ResidualBranch) -> bool:
 
 def lite_targets(gm: fx.GraphModule, branches: list[ResidualBranch],
                  group_blocks: int | None = None) -> list:
-    """Forecast targets of lite mode: chains of consecutive branches per stream, cut every
-    ``group_blocks`` blocks (None: never); a branch whose skip changes shape (a ResNet's
-    ``conv_shortcut``) stays a per-branch target."""
+    """Forecast targets of lite mode: chains of consecutive branches, cut every ``group_blocks``
+    blocks (None: never); a branch whose skip changes shape (a ResNet's ``conv_shortcut``) stays
+    a per-branch target.
+
+    A branch continues the chain whose last residual add is its source: chains follow the
+    dataflow, not the stream labels.  (Qwen-Image's text branches -- ``txt_norm1``, ``txt_mlp``
+    -- carry no ``context`` in their module paths and are labelled image stream; keyed by label,
+    its image and text branches alternated and every chain held one branch.)  A chain is named
+    after its first branch's stream."""
     if group_blocks is not None and group_blocks < 1:
         raise ForecastError(f"group_blocks must be >= 1 or None, got {group_blocks!r}")
     order = {n.name: i for i, n in enumerate(gm.graph.nodes)}
     runs: list[list[ResidualBranch]] = []
-    open_by_stream: dict[str, list[ResidualBranch]] = {}
+    open_at: dict[str, list[ResidualBranch]] = {}  # open chains by their last residual add
     for br in sorted(branches, key=lambda b: order[b.add]):
         if not _chain_link(gm, br):
             runs.append([br])
-            open_by_stream.pop(br.stream, None)
             continue
-        current = open_by_stream.get(br.stream)
+        current = open_at.pop(br.source, None)
         blocks = {b.block for b in current} if current else set()
-        if current and current[-1].add == br.source and (
-                group_blocks is None or br.block in blocks or len(blocks) < group_blocks):
+        if current and (group_blocks is None or br.block in blocks or len(blocks) < group_blocks):
             current.append(br)
-            continue
-        current = [br]
-        runs.append(current)
-        open_by_stream[br.stream] = current
+        else:
+            current = [br]
+            runs.append(current)
+        open_at[br.add] = current
     targets: list = []
     for run in runs:
         if not _chain_link(gm, run[0]):
