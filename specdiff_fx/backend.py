@@ -201,8 +201,7 @@ class SpecDiffBackend:
         cfg = self.config
         probe = tuple(b.name for b in branches if b.block == branches[0].block) if cfg.probe else ()
         try:
-            lite = cfg.lite and _lite_allowed(gm)
-            targets = lite_targets(gm, branches, cfg.group_blocks) if lite else branches
+            targets = lite_targets(gm, branches, cfg.group_blocks) if cfg.lite else branches
             held = _cache_dtype(cfg)
             record, specs = build_forecast_record_variant(gm, targets, cfg.taylor_order, held)
             forecast, _ = build_forecast_variant(gm, targets, cfg.taylor_order, probe, held)
@@ -440,20 +439,6 @@ def _for_context_parallel(gm: fx.GraphModule) -> fx.GraphModule:
     if group is not None and has_rank_partials(gm):
         gm = reduce_rank_partials(gm, group)
     return prune_dead_collectives(gm)
-
-
-def _lite_allowed(gm: fx.GraphModule) -> bool:
-    """taylor lite is off under context parallelism (with a warning): on Qwen-Image with 2
-    gloo ranks (Ulysses 2) its forecast steps differed from the single-process run by up to
-    6e-2 (rel) while per-branch forecasting matched to 1.5e-7.  The cause (dead-code elimination
-    drops diffusers' copies into its gathered-mask buffers; lite does not skip Qwen's blocks) and
-    its fix are in docs/context_parallel.md; until both land, graphs with collectives forecast
-    every branch."""
-    if not has_collectives(gm):
-        return True
-    warnings.warn("specdiff: taylor lite is off under context parallelism (not verified there); "
-                  "forecasting every branch instead", RuntimeWarning, stacklevel=2)
-    return False
 
 
 def _tolerance_for(gm: fx.GraphModule, tolerance: float | None, forecast: fx.GraphModule) -> float | None:
