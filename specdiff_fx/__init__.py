@@ -1,11 +1,12 @@
 """specdiff-fx: a torch.compile backend for training-free feature caching in diffusion denoisers."""
 
 from .backend import SpecDiffBackend, UnsupportedGraph, get_runtime, make_backend, specdiff_backend
+from .calibrate import fit_forecaster
 from .config import SpecDiffConfig
 from .pipeline import compile_pipeline, restore_pipeline
 
 __all__ = [
-    "SpecDiffBackend", "SpecDiffConfig", "UnsupportedGraph", "compile_pipeline", "get_runtime", "make_backend",
+    "SpecDiffBackend", "SpecDiffConfig", "UnsupportedGraph", "compile_pipeline", "fit_forecaster", "get_runtime", "make_backend",
     "restore_pipeline", "specdiff_backend",
 ]
 __version__ = "0.1.0"

@@ -114,6 +114,8 @@ class SpecDiffBackend:
         self._leader: weakref.ref | None = None
         # the pipeline's clock when compile_pipeline drives this backend (docs/pipelines.md)
         self.pipeline_clock: PipelineClock | None = None
+        # least-squares sums every forecast runtime feeds while fit_forecaster runs (calibrate.py)
+        self.forecast_calibration = None
 
     def __repr__(self) -> str:
         return f"SpecDiffBackend({self.config!r})"
@@ -210,12 +212,14 @@ class SpecDiffBackend:
         trace_artifacts({FULL: record, FORECAST: forecast},
                         {"targets": [dataclasses.asdict(t) for t in targets], "probe": list(probe)})
         buffers, examples = _buffers_and_examples(specs, example_inputs)
-        return ForecastRuntime(
+        runtime = ForecastRuntime(
             policy=cfg.policy,
             variants={FULL: self.compile(record, examples), FORECAST: self.compile(forecast, examples)},
             buffer_specs=buffers,
             schedule=FullStepSchedule(cfg.warmup_steps, cfg.interval or None, cfg.reset_steps),
             order=cfg.taylor_order,
+            forecaster=cfg.forecaster,
+            forecaster_options=cfg.forecaster_options,
             variable=cfg.forecast_variable,
             tolerance=_tolerance_for(gm, cfg.tolerance, forecast),
             probe=cfg.probe,
@@ -224,6 +228,9 @@ class SpecDiffBackend:
             graphs={"original": gm, FULL: record, FORECAST: forecast},
             **common,
         )
+        if self.forecast_calibration is not None:
+            runtime.calibrate(self.forecast_calibration)
+        return runtime
 
     def _token_runtime(self, gm, example_inputs, inputs, branches, common) -> TokenRuntime:
         cfg = self.config
@@ -341,6 +348,11 @@ class SpecDiffBackend:
         params = frozenset(id(x) for x in example_inputs if isinstance(x, torch.nn.Parameter))
         self._runtimes = [(r, p) for r, p in self._runtimes if r() is not None]
         self._runtimes.append((weakref.ref(runtime), params))
+
+    def all_runtimes(self) -> list[SpecDiffRuntime]:
+        """Every live runtime this backend built, siblings included."""
+        self._runtimes = [(r, p) for r, p in self._runtimes if r() is not None]
+        return [rt for ref, _ in self._runtimes for rt in ref().all_runtimes()]
 
     def runtimes_for(self, model: torch.nn.Module) -> list[SpecDiffRuntime]:
         """Every live runtime of ``model``: one per graph it compiled to (frames of a model

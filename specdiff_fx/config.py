@@ -71,7 +71,15 @@ class SpecDiffConfig:
                    step's cost stops growing with N².
     importance_sites: specdiff: score at most this many attention sites, spread evenly over
                    the stack.  None: every self/joint attention site.
-    taylor_order:  taylor: 1 (default) or 2, the order of the branch forecast.
+    taylor_order:  taylor: 1 (default) or 2, the order of the Taylor terms recorded (2 keeps a
+                   second difference, which ``newton`` and a fitted order-2 forecaster use).
+    forecaster:    taylor: how cached steps weigh the recorded terms (runtime/forecasters.py):
+                   ``"taylor"`` (default), ``"newton"`` (order 2), ``"hermite"`` (damped, option
+                   ``sigma``) or ``"fitted"`` (per-step coefficients from
+                   :func:`specdiff_fx.fit_forecaster`, option ``coefficients``).  Every choice
+                   runs the same compiled graphs (docs/forecasting.md, "Forecasters").
+    forecaster_options: taylor: the forecaster's options, e.g. ``{"sigma": 0.7}`` or
+                   ``{"coefficients": {step: (a1, a2), ...}}``.
     forecast_variable: taylor: ``"step"`` (k counts steps) or ``"timestep"`` (k is the
                    timestep distance, following a sampler's uneven spacing).
     probe:         taylor: the cached-step graph still computes the first block and compares
@@ -117,6 +125,8 @@ class SpecDiffConfig:
     importance_queries: int | None = 64
     importance_sites: int | None = None
     taylor_order: int = 1
+    forecaster: str = "taylor"
+    forecaster_options: dict = field(default_factory=dict)
     forecast_variable: str = "step"
     probe: bool = False
     lite: bool | None = None
@@ -198,6 +208,7 @@ class SpecDiffConfig:
                 raise ValueError(f"SpecDiffConfig.{name} must be an int >= 1 or None, got {value!r}")
         if self.taylor_order not in (1, 2):
             raise ValueError(f"SpecDiffConfig.taylor_order must be 1 or 2, got {self.taylor_order!r}")
+        self._check_forecaster()
         if self.forecast_variable not in ("step", "timestep"):
             raise ValueError(
                 f"SpecDiffConfig.forecast_variable must be 'step' or 'timestep', got {self.forecast_variable!r}")
@@ -222,12 +233,45 @@ class SpecDiffConfig:
         if not isinstance(self.inductor_config, dict):
             raise TypeError("SpecDiffConfig.inductor_config must be a dict of Inductor config patches")
 
+    def _check_forecaster(self) -> None:
+        from .runtime.forecasters import FORECASTERS
+
+        if self.forecaster not in FORECASTERS:
+            raise ValueError(f"SpecDiffConfig.forecaster must be one of {sorted(FORECASTERS)}, got {self.forecaster!r}")
+        need = FORECASTERS[self.forecaster].min_order
+        if need > self.taylor_order:
+            raise ValueError(f"SpecDiffConfig.forecaster={self.forecaster!r} reads the second difference: "
+                             f"set taylor_order={need}")
+        options = self.forecaster_options
+        if not isinstance(options, dict):
+            raise TypeError(f"SpecDiffConfig.forecaster_options must be a dict, got {options!r}")
+        allowed = {"hermite": {"sigma"}, "fitted": {"coefficients"}}.get(self.forecaster, set())
+        unknown = set(options) - allowed
+        if unknown:
+            raise ValueError(f"SpecDiffConfig.forecaster_options {sorted(unknown)} do not apply to forecaster "
+                             f"{self.forecaster!r} (it takes {sorted(allowed) or 'none'})")
+        if "sigma" in options:
+            sigma = options["sigma"]
+            if not isinstance(sigma, (int, float)) or isinstance(sigma, bool) or not 0 < sigma <= 2:
+                raise ValueError(f"SpecDiffConfig.forecaster_options['sigma'] must be in (0, 2], got {sigma!r}")
+        if self.forecaster == "fitted":
+            table = options.get("coefficients")
+            if not isinstance(table, dict) or not table:
+                raise ValueError("SpecDiffConfig.forecaster='fitted' needs forecaster_options={'coefficients': "
+                                 "{step: (a1, a2)}} (from specdiff_fx.fit_forecaster)")
+            try:  # JSON turns the step keys into strings
+                clean = {int(step): (float(a[0]), float(a[1])) for step, a in table.items()}
+            except (TypeError, ValueError, IndexError) as exc:
+                raise ValueError("SpecDiffConfig.forecaster_options['coefficients'] must map step -> (a1, a2), "
+                                 f"got {table!r}") from exc
+            object.__setattr__(self, "forecaster_options", dict(options, coefficients=clean))
+
     def replace(self, **changes) -> "SpecDiffConfig":
         unknown = set(changes) - {f.name for f in fields(self)}
         if unknown:
             raise TypeError(f"unknown SpecDiffConfig field(s): {sorted(unknown)}")
-        if "lite" not in changes and not self.probe:  # re-resolved: a probe asked for now turns it off
-            changes["lite"] = None
+        if "lite" not in changes and not self.probe and ("probe" in changes or "tolerance" in changes):
+            changes["lite"] = None  # re-resolved: a probe asked for now turns it off
         if "policy" in changes:  # schedule fields not given follow the new policy's defaults
             for name in ("warmup_steps", "interval", "reset_steps"):
                 changes.setdefault(name, None)

@@ -6,7 +6,8 @@ The compiled variants (see docs/forecasting.md) take one coefficient buffer
 * at a full step at position x, with the last full steps at x₁ (and x₂):
   ``c0 = 1/(x − x₁)`` (0 at a trajectory's first full step: no difference yet) and, for
   order 2, ``c1 = 2/(x − x₂)`` (Newton's divided difference; 0 until three full steps);
-* at a cached step: ``a1 = k``, ``a2 = k²/2`` with ``k = x − x₁``.
+* at a cached step: ``(a1, a2)`` from the configured forecaster (runtime/forecasters.py;
+  ``taylor``: ``a1 = k``, ``a2 = k²/2``) with ``k = x − x₁``.
 
 Position x is the step index (``variable="step"``, TaylorSeer's choice) or the distance
 travelled in timestep (``variable="timestep"``: ``x = −t``, which follows a sampler's
@@ -16,6 +17,11 @@ With a probe (forecast variant computing the first block), each cached step writ
 forecast-error estimate into the slot's error buffer.  It is read at the *next* call (a
 device-to-host read only when a ``tolerance`` is set) and, above the tolerance, makes that
 step full.
+
+Calibration (``calibrate(LeastSquares)``): every cached step runs the record graph instead,
+so the step is exact and the recorded value ``g`` is known; ``(g − F, D1, D2)`` as they stood
+before it go into the least-squares sums of the forecaster ``fitted``, and the terms are
+put back, so the next full step records exactly as it would have.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from typing import Any, Sequence
 import torch
 
 from ..buffers import BufferRole
+from .forecasters import FORECASTERS, LeastSquares, coefficients
 from .host_values import write_values
 from .runtime import FULL, SpecDiffRuntime
 
@@ -45,7 +52,8 @@ class ForecastRuntime(SpecDiffRuntime):
     """Branch-level forecasting between full steps (policy ``taylor``)."""
 
     def __init__(self, *, order: int = 1, variable: str = "step", tolerance: float | None = None,
-                 probe: bool = False, **kwargs: Any) -> None:
+                 probe: bool = False, forecaster: str = "taylor", forecaster_options: dict | None = None,
+                 **kwargs: Any) -> None:
         super().__init__(**kwargs)
         if FORECAST not in self.variants:
             raise ValueError("a forecast runtime needs a 'forecast' variant")
@@ -53,13 +61,28 @@ class ForecastRuntime(SpecDiffRuntime):
             raise ValueError(f"variable must be one of {VARIABLES}, got {variable!r}")
         if tolerance is not None and not probe:
             raise ValueError("a tolerance needs the probe's error estimate (probe=True)")
+        if forecaster not in FORECASTERS:
+            raise ValueError(f"unknown forecaster {forecaster!r}; known: {sorted(FORECASTERS)}")
+        if FORECASTERS[forecaster].min_order > order:
+            raise ValueError(f"forecaster {forecaster!r} needs order {FORECASTERS[forecaster].min_order} terms, "
+                             f"the graphs hold order {order}")
         self.order = order
+        self.forecaster = forecaster
+        self.forecaster_options = dict(forecaster_options or {})
+        self.calibration: LeastSquares | None = None
         self.variable = variable
         self.tolerance = tolerance
         self.probe = probe
         roles = [s.role for s in self.slots.specs]
         self._coef_index = roles.index(BufferRole.TAYLOR_COEF)
         self._error_index = roles.index(BufferRole.FORECAST_ERROR)
+        self._term_indices = [i for i, r in enumerate(roles) if r == BufferRole.TAYLOR_TERM]
+
+    def calibrate(self, sums: LeastSquares | None) -> None:
+        """Turn calibration on (cached steps run exact and feed ``sums``) or off (None)."""
+        if sums is not None and sums.order != self.order:
+            raise ValueError(f"least-squares sums of order {sums.order} for a runtime of order {self.order}")
+        self.calibration = sums
 
     def _init_state(self) -> None:
         super()._init_state()
@@ -97,11 +120,31 @@ class ForecastRuntime(SpecDiffRuntime):
                 details["refresh"] = True
             return out, FULL, details or None
         k = x - state.full_positions[-1]
-        write_values(coef, [0.0, 0.0, k, 0.5 * k * k])
+        if self.calibration is not None:
+            return self._calibration_step(args, slot, event.step, k)
+        gap = state.full_positions[-1] - state.full_positions[-2] if len(state.full_positions) > 1 else None
+        a1, a2 = coefficients(self.forecaster, k, gap, event.step, self.forecaster_options)
+        write_values(coef, [0.0, 0.0, a1, a2])
         out = self.variants[FORECAST](*args, *slot.buffers)
         state.pending_error = self.probe
         details["k"] = k
         return out, FORECAST, details
+
+    def _calibration_step(self, args, slot, step: int, k: float) -> tuple[Any, str, dict]:
+        """An exact step that measures what the forecast should have been (module docstring)."""
+        terms = [slot.buffers[i] for i in self._term_indices]
+        before = [t.clone() for t in terms]
+        write_values(slot.buffers[self._coef_index], [1.0 / k, 0.0, 0.0, 0.0])
+        out = self.variants[FULL](*args, *slot.buffers)
+        per = self.order + 1
+        rows = []
+        for j in range(0, len(terms), per):
+            f_old, d1 = before[j], before[j + 1]
+            rows.append((terms[j].float() - f_old.float(), d1, before[j + 2] if self.order == 2 else None))
+        self.calibration.add(step, rows)
+        for t, b in zip(terms, before):
+            t.copy_(b)
+        return out, FULL, {"calibration": True, "k": k}
 
     def _drop_caches(self) -> None:
         self._states.clear()
@@ -109,5 +152,5 @@ class ForecastRuntime(SpecDiffRuntime):
     def _extra_stats(self) -> dict:
         errors = [d["error"] for e in self._plan for d in e.get("details", []) if "error" in d]
         refreshes = sum(1 for e in self._plan for d in e.get("details", []) if d.get("refresh"))
-        return {"order": self.order, "variable": self.variable, "tolerance": self.tolerance,
+        return {"order": self.order, "forecaster": self.forecaster, "variable": self.variable, "tolerance": self.tolerance,
                 "probe": self.probe, "forecast_errors": errors, "error_refreshes": refreshes}

@@ -1,0 +1,132 @@
+"""Forecasters of policy ``taylor``: how a cached step weighs the recorded terms.
+
+Why a table of coefficient laws and not one graph per method: the record graph keeps, per
+forecast target, ``F`` (the value at the last full step), ``D1`` (its first divided
+difference over the last gap) and, at order 2, ``D2`` (twice the second divided
+difference), and the forecast graph reads ``F + a1·D1 + a2·D2`` with ``a1, a2`` taken from a
+tensor input.  Every forecast that is linear in the last two or three recorded values —
+Taylor, exact polynomial extrapolation, damped (Hermite-type) series, a per-step
+least-squares predictor — is such a pair ``(a1, a2)``.  A forecaster is therefore one entry
+here, a host function of the step geometry; the compiled graphs are the same for all of
+them and no choice of forecaster or schedule recompiles (docs/forecasting.md,
+"Forecasters").
+
+Geometry handed to a law, in the runtime's position unit (steps, or timestep distance):
+
+* ``k``: distance from the last full step to this step;
+* ``gap``: distance between the last two full steps (None before there are two);
+* ``step``: this step's index in its trajectory (for per-step tables).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Mapping
+
+CoefficientLaw = Callable[[float, "float | None", int, Mapping], "tuple[float, float]"]
+
+
+@dataclass(frozen=True)
+class Forecaster:
+    """One entry of :data:`FORECASTERS`."""
+
+    name: str
+    min_order: int       # Taylor terms the graphs must hold (2: the law uses D2)
+    law: CoefficientLaw  # (k, gap, step, options) -> (a1, a2)
+    summary: str
+
+
+FORECASTERS: dict[str, Forecaster] = {}
+
+
+def register(name: str, min_order: int, summary: str):
+    """Decorator: add a coefficient law to :data:`FORECASTERS` under ``name``."""
+
+    def wrap(law: CoefficientLaw) -> CoefficientLaw:
+        if name in FORECASTERS:
+            raise ValueError(f"forecaster {name!r} is registered twice")
+        FORECASTERS[name] = Forecaster(name, min_order, law, summary)
+        return law
+
+    return wrap
+
+
+@register("taylor", 1, "TaylorSeer: F + k·D1 (+ k²/2·D2)")
+def _taylor(k, gap, step, options):
+    return k, 0.5 * k * k
+
+
+@register("newton", 2, "the parabola through the last three full steps: F + k·D1 + k(k+gap)/2·D2")
+def _newton(k, gap, step, options):
+    # Newton's form at x1 + k with nodes x1, x0 = x1 - gap: k·f[x1,x0] + k(k + gap)·f[x1,x0,x_] ;
+    # D2 holds 2·f[x1,x0,x_], hence the 1/2.
+    return k, 0.5 * k * (k + (gap if gap is not None else 0.0))
+
+
+@register("hermite", 1, "damped series (HiCache-type scaling σ): F + σ²k·D1 + σ²(σ²k²−1)/2·D2")
+def _hermite(k, gap, step, options):
+    # The probabilists' Hermite polynomials He1(x) = x, He2(x) = x² − 1 of the contracted
+    # distance σk, each term shrunk by σⁿ: σ < 1 damps the extrapolation, and the −1 of He2
+    # pulls the quadratic term back where k is small.
+    s = float(options.get("sigma", 0.7))
+    return s * s * k, 0.5 * s * s * (s * s * k * k - 1.0)
+
+
+@register("fitted", 1, "per-step (a1, a2) fitted by least squares on calibration trajectories")
+def _fitted(k, gap, step, options):
+    table = options.get("coefficients") or {}
+    if step in table:
+        a1, a2 = table[step]
+        return float(a1), float(a2)
+    return _taylor(k, gap, step, options)  # a step the calibration did not see
+
+
+def coefficients(name: str, k: float, gap: float | None, step: int, options: Mapping) -> tuple[float, float]:
+    """``(a1, a2)`` of forecaster ``name`` (finite, or a ValueError naming the law)."""
+    a1, a2 = FORECASTERS[name].law(k, gap, step, options)
+    if not (math.isfinite(a1) and math.isfinite(a2)):
+        raise ValueError(f"forecaster {name!r} gave non-finite coefficients {(a1, a2)} at k={k}, step={step}")
+    return float(a1), float(a2)
+
+
+class LeastSquares:
+    """Per step, the normal equations of ``min Σ ‖r − a1·D1 − a2·D2‖²`` over every forecast
+    target and calibration trajectory, where ``r = g − F`` is what the forecast should have
+    added to the last full step's value.  Accumulated in float64 from fp32 dot products."""
+
+    def __init__(self, order: int) -> None:
+        self.order = order
+        self.sums: dict[int, list[float]] = {}  # step -> [D1·D1, D1·D2, D2·D2, D1·r, D2·r, n]
+
+    def add(self, step: int, terms: list[tuple[object, object, object | None]]) -> None:
+        """``terms``: per target ``(r, D1, D2 or None)`` tensors of one slot at one step."""
+        s = self.sums.setdefault(step, [0.0] * 6)
+        for r, d1, d2 in terms:
+            r, d1 = r.float().flatten(), d1.float().flatten()
+            s[0] += float(d1 @ d1)
+            s[3] += float(d1 @ r)
+            if d2 is not None:
+                d2 = d2.float().flatten()
+                s[1] += float(d1 @ d2)
+                s[2] += float(d2 @ d2)
+                s[4] += float(d2 @ r)
+        s[5] += 1
+
+    def solve(self, ridge: float = 1e-6) -> dict[int, tuple[float, float]]:
+        """Per step ``(a1, a2)``; a tiny ridge (relative to the diagonal) keeps a step whose D2
+        vanishes (too few full steps yet) solvable, giving it ``a2 = 0``."""
+        out = {}
+        for step, (dd, de, ee, dr, er, _) in sorted(self.sums.items()):
+            if dd <= 0:
+                continue
+            if self.order < 2 or ee <= 0:
+                out[step] = (dr / dd, 0.0)
+                continue
+            dd_, ee_ = dd * (1 + ridge), ee * (1 + ridge)
+            det = dd_ * ee_ - de * de
+            if det <= 0:
+                out[step] = (dr / dd, 0.0)
+                continue
+            out[step] = ((ee_ * dr - de * er) / det, (dd_ * er - de * dr) / det)
+        return out

@@ -1,0 +1,226 @@
+"""Forecasters of policy ``taylor`` (runtime/forecasters.py) and their fitting (calibrate.py).
+
+Laws are checked against the arithmetic the record graph does (Newton's divided differences),
+the runtime against the same graphs fed other coefficients, and fitting through real
+diffusers pipelines and on the reference model.
+"""
+
+import json
+import math
+
+import pytest
+import torch
+
+from specdiff_fx import SpecDiffConfig, compile_pipeline, fit_forecaster, get_runtime, restore_pipeline
+from specdiff_fx.runtime.forecasters import FORECASTERS, LeastSquares, coefficients, register
+from specdiff_fx.tiny_pipelines import build_pipeline
+
+SCHEDULE = dict(warmup_steps=2, interval=3)  # full 0, 1, 2, 5, 8, ...: cached steps at k = 1, 2
+
+
+def _recorded(values, xs):
+    """F, D1, D2 as the record graph leaves them after full steps at ``xs`` (c0 = 1/d,
+    c1 = 2/(d + d_prev), module docstring of passes/forecast_variants.py)."""
+    f = values[0]
+    d1 = d2 = 0.0
+    for i in range(1, len(xs)):
+        d1_new = (values[i] - f) / (xs[i] - xs[i - 1])
+        if i >= 2:
+            d2 = 2.0 / (xs[i] - xs[i - 2]) * (d1_new - d1)
+        d1, f = d1_new, values[i]
+    return f, d1, d2
+
+
+def _forecast(name, xs, values, x, options=None):
+    f, d1, d2 = _recorded(values, xs)
+    gap = xs[-1] - xs[-2]
+    a1, a2 = coefficients(name, x - xs[-1], gap, 0, options or {})
+    return f + a1 * d1 + a2 * d2
+
+
+@pytest.mark.parametrize("xs", [(0.0, 1.0, 2.0), (0.0, 3.0, 4.0), (2.0, 5.0, 9.0)])
+def test_newton_is_exact_on_a_parabola_and_taylor_on_a_line(xs):
+    parabola = lambda x: 0.3 * x * x - 1.2 * x + 2.0  # noqa: E731
+    line = lambda x: -0.7 * x + 1.5  # noqa: E731
+    for x in (xs[-1] + 1, xs[-1] + 2.5, xs[-1] + 4):
+        assert _forecast("newton", xs, [parabola(v) for v in xs], x) == pytest.approx(parabola(x), rel=1e-12)
+        assert _forecast("taylor", xs, [line(v) for v in xs], x) == pytest.approx(line(x), rel=1e-12)
+    # taylor's k²/2 is not the interpolating parabola unless the last gap is 0: it misses
+    x = xs[-1] + 2
+    assert _forecast("taylor", xs, [parabola(v) for v in xs], x) != pytest.approx(parabola(x), rel=1e-3)
+
+
+def test_hermite_damps_and_tends_to_taylor_order_one_terms():
+    for k in (1.0, 2.0, 5.0):
+        a1, _ = coefficients("hermite", k, 1.0, 0, {"sigma": 0.7})
+        assert a1 == pytest.approx(0.49 * k)
+        assert coefficients("hermite", k, 1.0, 0, {"sigma": 1.0})[0] == pytest.approx(k)
+
+
+def test_fitted_reads_its_table_per_step_and_falls_back_to_taylor():
+    table = {4: (0.25, -0.5)}
+    assert coefficients("fitted", 2.0, 1.0, 4, {"coefficients": table}) == (0.25, -0.5)
+    assert coefficients("fitted", 2.0, 1.0, 5, {"coefficients": table}) == coefficients("taylor", 2.0, 1.0, 5, {})
+
+
+def test_a_law_that_is_not_finite_is_a_clear_error():
+    @register("test_nan_law", 1, "for this test")
+    def _nan(k, gap, step, options):
+        return math.nan, 0.0
+
+    try:
+        with pytest.raises(ValueError, match="test_nan_law.*non-finite"):
+            coefficients("test_nan_law", 1.0, None, 3, {})
+        with pytest.raises(ValueError, match="registered twice"):
+            register("test_nan_law", 1, "again")(_nan)
+    finally:
+        FORECASTERS.pop("test_nan_law")
+
+
+@pytest.mark.parametrize("order", [1, 2])
+def test_least_squares_recovers_the_coefficients_that_made_the_data(order):
+    g = torch.Generator().manual_seed(0)
+    sums = LeastSquares(order)
+    truth = {3: (0.6, -0.2), 7: (1.7, 0.9)}
+    for step, (a1, a2) in truth.items():
+        rows = []
+        for _ in range(3):  # three targets
+            d1, d2 = torch.randn(50, generator=g), torch.randn(50, generator=g)
+            r = a1 * d1 + (a2 * d2 if order == 2 else 0)
+            rows.append((r, d1, d2 if order == 2 else None))
+        sums.add(step, rows)
+    fitted = sums.solve()
+    for step, (a1, a2) in truth.items():
+        assert fitted[step][0] == pytest.approx(a1, rel=1e-4)
+        assert fitted[step][1] == pytest.approx(a2 if order == 2 else 0.0, abs=1e-4)
+
+
+def test_least_squares_gives_a2_zero_where_d2_has_no_history_yet():
+    sums = LeastSquares(2)
+    d1 = torch.linspace(-1, 1, 20)
+    sums.add(3, [(0.5 * d1, d1, torch.zeros(20))])
+    assert sums.solve()[3] == pytest.approx((0.5, 0.0))
+
+
+# ----------------------------------------------------------------------------- config
+def test_config_names_what_is_wrong_with_a_forecaster():
+    with pytest.raises(ValueError, match="forecaster must be one of"):
+        SpecDiffConfig(forecaster="bdf9")
+    with pytest.raises(ValueError, match="taylor_order=2"):
+        SpecDiffConfig(forecaster="newton")
+    with pytest.raises(ValueError, match=r"\['sigma'\] do not apply to forecaster 'taylor'"):
+        SpecDiffConfig(forecaster_options={"sigma": 0.5})
+    with pytest.raises(ValueError, match="sigma"):
+        SpecDiffConfig(forecaster="hermite", forecaster_options={"sigma": -1})
+    with pytest.raises(ValueError, match="fit_forecaster"):
+        SpecDiffConfig(forecaster="fitted")
+    with pytest.raises(ValueError, match="step -> \\(a1, a2\\)"):
+        SpecDiffConfig(forecaster="fitted", forecaster_options={"coefficients": {"x": 1}})
+
+
+def test_a_fitted_table_survives_json():
+    table = {3: (0.5, 0.0), 4: (1.25, 0.1)}
+    loaded = json.loads(json.dumps({"coefficients": table}))  # keys become strings, tuples lists
+    cfg = SpecDiffConfig(forecaster="fitted", forecaster_options=loaded)
+    assert cfg.forecaster_options["coefficients"] == table
+
+
+def test_replace_keeps_an_explicit_lite_choice():
+    assert SpecDiffConfig(lite=False).replace(interval=4).lite is False
+    assert SpecDiffConfig().replace(probe=True).lite is False
+
+
+# ----------------------------------------------------------------------------- runtime, pipelines
+def _taylor_table(steps: int, order: int):
+    """taylor's own (a1, a2) for every cached step of SCHEDULE (k = 1, 2 after each full step)."""
+    table = {}
+    for s in range(steps):
+        if s >= 2 and (s - 2) % 3:
+            k = float((s - 2) % 3)
+            table[s] = (k, 0.5 * k * k if order == 2 else 0.0)
+    return table
+
+
+@pytest.mark.parametrize("name", ["sd3", "flux", "pixart_sigma", "sd15"])
+def test_the_runtime_writes_the_forecasters_coefficients_per_step(name):
+    """Same graphs, other coefficients: taylor's own table reproduces taylor bit for bit;
+    a scaled table changes the output; newton changes it too (order 2)."""
+    case = build_pipeline(name)
+    outs = {}
+    runs = {
+        "taylor": dict(forecaster="taylor"),
+        "fitted=taylor": dict(forecaster="fitted", forecaster_options={"coefficients": _taylor_table(case.steps, 1)}),
+        "fitted=half": dict(forecaster="fitted", forecaster_options={"coefficients": {
+            s: (0.5 * a, 0.0) for s, a in ((s, a1) for s, (a1, _) in _taylor_table(case.steps, 1).items())}}),
+    }
+    for label, extra in runs.items():
+        compile_pipeline(case.pipe, policy="taylor", compiler="eager", **SCHEDULE, **extra)
+        outs[label] = case(0)
+        stats = get_runtime(getattr(case.pipe, case.denoisers[0])).stats()
+        assert stats["forecaster"] == extra["forecaster"] and stats["cached_steps"] > 0
+        restore_pipeline(case.pipe)
+    assert torch.equal(outs["taylor"], outs["fitted=taylor"])
+    assert not torch.allclose(outs["taylor"], outs["fitted=half"])
+
+
+@pytest.mark.parametrize("name", ["sd3", "flux", "sd15"])
+def test_calibration_runs_exact_steps_then_switches_to_the_fitted_table(name):
+    case = build_pipeline(name)
+    plain = case(0)
+    compile_pipeline(case.pipe, policy="taylor", compiler="eager", **SCHEDULE)
+    calibrated = []
+    table = fit_forecaster(case.pipe, lambda: calibrated.append(case(0)))
+    # every step of the calibration run computed the network: the pipeline's own output
+    torch.testing.assert_close(calibrated[0], plain, atol=1e-5, rtol=1e-5)
+    cached = set(_taylor_table(case.steps, 1))
+    assert set(table) == cached, "one (a1, a2) per cached step of the schedule"
+    view = get_runtime(getattr(case.pipe, case.denoisers[0]))
+    assert view.stats()["forecaster"] == "fitted"
+    forecast = case(0)
+    stats = view.stats()
+    assert stats["cached_steps"] == len(cached), stats["plan"]
+    assert torch.isfinite(forecast).all() and not torch.equal(forecast, plain)
+    restore_pipeline(case.pipe)
+
+
+def test_fit_forecaster_errors_are_clear():
+    case = build_pipeline("sd3")
+    compile_pipeline(case.pipe, policy="fora", compiler="eager")
+    with pytest.raises(ValueError, match="policy 'taylor'"):
+        fit_forecaster(case.pipe, lambda: case(0))
+    restore_pipeline(case.pipe)
+    compile_pipeline(case.pipe, policy="taylor", compiler="eager", interval=1)
+    with pytest.raises(ValueError, match="no cached step"):
+        fit_forecaster(case.pipe, lambda: case(0))
+    restore_pipeline(case.pipe)
+
+
+# ----------------------------------------------------------------------------- quality
+def test_fitted_forecast_beats_taylor_with_six_full_steps_on_the_reference_model():
+    """Fitted on calibration seeds, measured on others (the reference bench's 6-full-step
+    schedule, lite): docs/forecasting.md, "Forecasters", has the full-size numbers."""
+    from specdiff_fx import make_backend
+    from specdiff_fx.bench.command import CALIBRATION_SEED_OFFSET, make_groups
+    from specdiff_fx.demo import psnr
+    from specdiff_fx.reference.model import load_reference_model, sample
+
+    torch._dynamo.reset()
+    model = load_reference_model()
+    evaluate = make_groups(4, 4, model.num_classes, (3, 32, 32))
+    calibrate = make_groups(4, 4, model.num_classes, (3, 32, 32), seed_offset=CALIBRATION_SEED_OFFSET)
+
+    def run(den, groups):
+        return torch.cat([sample(model, lab, num_steps=28, transformer=den, noise=noise) for lab, noise in groups])
+
+    reference = run(model.transformer, evaluate)
+    scores = {}
+    for name in ("taylor", "fitted"):
+        torch._dynamo.reset()
+        backend = make_backend(policy="taylor", compiler="eager", lite=True, interval=0, warmup_steps=3,
+                               reset_steps=(6, 12, 18))
+        den = torch.compile(model.transformer, backend=backend, fullgraph=True, dynamic=False)
+        if name == "fitted":
+            fit_forecaster(den, lambda: run(den, calibrate))
+        scores[name] = psnr(run(den, evaluate), reference)
+        assert get_runtime(den).stats()["full_steps"] == 6
+    assert scores["fitted"] > scores["taylor"] + 1.0, scores
