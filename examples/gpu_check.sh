@@ -17,10 +17,14 @@
 #      tokens + 333 text tokens, bf16, CFG batch 2, Inductor, CUDA graphs off (specdiff cr 0.8)
 #   4. the same with CUDA graphs: Inductor's cudagraph trees for plain, SpecDiffConfig(cudagraphs=True)
 #      for our variants
+#   taylor, taylor-cg (only when named in STAGES): the scale bench's taylor kinds (the default policy:
+#      record and forecast steps, lite and per-branch) at the same shape, CUDA graphs off / on;
+#      e.g. STAGES="machine taylor taylor-cg"
 #   profile (only when named in STAGES): examples/profile_steps.py at the same shape: per-kind wall
 #      time, GPU kernel time by kernel and by class, and a 2-token partial step (the fixed cost)
-# Environment knobs: STAGES (default "machine tests scale cg"; add "profile"), TEST_TIMEOUT,
-# SCALE_TIMEOUT, CG_TIMEOUT, PROFILE_TIMEOUT (seconds), SCALE_ARGS (extra args for stages 3-4,
+# Environment knobs: STAGES (default "machine tests scale cg"; add "profile", "taylor", "taylor-cg"),
+# TEST_TIMEOUT, SCALE_TIMEOUT, CG_TIMEOUT, PROFILE_TIMEOUT, TAYLOR_TIMEOUT, TAYLOR_CG_TIMEOUT (seconds),
+# SCALE_ARGS (extra args for stages 3-4 and the taylor stages,
 # e.g. "--layers 1 --resolution 256" for a smoke test on CPU with DEVICE=cpu), PROFILE_ARGS.
 # The Inductor cache is packed into $OUT/inductor_cache.tgz (when small enough) so a later run on a
 # fresh machine can carry it back (CACHE_TGZ=path) and skip most of the compile.
@@ -70,7 +74,7 @@ if has scale; then
 echo "== stage 3: scale bench, SD3-medium shape, cudagraphs off"
 timeout "${SCALE_TIMEOUT:-200}" $PY -m specdiff_fx scale --family sd3-medium --resolution 1024 --batch 2 \
   --dtype "$DTYPE" --device "$DEVICE" --threads 8 --repeats 10 --calls 3 --warmup 3 --ratios 0.8 \
-  --no-fora --no-draft --no-memory --out "$OUT/scale_sd3_medium.json" --plot "" $SCALE_ARGS 2>&1 | grep -v "kept in float32"
+  --policies specdiff --no-draft --no-memory --out "$OUT/scale_sd3_medium.json" --plot "" $SCALE_ARGS 2>&1 | grep -v "kept in float32"
 echo "stage 3 exit ${PIPESTATUS[0]}"
 fi
 
@@ -78,9 +82,27 @@ if has cg; then
 echo "== stage 4: scale bench, cudagraphs on (Inductor's for plain, ours for the variants)"
 timeout "${CG_TIMEOUT:-170}" $PY -m specdiff_fx scale --family sd3-medium --resolution 1024 --batch 2 \
   --dtype "$DTYPE" --device "$DEVICE" --threads 8 --repeats 10 --calls 3 --warmup 3 --ratios 0.8 \
-  --no-fora --no-draft --no-memory --cudagraphs --out "$OUT/scale_sd3_medium_cudagraphs.json" --plot "" $SCALE_ARGS 2>&1 \
+  --policies specdiff --no-draft --no-memory --cudagraphs --out "$OUT/scale_sd3_medium_cudagraphs.json" --plot "" $SCALE_ARGS 2>&1 \
   | grep -v "kept in float32"
 echo "stage 4 exit ${PIPESTATUS[0]}"
+fi
+
+# taylor: the default policy; a cold compile is plain + two record graphs (model-sized) + two forecast graphs
+if has taylor; then
+echo "== stage taylor: scale bench, taylor record/forecast (lite and per branch), cudagraphs off"
+timeout "${TAYLOR_TIMEOUT:-240}" $PY -m specdiff_fx scale --family sd3-medium --resolution 1024 --batch 2 \
+  --dtype "$DTYPE" --device "$DEVICE" --threads 8 --repeats 10 --calls 3 --warmup 3 --policies taylor \
+  --no-memory --out "$OUT/scale_sd3_medium_taylor.json" --plot "" $SCALE_ARGS 2>&1 | grep -v "kept in float32"
+echo "stage taylor exit ${PIPESTATUS[0]}"
+fi
+
+if has taylor-cg; then
+echo "== stage taylor-cg: the same with CUDA graphs"
+timeout "${TAYLOR_CG_TIMEOUT:-240}" $PY -m specdiff_fx scale --family sd3-medium --resolution 1024 --batch 2 \
+  --dtype "$DTYPE" --device "$DEVICE" --threads 8 --repeats 10 --calls 3 --warmup 3 --policies taylor \
+  --no-memory --cudagraphs --out "$OUT/scale_sd3_medium_taylor_cudagraphs.json" --plot "" $SCALE_ARGS 2>&1 \
+  | grep -v "kept in float32"
+echo "stage taylor-cg exit ${PIPESTATUS[0]}"
 fi
 
 size=$(du -sm "$TORCHINDUCTOR_CACHE_DIR" 2>/dev/null | cut -f1)

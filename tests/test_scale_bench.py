@@ -43,11 +43,59 @@ def test_schedule_costs_arithmetic():
     assert slower["specdiff_cr0.8"]["speedup"] < sd["speedup"]
 
 
+def test_forecast_speedup_arithmetic():
+    # N / (F * record + (N - F) * forecast)
+    assert scale.forecast_speedup(1.0, 0.0, 7) == pytest.approx(4.0)
+    assert scale.forecast_speedup(1.02, 0.03, 7, 28) == pytest.approx(28 / (7 * 1.02 + 21 * 0.03))
+    assert scale.forecast_speedup(1.0, 1.0, 6) == pytest.approx(1.0)
+    assert scale.forecast_speedup(1.1, 0.2, 28) == pytest.approx(1 / 1.1)
+    with pytest.raises(ValueError):
+        scale.forecast_speedup(1.0, 0.1, 0)
+    # taylor's default schedule: warm-up 0-2, then every 5th from step 3: 3, 8, 13, 18, 23
+    assert scale.taylor_full_steps(None, None, None) == 8
+    # the reference schedule: 0-2, 5, 9, 14, 20; and 0-2, 6, 13, 20
+    assert scale.taylor_full_steps(3, 0, (5, 9, 14, 20)) == 7
+    assert scale.taylor_full_steps(3, 0, (6, 13, 20)) == 6
+    shares = {"taylor_lite_record": 1.05, "taylor_lite_forecast": 0.02,
+              "taylor_branch_record": 1.08, "taylor_branch_forecast": 0.2}
+    out = scale.schedule_costs(shares, [])
+    assert set(out) == {f"taylor_{m} {label}" for m in ("lite", "branch") for label, *_ in scale.TAYLOR_SCHEDULES}
+    ref = out["taylor_lite full=5,9,14,20"]
+    assert (ref["full_steps"], ref["ideal_speedup"]) == (7, pytest.approx(4.0))
+    assert ref["speedup"] == pytest.approx(28 / (7 * 1.05 + 21 * 0.02))
+    assert out["taylor_branch full=6,13,20"]["speedup"] == pytest.approx(28 / (6 * 1.08 + 22 * 0.2))
+    assert out["taylor_lite default"]["speedup"] == pytest.approx(28 / (8 * 1.05 + 20 * 0.02))
+
+
+def test_taylor_kinds_lite_and_branch(tmp_path):
+    """Record and forecast steps of the default policy, both forecasting modes."""
+    result = scale.run_scale(_args(tmp_path, "--policies", "taylor", "--layers", "4", "--repeats", "5",
+                                   "--calls", "3", "--no-memory", "--plot", ""), log=lambda _: None)
+    assert not result["errors"], result["errors"]
+    kinds = result["kinds"]
+    assert set(kinds) == {"plain", "taylor_lite_record", "taylor_lite_forecast",
+                          "taylor_branch_record", "taylor_branch_forecast"}
+    for mode in scale.TAYLOR_MODES:
+        assert kinds[f"taylor_{mode}_forecast"]["share"] < kinds[f"taylor_{mode}_record"]["share"], mode
+    # lite skips whole blocks; per-branch forecasting still runs the gates and adaLN of every block.
+    # The two are timed in different groups: compare the fastest rounds (robust to load spikes)
+    assert min(kinds["taylor_lite_forecast"]["times_ms"]) < min(kinds["taylor_branch_forecast"]["times_ms"])
+    lite, branch = result["groups"]["taylor lite"], result["groups"]["taylor branch"]
+    assert lite["forecast_targets"] < branch["forecast_targets"] == branch["branches"]
+    assert lite["cache_bytes"] < branch["cache_bytes"]
+    sched = result["schedule"]
+    assert [sched[f"taylor_lite {label}"]["full_steps"] for label, *_ in scale.TAYLOR_SCHEDULES] == [8, 7, 6]
+    ref = sched["taylor_lite full=5,9,14,20"]
+    assert ref["speedup"] == pytest.approx(scale.forecast_speedup(
+        kinds["taylor_lite_record"]["share"], kinds["taylor_lite_forecast"]["share"], 7))
+
+
 def test_quick_run_times_every_kind(tmp_path):
     result = scale.run_scale(_args(tmp_path), log=lambda _: None)
     assert not result["errors"]
     expected = {"plain", "fora_full_record", "fora_reuse", "specdiff_full_record", "specdiff_draft",
-                "specdiff_partial_cr0.5", "specdiff_partial_cr0.8", "specdiff_partial_cr0.9"}
+                "specdiff_partial_cr0.5", "specdiff_partial_cr0.8", "specdiff_partial_cr0.9",
+                "taylor_lite_record", "taylor_lite_forecast", "taylor_branch_record", "taylor_branch_forecast"}
     assert set(result["kinds"]) == expected
     for kind, row in result["kinds"].items():
         assert row["ms"] > 0 and row["share"] > 0 and row["share_paired"] > 0, kind
@@ -55,7 +103,9 @@ def test_quick_run_times_every_kind(tmp_path):
     assert result["kinds"]["specdiff_partial_cr0.8"]["ideal_share"] == pytest.approx(13 / 64)
     # SD3 joint attention: the 8 text tokens are computed at partial steps too
     assert result["kinds"]["specdiff_partial_cr0.8"]["token_share"] == pytest.approx((13 + 8) / (64 + 8))
-    assert set(result["schedule"]) == {"fora", "specdiff_cr0.5", "specdiff_cr0.8", "specdiff_cr0.9"}
+    taylor = {f"taylor_{mode} {label}" for mode in scale.TAYLOR_MODES for label, *_ in scale.TAYLOR_SCHEDULES}
+    assert set(result["schedule"]) == {"fora", "specdiff_cr0.5", "specdiff_cr0.8", "specdiff_cr0.9"} | taylor
+    assert set(result["schedule_paired"]) == set(result["schedule"])
     written = json.loads((tmp_path / "s.json").read_text())
     assert written["model"]["image_tokens"] == 64 and written["batch"] == 2
     assert (tmp_path / "s.png").stat().st_size > 0
@@ -84,6 +134,17 @@ def test_cli_scale_quick(tmp_path, capsys):
     assert rc == 0
     assert "specdiff_partial_cr0.8" in capsys.readouterr().out
     assert json.loads((tmp_path / "c.json").read_text())["compiler"] == "eager"
+
+
+def test_cli_scale_policies(tmp_path, capsys):
+    rc = main(["scale", "--quick", "--policies", "taylor", "--taylor-modes", "lite", "--no-memory",
+               "--out", str(tmp_path / "t.json"), "--plot", ""])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "taylor_lite_forecast" in out and "taylor_branch" not in out and "specdiff_" not in out
+    assert json.loads((tmp_path / "t.json").read_text())["policies"] == ["taylor"]
+    with pytest.raises(SystemExit):
+        main(["scale", "--quick", "--policies", "taylor,nope"])
 
 
 def test_runtime_host_time_excludes_variant_time():

@@ -19,9 +19,17 @@ head size; ``--resolution 512`` gives 1024 image tokens for all three families (
 patch 2 or FLUX's 2×2 packing).  For FLUX, ``--layers L`` means L double-stream and 2L
 single-stream blocks (the real model's 19 + 38 ratio).
 
+Policy ``taylor`` (the default policy) is timed in both forecasting modes: ``lite`` (one
+residual per chain of blocks, so a forecast step skips whole blocks) and ``branch``
+(``lite=False``: one forecast per residual branch; the gates and adaLN still run).  Its kinds are
+``taylor_<mode>_record`` (the full step that also updates the Taylor terms) and
+``taylor_<mode>_forecast`` (the cached step).
+
 The 28-step end-to-end speed-up is computed from the per-kind medians and each policy's
 default schedule (``SpecDiffConfig``): fora = full steps + reuse steps, specdiff = full+record
-steps + partial steps + draft calls.  It excludes runtime host time.
+steps + partial steps + draft calls; taylor = F record steps + (N − F) forecast steps for its
+default schedule and the schedules in ``TAYLOR_SCHEDULES`` (:func:`forecast_speedup`).  It
+excludes runtime host time.
 """
 
 from __future__ import annotations
@@ -45,6 +53,15 @@ FAMILIES = {
 }
 SCHEDULE_STEPS = 28
 DEFAULT_RATIOS = (0.5, 0.8, 0.9)
+POLICIES = ("specdiff", "fora", "taylor")
+TAYLOR_MODES = ("lite", "branch")  # lite=True, lite=False
+# taylor schedules whose speed-up is predicted: (label, warmup_steps, interval, reset_steps);
+# None: the policy's default (SpecDiffConfig), interval 0: warm-up and reset steps only.
+TAYLOR_SCHEDULES = (
+    ("default", None, None, None),
+    ("full=5,9,14,20", 3, 0, (5, 9, 14, 20)),  # the reference schedule: 7 full of 28
+    ("full=6,13,20", 3, 0, (6, 13, 20)),       # 6 full of 28
+)
 
 
 @dataclass
@@ -264,6 +281,47 @@ def specdiff_group(gm, inputs, compiler: str, ratio: float, with_full: bool, dra
     return group
 
 
+def taylor_group(gm, inputs, compiler: str, lite: bool, cfg_extra: dict) -> Group:
+    """Record and forecast steps of policy taylor, lite (chains of blocks) or per branch."""
+    from ..backend import make_backend
+
+    mode = "lite" if lite else "branch"
+    runtime = make_backend(policy="taylor", lite=lite, compiler=compiler, **cfg_extra).build_runtime(gm, inputs)
+    if runtime.fallback:
+        raise RuntimeError(f"taylor ({mode}) fell back: {runtime.fallback}")
+    buffers = runtime.slots[0].buffers
+    record, forecast = _raw(runtime, "full"), _raw(runtime, "forecast")
+    with torch.no_grad():
+        record(*inputs, *buffers)  # fills the Taylor terms, as a full step would
+    rec, fc = f"taylor_{mode}_record", f"taylor_{mode}_forecast"
+    return Group(f"taylor {mode}", {rec: lambda: record(*inputs, *buffers),
+                                    fc: lambda: forecast(*inputs, *buffers)},
+                 {rec: 1.0, fc: 0.0}, held_bytes=runtime.slots.bytes_per_slot,
+                 info={"cache_bytes": runtime.slots.bytes_per_slot, "lite": lite,
+                       "branches": runtime.info.get("branches"),
+                       "forecast_targets": runtime.info.get("forecast_targets")})
+
+
+def forecast_speedup(record_share: float, forecast_share: float, full_steps: int,
+                     steps: int = SCHEDULE_STEPS) -> float:
+    """Speed-up of a ``steps``-step trajectory with ``full_steps`` record steps and forecast
+    steps in between, from their shares of a plain step: N / (F·record + (N − F)·forecast)."""
+    if not 0 < full_steps <= steps:
+        raise ValueError(f"full_steps must be in 1..{steps}, got {full_steps}")
+    return steps / (full_steps * record_share + (steps - full_steps) * forecast_share)
+
+
+def taylor_full_steps(warmup_steps: int | None, interval: int | None, reset_steps: tuple[int, ...] | None,
+                      steps: int = SCHEDULE_STEPS) -> int:
+    """Full steps of ``steps`` under a taylor schedule (None fields: the policy's default)."""
+    from ..config import SpecDiffConfig
+    from ..runtime import FullStepSchedule
+
+    cfg = SpecDiffConfig(policy="taylor", warmup_steps=warmup_steps, interval=interval, reset_steps=reset_steps)
+    sched = FullStepSchedule(cfg.warmup_steps, cfg.interval or None, cfg.reset_steps)
+    return sum(sched.is_full(s) for s in range(steps))
+
+
 def kv_cache_formula_bytes(case: ScaleModel, batch: int, element_size: int) -> int:
     """K/V cache bytes by formula: 2 (K and V) × attention sites × batch × tokens × width.
 
@@ -305,6 +363,14 @@ def schedule_costs(share: dict[str, float], ratios, steps: int = SCHEDULE_STEPS)
         ideal = full + (steps - full) * (1.0 - ratio) + drafts
         out[f"specdiff_cr{ratio:g}"] = {"full_steps": full, "draft_calls": drafts, "speedup": steps / cost,
                                         "ideal_speedup": steps / ideal}
+    for mode in TAYLOR_MODES:
+        rec, fc = f"taylor_{mode}_record", f"taylor_{mode}_forecast"
+        if rec not in share or fc not in share:
+            continue
+        for label, warmup, interval, reset in TAYLOR_SCHEDULES:
+            full = taylor_full_steps(warmup, interval, reset, steps)
+            out[f"taylor_{mode} {label}"] = {"full_steps": full, "speedup": forecast_speedup(
+                share[rec], share[fc], full, steps), "ideal_speedup": steps / full}
     return out
 
 
@@ -342,18 +408,26 @@ def run_scale(args: argparse.Namespace, log: Callable[[str], None] = print) -> d
     result["compile_s"] = {"plain": time.perf_counter() - start}
     plain_fn = lambda: plain(*inputs)  # noqa: E731
 
+    policies = [p for p in args.policies if not (p == "fora" and args.no_fora)]
+    result["policies"], result["taylor_modes"] = policies, list(args.taylor_modes)
     builders: list[tuple[str, Callable[[], Group]]] = []
     first = ratios[0] if 0.8 not in ratios else 0.8
-    builders.append((f"specdiff cr {first:g}", lambda: specdiff_group(
-        gm, inputs, args.compiler, first, with_full=True, draft=not args.no_draft, cfg_extra=cfg_extra)))
-    if not args.no_fora:
+    if "specdiff" in policies:
+        builders.append((f"specdiff cr {first:g}", lambda: specdiff_group(
+            gm, inputs, args.compiler, first, with_full=True, draft=not args.no_draft, cfg_extra=cfg_extra)))
+    if "fora" in policies:
         builders.append(("fora", lambda: fora_group(gm, inputs, args.compiler, cfg_extra)))
-    for ratio in ratios:
+    if "taylor" in policies:
+        for mode in args.taylor_modes:
+            builders.append((f"taylor {mode}", lambda mode=mode: taylor_group(
+                gm, inputs, args.compiler, mode == "lite", cfg_extra)))
+    for ratio in ratios if "specdiff" in policies else ():
         if ratio != first:
             builders.append((f"specdiff cr {ratio:g}", lambda ratio=ratio: specdiff_group(
                 gm, inputs, args.compiler, ratio, with_full=False, draft=False, cfg_extra=cfg_extra)))
 
     shares: dict[str, float] = {}
+    paired_shares: dict[str, float] = {}
     for name, build in builders:
         start = time.perf_counter()
         try:
@@ -374,6 +448,7 @@ def run_scale(args: argparse.Namespace, log: Callable[[str], None] = print) -> d
             shares[kind] = ms / plain_ms
             # per-round ratio (same round, adjacent in time): robust to load drift on shared machines
             paired = statistics.median(t / p for t, p in zip(times[kind], times["plain"]))
+            paired_shares[kind] = paired
             row = {"ms": ms, "share": ms / plain_ms, "share_paired": paired, "ideal_share": group.ideal[kind],
                    "plain_ms": plain_ms,
                    "times_ms": times[kind], "plain_times_ms": times["plain"], "group": name}
@@ -392,11 +467,15 @@ def run_scale(args: argparse.Namespace, log: Callable[[str], None] = print) -> d
             result["kinds"]["plain"]["peak_mem_mb"] = peak_memory_mb(plain_fn, device, _param_bytes(case.model))
         del group, fns
         result["schedule"] = schedule_costs(shares, ratios)
+        result["schedule_paired"] = schedule_costs(paired_shares, ratios)
         if args.out:
             _write(result, args.out)
     result["schedule"] = schedule_costs(shares, ratios)
+    result["schedule_paired"] = schedule_costs(paired_shares, ratios)
     for name, row in result["schedule"].items():
-        log(f"  28-step {name:18s} speed-up {row['speedup']:.2f}x (ideal {row['ideal_speedup']:.2f}x)")
+        paired = result["schedule_paired"][name]["speedup"]
+        log(f"  28-step {name:28s} {row['full_steps']:2d} full: speed-up {row['speedup']:.2f}x "
+            f"(paired {paired:.2f}x, ideal {row['ideal_speedup']:.2f}x)")
     if args.out:
         _write(result, args.out)
     if args.plot:
@@ -475,13 +554,26 @@ def format_table(result: dict) -> str:
         lines.append(f"| {kind} | {row['ms']:.2f} | {row['share']:.3f} | "
                      f"{'-' if paired is None else f'{paired:.3f}'} | {row['ideal_share']:.2f} | "
                      f"{'-' if tokens is None else f'{tokens:.3f}'} | {'-' if mem is None else f'{mem:.0f}'} |")
+    paired_rows = result.get("schedule_paired", {})
     for name, row in result.get("schedule", {}).items():
-        lines.append(f"| 28-step {name} | | speed-up {row['speedup']:.2f}x | | ideal {row['ideal_speedup']:.2f}x | | |")
+        paired = paired_rows.get(name, {}).get("speedup")
+        lines.append(f"| 28-step {name}, {row['full_steps']} full | | speed-up {row['speedup']:.2f}x | "
+                     f"{'' if paired is None else f'speed-up {paired:.2f}x'} | ideal {row['ideal_speedup']:.2f}x | | |")
     return "\n".join(lines)
 
 
 def _ratios(text: str) -> list[float]:
     return [float(x) for x in text.split(",") if x.strip()]
+
+
+def _choices(allowed: tuple[str, ...]) -> Callable[[str], list[str]]:
+    def parse(text: str) -> list[str]:
+        names = [x.strip() for x in text.split(",") if x.strip()]
+        unknown = [n for n in names if n not in allowed]
+        if unknown or not names:
+            raise argparse.ArgumentTypeError(f"choose a comma-separated subset of {','.join(allowed)}, got {text!r}")
+        return list(dict.fromkeys(names))
+    return parse
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -502,6 +594,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup", type=int, default=2, help="untimed calls per kind first")
     parser.add_argument("--no-draft", action="store_true", help="skip the draft variant")
     parser.add_argument("--no-fora", action="store_true", help="skip the fora variants")
+    parser.add_argument("--policies", type=_choices(POLICIES), default=list(POLICIES),
+                        help="policies whose step kinds are timed (default: specdiff,fora,taylor)")
+    parser.add_argument("--taylor-modes", type=_choices(TAYLOR_MODES), default=list(TAYLOR_MODES),
+                        help="taylor forecasting modes: lite (lite=True: one residual per chain of blocks), "
+                             "branch (lite=False: every residual branch) (default: lite,branch)")
     parser.add_argument("--cudagraphs", action="store_true",
                         help="CUDA only: Inductor's CUDA graphs (triton.cudagraphs) for plain, "
                              "SpecDiffConfig(cudagraphs=True) for every variant")
