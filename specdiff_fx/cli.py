@@ -14,6 +14,7 @@ COMMANDS = {
     "demo": ("specdiff_fx.demo", "compile a tiny diffusers model with specdiff and compare with plain Inductor"),
     "inspect": ("specdiff_fx.inspect.command", "show what the rewrite did to a model's graph, and what it costs"),
     "bench": ("specdiff_fx.bench.command", "benchmark caching policies on the reference model"),
+    "tune": ("specdiff_fx.bench.tune_command", "choose the taylor schedule and forecaster for a speed-up or a PSNR"),
     "scale": ("specdiff_fx.bench.scale", "time each step kind against plain Inductor at real model shapes"),
 }
 

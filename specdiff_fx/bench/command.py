@@ -115,6 +115,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     m.add_argument("--lite-schedules", type=_schedules, default=[(5, 10, 15, 20), (5, 9, 14, 20)],
                    help="taylor lite rows with explicit full steps after the warm-up (0-2), as dash-separated "
                         "steps, comma-separated rows (default 5-10-15-20,5-9-14-20)")
+    m.add_argument("--forecaster-schedules", type=_schedules, default=[(6, 13, 20), (5, 9, 14, 20)],
+                   help="taylor lite rows per forecaster (hermite, fitted) with explicit full steps after the warm-up "
+                        "(0-2), as dash-separated steps, comma-separated rows (default 6-13-20,5-9-14-20); "
+                        "the first also with the taylor forecaster")
+    m.add_argument("--tuned", action="append", default=[], metavar="PATH",
+                   help="a row from a config `specdiff-fx tune` saved (repeatable)")
     m.add_argument("--specdiff-forecast-schedules", type=_forecast_schedules, default=[(0.9, 3, (5, 9, 14, 20))],
                    help="token-level SpecDiff with forecasting on explicit full steps after the warm-up (0-2), as "
                         "cache_ratio:partial_every:dash-separated steps, comma-separated rows (default 0.9:3:5-9-14-20); each "
@@ -163,7 +169,9 @@ def _resolve(args: argparse.Namespace) -> argparse.Namespace:
 # ----------------------------------------------------------------------------- methods
 def all_methods(args: argparse.Namespace) -> list[Method]:
     from .anchors import anchor_methods
-    from .methods import baseline_method, fora_method, specdiff_forecast_method, specdiff_method, taylor_method
+    from .methods import (
+        baseline_method, fora_method, specdiff_forecast_method, specdiff_method, taylor_method, tuned_method,
+    )
 
     methods = [baseline_method()]
     methods += [specdiff_method(cr) for cr in args.cache_ratios]
@@ -175,6 +183,13 @@ def all_methods(args: argparse.Namespace) -> list[Method]:
     methods += [taylor_method(iv, order=2) for iv in args.taylor2_intervals]
     methods += [taylor_method(iv, lite=True) for iv in args.lite_intervals]
     methods += [taylor_method(0, lite=True, reset_steps=steps) for steps in args.lite_schedules]
+    for i, steps in enumerate(args.forecaster_schedules):
+        if i == 0 and steps not in args.lite_schedules:
+            methods.append(taylor_method(0, lite=True, reset_steps=steps))
+        methods.append(taylor_method(0, lite=True, reset_steps=steps, forecaster="hermite",
+                                     forecaster_options={"sigma": 0.7}))
+        methods.append(taylor_method(0, lite=True, reset_steps=steps, forecaster="fitted"))
+    methods += [tuned_method(path) for path in args.tuned]
     if args.taylor_intervals:
         methods += [taylor_method(max(args.taylor_intervals), tolerance=tol) for tol in args.taylor_tolerances]
     methods += anchor_methods(tuple(args.taylorseer_intervals), args.fast_skip_target)

@@ -103,13 +103,29 @@ def baseline_method() -> Method:
     return Method("baseline", "baseline", "baseline", build)
 
 
-def _backend_method(name: str, label: str, config_text: str, **backend_kwargs) -> Method:
+FIT_SEED_OFFSET = 10_500  # seeds the fitted forecaster's rows fit on (never evaluated)
+
+
+def _fit_on_other_seeds(wl: Workload, compiled) -> None:
+    """Fit the ``fitted`` forecaster on one batch of images of seeds never evaluated."""
+    from .. import fit_forecaster
+    from .command import make_groups
+
+    labels, noise = wl.groups[0]
+    groups = make_groups(labels.shape[0], labels.shape[0], wl.model.num_classes, tuple(noise.shape[1:]),
+                         seed_offset=FIT_SEED_OFFSET)
+    fit_forecaster(compiled, lambda: [wl.run_group(compiled, g) for g in groups])
+
+
+def _backend_method(name: str, label: str, config_text: str, fit: bool = False, **backend_kwargs) -> Method:
     def build(wl: Workload) -> Prepared:
         from .. import get_runtime, make_backend
 
         compiler = "inductor" if wl.compiler == "inductor" else "eager"
         backend = make_backend(compiler=compiler, **backend_kwargs)
         compiled = torch.compile(wl.model.transformer, backend=backend, fullgraph=True, dynamic=False)
+        if fit:
+            _fit_on_other_seeds(wl, compiled)
 
         def stats() -> dict:
             try:
@@ -146,16 +162,42 @@ def fora_method(interval: int, warmup_steps: int = 2) -> Method:
 
 
 def taylor_method(interval: int, order: int = 1, warmup_steps: int = 3, tolerance: float | None = None,
-                  lite: bool = False, reset_steps: tuple[int, ...] = ()) -> Method:
-    """Policy taylor; ``interval=0`` with ``reset_steps``: an explicit full-step schedule."""
+                  lite: bool = False, reset_steps: tuple[int, ...] = (), forecaster: str = "taylor",
+                  forecaster_options: dict | None = None) -> Method:
+    """Policy taylor; ``interval=0`` with ``reset_steps``: an explicit full-step schedule.
+    ``forecaster="fitted"`` fits its coefficients on other seeds when the row is built."""
     name = "taylor-lite" if lite else "taylor"
     when = f"full={','.join(map(str, reset_steps))}" if not interval else f"interval={interval}"
-    label = f"{name} {when}" + (f" order={order}" if order != 1 else "") + \
+    sigma = (forecaster_options or {}).get("sigma")
+    how = "" if forecaster == "taylor" else f" {forecaster}" + (f" s={sigma:g}" if sigma is not None else "")
+    label = f"{name} {when}" + (f" order={order}" if order != 1 else "") + how + \
         (f" tol={tolerance:g}" if tolerance is not None else "")
     config = f"{when} order={order} warmup={warmup_steps}" + (" lite (one residual per stream)" if lite else "") + \
         (f" tolerance={tolerance:g} (probe: first block)" if tolerance is not None else "")
-    return _backend_method(name, label, config, policy="taylor", interval=interval, taylor_order=order,
-                           warmup_steps=warmup_steps, tolerance=tolerance, lite=lite, reset_steps=tuple(reset_steps))
+    if forecaster != "taylor":
+        config += f" forecaster={forecaster}" + (f" sigma={sigma:g}" if sigma is not None else "") + \
+            (f" (fitted on seeds {FIT_SEED_OFFSET}+)" if forecaster == "fitted" else "")
+    kwargs = dict(policy="taylor", interval=interval, taylor_order=order, warmup_steps=warmup_steps,
+                  tolerance=tolerance, lite=lite, reset_steps=tuple(reset_steps))
+    if forecaster != "fitted":  # fitted: taylor until the fit switches it
+        kwargs.update(forecaster=forecaster, forecaster_options=dict(forecaster_options or {}))
+    return _backend_method(name, label, config, fit=forecaster == "fitted", **kwargs)
+
+
+def tuned_method(path: str) -> Method:
+    """A row from a config ``specdiff-fx tune`` saved."""
+    import json
+    import os
+
+    with open(path) as f:
+        saved = json.load(f)
+    cfg = dict(saved["config"])
+    request = ", ".join(f"{k}={v}" for k, v in saved.get("request", {}).items())
+    full = ",".join(map(str, cfg.get("reset_steps", [])))
+    label = f"taylor-lite tuned {request}"
+    config = (f"specdiff-fx tune {request} ({os.path.basename(path)}): warmup={cfg.get('warmup_steps')} full={full} "
+              f"forecaster={cfg.get('forecaster')}")
+    return _backend_method("taylor-lite-tuned", label, config, **cfg)
 
 
 def specdiff_forecast_method(cache_ratio: float, partial_every: int = 1, reset_steps: tuple[int, ...] = (),

@@ -1,0 +1,90 @@
+"""``specdiff-fx tune``: choose policy ``taylor``'s schedule and forecaster on the reference model
+for a requested speed-up (``--speedup``) or quality (``--psnr``), and save it as a config.
+
+The calibration images use their own seeds (never the bench's evaluation seeds, nor the
+anchors' calibration seeds), half to fit the ``fitted`` forecaster, half to score every
+candidate; speed comes from step costs measured here (specdiff_fx/tune.py).  The saved
+config runs in the bench as a row: ``specdiff-fx bench --tuned PATH``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+TUNE_SEED_OFFSET = 20_000  # calibration seeds of the tuner (bench: 0…, anchors: 10 000…)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    want = parser.add_mutually_exclusive_group(required=True)
+    want.add_argument("--speedup", type=float, help="the speed-up wanted: the best PSNR at or above it")
+    want.add_argument("--psnr", type=float, help="the PSNR wanted (dB vs uncached): the fastest at or above it")
+    parser.add_argument("--steps", type=int, default=28, help="sampling steps (default 28)")
+    parser.add_argument("--seeds", type=int, default=16, help="calibration images, half fit, half score (default 16)")
+    parser.add_argument("--batch-size", type=int, default=8, help="images per sample() call (default 8)")
+    parser.add_argument("--full-counts", help="comma-separated full-step counts to try (default: from --speedup)")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads, pinned (default 2)")
+    parser.add_argument("--compiler", choices=("inductor", "eager"), default="inductor")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per step-cost measurement (default 3)")
+    parser.add_argument("--out", default="tuned.json", help="where to save the chosen config (default tuned.json)")
+    parser.add_argument("--report", metavar="PATH", help="write the trials as a Markdown table")
+    parser.add_argument("--plot", metavar="PATH", help="write the trials' speed/PSNR plot as PNG")
+
+
+def run(args: argparse.Namespace) -> int:
+    from .. import make_backend
+    from ..demo import load_demo_model
+    from ..reference.model import sample
+    from ..tune import measure_costs, tune
+    from .command import make_groups
+
+    if args.seeds < 2 * args.batch_size or args.seeds % args.batch_size:
+        raise ValueError("--seeds must be a multiple of --batch-size and hold at least two batches")
+    torch.set_num_threads(args.threads)
+    model, description = load_demo_model()
+    model.eval()
+    cfg = model.transformer.config
+    shape = (cfg.in_channels, cfg.sample_size, cfg.sample_size)
+    groups = make_groups(args.seeds, args.batch_size, model.num_classes, shape, seed_offset=TUNE_SEED_OFFSET)
+    half = len(groups) // 2
+
+    def sample_with(den, batches):
+        return torch.cat([sample(model, groups[i][0], num_steps=args.steps, transformer=den, noise=groups[i][1])
+                          for i in batches])
+
+    plain = torch.compile(model.transformer, backend=args.compiler, fullgraph=True, dynamic=False)
+    reference = [sample_with(plain, [i]) for i in range(len(groups))]
+    times = []
+    for _ in range(args.repeats):
+        start = time.perf_counter()
+        sample_with(plain, [0])
+        times.append(time.perf_counter() - start)
+    uncached = statistics.median(times)
+    target = torch.compile(model.transformer, backend=make_backend(policy="taylor", lite=True, compiler=args.compiler),
+                           fullgraph=True, dynamic=False)
+    costs = measure_costs(target, lambda: sample_with(target, [0]), uncached, args.steps, args.repeats)
+    counts = [int(c) for c in args.full_counts.split(",")] if args.full_counts else None
+    result = tune(target, lambda batches: sample_with(target, batches), reference, costs,
+                  speedup=args.speedup, min_psnr=args.psnr, fit_batches=range(half),
+                  eval_batches=range(half, len(groups)), full_counts=counts)
+    print(f"model: {description}; {args.steps} steps, {args.seeds} calibration images "
+          f"(seeds {TUNE_SEED_OFFSET}+), threads {args.threads}, compiler {args.compiler}")
+    print(f"measured per run of {args.batch_size} images: uncached {costs.uncached:.3f} s, all full "
+          f"{costs.all_full:.3f} s, one full {costs.one_full:.3f} s")
+    print(result.table())
+    for note in result.notes:
+        print("note:", note)
+    chosen = result.chosen
+    print(f"\nchosen: {chosen.schedule} forecaster={chosen.forecaster}: predicted {chosen.predicted_speedup:.2f}x, "
+          f"{chosen.psnr:.2f} dB on the scoring images")
+    result.save(args.out)
+    print(f"config written to {args.out} (specdiff_fx.tune.load_config; specdiff-fx bench --tuned {args.out})")
+    if args.report:
+        with open(args.report, "w") as f:
+            f.write(f"# specdiff-fx tune {result.request}\n\n{result.table()}\n")
+    if args.plot:
+        result.plot(args.plot)
+    return 0

@@ -1,0 +1,280 @@
+"""Quality a user can ask for: pick policy ``taylor``'s full-step schedule and forecaster for a
+requested speed-up, or the fastest for a requested PSNR, on the user's own calls.
+
+Why it is cheap: a schedule and a forecaster are runtime state, not graph structure
+(docs/forecasting.md).  The target is compiled once; every candidate only re-points the
+runtimes (:func:`configure`), so trying dozens costs a few sampling runs each and no compile.
+
+What is measured, on the user's machine and calls:
+
+* **speed**: three timed runs give the model ``time(n) = o + n·r + (N − n)·f`` of a trajectory
+  with ``n`` full steps of ``N`` (``o`` the work outside the denoiser, ``r`` a record step,
+  ``f`` a forecast step): the uncached run (policy ``off``, the same compiler), an all-full run
+  and a one-full-step run.  A candidate's predicted speed-up is ``uncached / time(n)``.
+* **quality**: each candidate's PSNR against the uncached outputs on evaluation batches; the
+  ``fitted`` forecaster is fitted on other batches first (calibrate.py), so its score is not
+  measured on what it was fitted to.
+
+Candidates are *global* schedules: for each count of full steps, the warm-up plus the other
+full steps spread by a power law over the trajectory (gaps growing, even, or shrinking),
+not only fixed intervals.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+
+from .backend import SpecDiffBackend, backend_of
+from .calibrate import fit_forecaster
+from .config import SpecDiffConfig
+from .demo import psnr
+from .runtime.forecast_runtime import ForecastRuntime
+from .runtime.schedule import FullStepSchedule
+
+log = logging.getLogger("specdiff_fx")
+
+DEFAULT_FORECASTERS = (("taylor", {}), ("hermite", {"sigma": 0.7}), ("fitted", {}))
+DEFAULT_SHAPES = (0.8, 0.9, 1.0, 1.15, 1.3)
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Full steps ``0 … warmup−1`` and ``full``; every other step forecast."""
+
+    warmup: int
+    full: tuple[int, ...]
+
+    def full_steps(self, num_steps: int) -> int:
+        return self.warmup + sum(1 for s in self.full if self.warmup <= s < num_steps)
+
+    def config(self) -> dict:
+        return {"warmup_steps": self.warmup, "interval": 0, "reset_steps": self.full}
+
+    def __str__(self) -> str:
+        return f"warmup={self.warmup} full={','.join(map(str, self.full)) or '-'}"
+
+
+def candidate_schedules(num_steps: int, full_counts: Sequence[int], warmups: Sequence[int] = (2, 3),
+                        shapes: Sequence[float] = DEFAULT_SHAPES) -> list[Schedule]:
+    """For each count ``n`` and warm-up ``w``, the ``n − w`` other full steps at
+    ``w − 1 + (N − w + 1)·(j/(n − w + 1))^γ`` for each shape γ (γ > 1: gaps grow along
+    the trajectory, where a forecast holds longer), deduplicated."""
+    out: dict[Schedule, None] = {}
+    for n in full_counts:
+        for w in warmups:
+            m = n - w
+            if w < 1 or m < 0 or n >= num_steps:  # all full: nothing to tune
+                continue
+            for gamma in shapes:
+                steps = []
+                for j in range(1, m + 1):
+                    s = w - 1 + round((num_steps - w + 1) * (j / (m + 1)) ** gamma)
+                    s = max(s, steps[-1] + 1 if steps else w)
+                    steps.append(s)
+                if steps and steps[-1] >= num_steps:
+                    continue
+                out[Schedule(w, tuple(steps))] = None
+    return list(out)
+
+
+@dataclass
+class Trial:
+    schedule: Schedule
+    forecaster: str
+    options: dict
+    full_steps: int
+    predicted_speedup: float
+    psnr: float
+
+    def config(self) -> dict:
+        """Backend keyword arguments (JSON-ready) of this trial."""
+        cfg = {"policy": "taylor", "lite": True, **self.schedule.config(), "forecaster": self.forecaster}
+        if self.options:
+            cfg["forecaster_options"] = self.options
+        cfg["reset_steps"] = list(cfg["reset_steps"])
+        return cfg
+
+
+@dataclass
+class StepCosts:
+    """Seconds of one timed run: uncached, all steps full, one step full; and the steps."""
+
+    uncached: float
+    all_full: float
+    one_full: float
+    num_steps: int
+
+    def run_seconds(self, full_steps: int) -> float:
+        n = self.num_steps
+        if n == 1:
+            return self.all_full
+        return self.all_full + (n - full_steps) / (n - 1) * (self.one_full - self.all_full)
+
+    def speedup(self, full_steps: int) -> float:
+        return self.uncached / self.run_seconds(full_steps)
+
+
+@dataclass
+class TuneResult:
+    chosen: Trial
+    trials: list[Trial]
+    costs: StepCosts
+    request: dict
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def config(self) -> dict:
+        return self.chosen.config()
+
+    def save(self, path: str) -> None:
+        """The chosen configuration as JSON: ``make_backend(**load_config(path))``-ready."""
+        with open(path, "w") as f:
+            json.dump({"config": self.config, "request": self.request, "predicted_speedup": self.chosen.predicted_speedup,
+                       "psnr": self.chosen.psnr, "costs": asdict(self.costs)}, f, indent=2)
+
+    def table(self) -> str:
+        from tabulate import tabulate
+
+        rows = sorted(self.trials, key=lambda t: (-t.predicted_speedup, -t.psnr))
+        return tabulate([[("*" if t is self.chosen else ""), str(t.schedule), t.forecaster, t.full_steps,
+                          f"{t.predicted_speedup:.2f}x", f"{t.psnr:.2f}"] for t in rows],
+                        headers=["", "schedule", "forecaster", "full", "predicted", "PSNR dB"], tablefmt="github")
+
+    def plot(self, path: str) -> None:
+        import matplotlib
+
+        matplotlib.use("Agg", force=True)
+        import matplotlib.pyplot as plt
+
+        from .bench.plot import pareto_front
+
+        fig, ax = plt.subplots(figsize=(7.5, 5), dpi=130)
+        for name in sorted({t.forecaster for t in self.trials}):
+            pts = [(t.predicted_speedup, t.psnr) for t in self.trials if t.forecaster == name]
+            ax.scatter(*zip(*pts), s=14, label=name, alpha=0.7)
+        front = pareto_front([(t.predicted_speedup, t.psnr) for t in self.trials])
+        ax.plot(*zip(*front), color="0.3", lw=1, label="Pareto front")
+        ax.scatter([self.chosen.predicted_speedup], [self.chosen.psnr], s=120, facecolors="none", edgecolors="red",
+                   label="chosen")
+        ax.set_xlabel("predicted speed-up vs uncached (measured step costs)")
+        ax.set_ylabel("PSNR dB vs uncached (evaluation batches)")
+        ax.set_title(f"specdiff-fx tune: {self.request}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(path)
+        plt.close(fig)
+
+
+def load_config(path: str) -> SpecDiffConfig:
+    """The configuration a tune saved (``TuneResult.save``)."""
+    with open(path) as f:
+        data = json.load(f)
+    return SpecDiffConfig(**data.get("config", data))
+
+
+# ----------------------------------------------------------------------------- re-pointing runtimes
+def _backends(target: Any) -> list[SpecDiffBackend]:
+    caching = getattr(target, "_specdiff", None)
+    return list(caching.backends.values()) if caching is not None else [backend_of(target)]
+
+
+def configure(target: Any, **changes: Any) -> None:
+    """Change the schedule and forecaster of ``target`` (compiled with policy ``taylor``) without
+    recompiling: the backends' config (for graphs compiled later) and every live runtime."""
+    for backend in _backends(target):
+        backend.config = backend.config.replace(**changes)
+        cfg = backend.config
+        for rt in backend.all_runtimes():
+            if isinstance(rt, ForecastRuntime):
+                rt.schedule = FullStepSchedule(cfg.warmup_steps, cfg.interval or None, cfg.reset_steps)
+                rt.forecaster, rt.forecaster_options = cfg.forecaster, dict(cfg.forecaster_options)
+                rt.reset()
+
+
+def _timed(fn: Callable[[], Any], repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def measure_costs(target: Any, run: Callable[[], Any], uncached_seconds: float, num_steps: int,
+                  repeats: int = 3) -> StepCosts:
+    """Time ``run()`` with every step full and with one full step (``target`` re-pointed)."""
+    configure(target, warmup_steps=num_steps, interval=0, reset_steps=(), forecaster="taylor", forecaster_options={})
+    run()  # warm
+    all_full = _timed(run, repeats)
+    configure(target, warmup_steps=1, interval=0, reset_steps=())
+    run()
+    one_full = _timed(run, repeats)
+    return StepCosts(uncached_seconds, all_full, one_full, num_steps)
+
+
+def tune(target: Any, run: Callable[[Sequence[int]], torch.Tensor], reference: Sequence[torch.Tensor],
+         costs: StepCosts, *, speedup: float | None = None, min_psnr: float | None = None,
+         fit_batches: Sequence[int] = (0,), eval_batches: Sequence[int] = (1,),
+         schedules: Sequence[Schedule] | None = None, full_counts: Sequence[int] | None = None,
+         forecasters: Sequence[tuple[str, dict]] = DEFAULT_FORECASTERS) -> TuneResult:
+    """Try schedules × forecasters on ``target`` (compiled with policy ``taylor``, lite) and
+    choose: with ``speedup``, the best PSNR among trials predicted at least that fast; with
+    ``min_psnr``, the fastest at or above it.  ``run(batches)`` runs the given calibration
+    batches through ``target`` and returns their outputs concatenated; ``reference[i]`` is
+    batch ``i``'s uncached output.  ``target`` is left configured with the choice."""
+    if (speedup is None) == (min_psnr is None):
+        raise ValueError("tune: ask for exactly one of speedup= or min_psnr=")
+    if set(fit_batches) & set(eval_batches):
+        raise ValueError("tune: fit and evaluation batches must differ (a fit scored on its own data flatters it)")
+    n = costs.num_steps
+    if schedules is None:
+        counts = full_counts or [c for c in range(3, n) if 1.0 < costs.speedup(c)]
+        if speedup is not None:  # counts that can reach the request, and one or two more for quality
+            counts = [c for c in counts if costs.speedup(c) >= speedup * 0.97] or [min(counts)]
+            counts = sorted(counts)[-3:]
+        schedules = candidate_schedules(n, counts)
+    want = torch.cat([reference[i] for i in eval_batches])
+    trials = []
+    for sched in schedules:
+        full = sched.full_steps(n)
+        for name, options in forecasters:
+            configure(target, forecaster="taylor", forecaster_options={}, **sched.config())
+            if name == "fitted":
+                table = fit_forecaster(target, lambda: run(fit_batches))
+                options = {"coefficients": {int(k): list(v) for k, v in table.items()}}
+            else:
+                configure(target, forecaster=name, forecaster_options=dict(options))
+            score = psnr(run(eval_batches), want)
+            trials.append(Trial(sched, name, options, full, costs.speedup(full), score))
+            log.info("specdiff tune: %s %s: %.2fx predicted, %.2f dB", sched, name, trials[-1].predicted_speedup,
+                     score)
+    notes = []
+    if speedup is not None:
+        ok = [t for t in trials if t.predicted_speedup >= speedup]
+        if not ok:
+            notes.append(f"no trial reaches {speedup}x (fastest {max(t.predicted_speedup for t in trials):.2f}x); "
+                         "chose the fastest")
+            chosen = max(trials, key=lambda t: (t.predicted_speedup, t.psnr))
+        else:
+            chosen = max(ok, key=lambda t: (t.psnr, -t.predicted_speedup))
+        request = {"speedup": speedup}
+    else:
+        ok = [t for t in trials if t.psnr >= min_psnr]
+        if not ok:
+            notes.append(f"no trial reaches {min_psnr} dB (best {max(t.psnr for t in trials):.2f}); chose the best")
+            chosen = max(trials, key=lambda t: (t.psnr, t.predicted_speedup))
+        else:
+            chosen = max(ok, key=lambda t: (t.predicted_speedup, t.psnr))
+        request = {"min_psnr": min_psnr}
+    cfg = chosen.config()
+    configure(target, **{k: (tuple(v) if k == "reset_steps" else v) for k, v in cfg.items()
+                         if k not in ("policy", "lite")})
+    return TuneResult(chosen, trials, costs, request, notes)

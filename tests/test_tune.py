@@ -1,0 +1,125 @@
+"""The tuner (specdiff_fx/tune.py): candidate schedules, the step-cost model, re-pointing
+runtimes without recompiling, the choice for a speed or a quality request, and its saved
+config — through a real diffusers pipeline, and the CLI on the reference model."""
+
+import json
+
+import pytest
+import torch
+
+from specdiff_fx import compile_pipeline, get_runtime, restore_pipeline
+from specdiff_fx.tiny_pipelines import build_pipeline
+from specdiff_fx.tune import Schedule, StepCosts, candidate_schedules, configure, load_config, tune
+
+
+@pytest.mark.parametrize("steps", [12, 28, 50])
+def test_candidate_schedules_have_the_asked_full_counts_inside_the_trajectory(steps):
+    counts = [4, 6, 8]
+    found = candidate_schedules(steps, counts)
+    assert len(found) == len(set(found)) > len(counts)
+    for sched in found:
+        assert sched.full_steps(steps) in counts
+        assert list(sched.full) == sorted(set(sched.full))
+        assert all(sched.warmup <= s < steps for s in sched.full)
+    # a shape > 1 spreads gaps that grow along the trajectory
+    grow = candidate_schedules(steps, [7], warmups=[3], shapes=[1.3])[0]
+    gaps = [b - a for a, b in zip((2, *grow.full), grow.full)]
+    assert gaps[-1] > gaps[0], grow
+
+
+def test_step_cost_model_interpolates_the_two_measured_runs():
+    costs = StepCosts(uncached=10.0, all_full=10.4, one_full=1.4, num_steps=10)
+    assert costs.run_seconds(10) == pytest.approx(10.4)
+    assert costs.run_seconds(1) == pytest.approx(1.4)
+    assert costs.run_seconds(4) == pytest.approx(10.4 - 6 * 1.0)
+    assert costs.speedup(4) == pytest.approx(10.0 / 4.4)
+
+
+STEPS = 10
+
+
+def _setup(name="sd3", seeds=(0, 1, 2)):
+    case = build_pipeline(name)
+    reference = [case(s, num_inference_steps=STEPS) for s in seeds]
+    compile_pipeline(case.pipe, policy="taylor", lite=True, compiler="eager")
+
+    def run(batches):
+        return torch.cat([case(seeds[i], num_inference_steps=STEPS) for i in batches])
+
+    return case, reference, run
+
+
+def test_configure_changes_the_schedule_without_recompiling():
+    case, reference, run = _setup()
+    run([0])
+    variants = dict(get_runtime(getattr(case.pipe, case.denoisers[0])).variants)
+    steps = STEPS
+    for warmup, full in ((steps, ()), (1, ()), (2, (4,))):
+        configure(case.pipe, warmup_steps=warmup, interval=0, reset_steps=full)
+        run([0])
+        stats = get_runtime(getattr(case.pipe, case.denoisers[0])).stats()
+        assert stats["full_steps"] == Schedule(warmup, full).full_steps(steps), stats["plan"]
+    assert dict(get_runtime(getattr(case.pipe, case.denoisers[0])).variants) == variants, "no graph rebuilt"
+    configure(case.pipe, warmup_steps=steps, interval=0, reset_steps=())
+    torch.testing.assert_close(run([0]), reference[0], atol=1e-5, rtol=1e-5)
+    restore_pipeline(case.pipe)
+
+
+@pytest.mark.parametrize("request_kind", ["speedup", "min_psnr"])
+def test_tune_chooses_by_the_request_and_its_saved_config_reproduces_the_choice(request_kind, tmp_path):
+    case, reference, run = _setup()
+    steps = STEPS
+    costs = StepCosts(uncached=1.0, all_full=1.02, one_full=0.12, num_steps=steps)  # a synthetic machine
+    ask = {"speedup": 1.8} if request_kind == "speedup" else {"min_psnr": 30.0}
+    result = tune(case.pipe, run, reference, costs, fit_batches=[0], eval_batches=[1, 2],
+                  full_counts=[4, 6], **ask)
+    trials, chosen = result.trials, result.chosen
+    assert {t.forecaster for t in trials} == {"taylor", "hermite", "fitted"}
+    assert all(t.predicted_speedup == pytest.approx(costs.speedup(t.full_steps)) for t in trials)
+    if request_kind == "speedup":
+        fast = [t for t in trials if t.predicted_speedup >= 1.8]
+        assert chosen in fast and chosen.psnr == max(t.psnr for t in fast)
+    else:
+        good = [t for t in trials if t.psnr >= 30.0]
+        assert good, [t.psnr for t in trials]
+        assert chosen in good and chosen.predicted_speedup == max(t.predicted_speedup for t in good)
+    assert str(chosen.schedule) in result.table() and result.notes == []
+    # the target is left on the choice
+    chosen_out = run([1])
+    stats = get_runtime(getattr(case.pipe, case.denoisers[0])).stats()
+    assert stats["forecaster"] == chosen.forecaster and stats["full_steps"] == chosen.full_steps
+    # the saved config, loaded into a fresh compile, gives the same output
+    path = tmp_path / "tuned.json"
+    result.save(str(path))
+    assert json.loads(path.read_text())["config"]["forecaster"] == chosen.forecaster
+    restore_pipeline(case.pipe)
+    compile_pipeline(case.pipe, load_config(str(path)), compiler="eager")
+    assert torch.equal(run([1]), chosen_out)
+    restore_pipeline(case.pipe)
+
+
+def test_tune_refuses_unclear_requests():
+    costs = StepCosts(1.0, 1.0, 0.1, 10)
+    with pytest.raises(ValueError, match="exactly one"):
+        tune(None, None, [], costs)
+    with pytest.raises(ValueError, match="exactly one"):
+        tune(None, None, [], costs, speedup=2.0, min_psnr=30.0)
+    with pytest.raises(ValueError, match="must differ"):
+        tune(None, None, [], costs, speedup=2.0, fit_batches=[0], eval_batches=[0])
+
+
+@pytest.mark.slow
+def test_tune_cli_on_the_reference_model(tmp_path):
+    from specdiff_fx.bench.methods import tuned_method
+    from specdiff_fx.cli import main
+
+    out, report, png = tmp_path / "t.json", tmp_path / "t.md", tmp_path / "t.png"
+    rc = main(["tune", "--speedup", "1.5", "--steps", "8", "--seeds", "4", "--batch-size", "2", "--threads", "1",
+               "--compiler", "eager", "--repeats", "1", "--full-counts", "4,5", "--out", str(out),
+               "--report", str(report), "--plot", str(png)])
+    assert rc == 0
+    saved = json.loads(out.read_text())
+    assert saved["config"]["policy"] == "taylor" and saved["config"]["warmup_steps"] >= 2
+    assert "PSNR dB" in report.read_text() and png.read_bytes()[:4] == b"\x89PNG"
+    method = tuned_method(str(out))
+    assert method.label == "taylor-lite tuned speedup=1.5"
