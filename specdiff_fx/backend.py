@@ -32,6 +32,7 @@ from .passes.forecast_variants import (
     build_forecast_record_variant,
     build_forecast_variant,
     lite_targets,
+    probe_targets,
 )
 from .passes.collectives import (
     has_collectives,
@@ -201,9 +202,11 @@ class SpecDiffBackend:
 
     def _forecast_runtime(self, gm, example_inputs, branches, common) -> ForecastRuntime:
         cfg = self.config
-        probe = tuple(b.name for b in branches if b.block == branches[0].block) if cfg.probe else ()
         try:
-            targets = lite_targets(gm, branches, cfg.group_blocks) if cfg.lite else branches
+            # the probe computes the first block: per branch, or in lite mode as chains of their own
+            targets = lite_targets(gm, branches, cfg.group_blocks, probe_first_block=cfg.probe) \
+                if cfg.lite else branches
+            probe = probe_targets(targets, branches[0].block) if cfg.probe else ()
             held = _cache_dtype(cfg)
             record, specs = build_forecast_record_variant(gm, targets, cfg.taylor_order, held)
             forecast, _ = build_forecast_variant(gm, targets, cfg.taylor_order, probe, held)
@@ -222,6 +225,7 @@ class SpecDiffBackend:
             forecaster_options=cfg.forecaster_options,
             variable=cfg.forecast_variable,
             tolerance=_tolerance_for(gm, cfg.tolerance, forecast),
+            tolerance_growth=cfg.tolerance_growth,
             probe=cfg.probe,
             info={"branches": len(branches), "branch_kinds": count_kinds(branches),
                   "forecast_targets": len(targets), "probe_branches": len(probe)},

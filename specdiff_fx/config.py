@@ -84,12 +84,18 @@ class SpecDiffConfig:
                    timestep distance, following a sampler's uneven spacing).
     probe:         taylor: the cached-step graph still computes the first block and compares
                    it with its forecast: a forecast-error estimate per step in ``stats()``.
-    tolerance:     taylor: when the probe's error estimate exceeds it, the next step is
-                   full (needs ``probe``; turned on with it).  ``None``: fixed schedule only.
+                   Per branch, every branch of that block; with ``lite``, the first block's
+                   residual in each stream it writes (a chain of its own; docs/forecasting.md).
+    tolerance:     taylor: when the probe's error estimate exceeds the threshold, the next step
+                   is full (needs ``probe``; turned on with it).  ``None``: fixed schedule only.
+    tolerance_growth: taylor: the threshold at step s is ``tolerance · (1 + tolerance_growth · s)``,
+                   looser late in the trajectory, where a forecast error matters less (>= 0;
+                   default 0: the same threshold at every step; needs ``tolerance``).
     lite:          taylor: forecast one residual per chain of blocks (``output − input`` of a
                    group of ``group_blocks`` consecutive blocks per stream; None: the whole
                    stack) instead of every branch: cached steps skip whole blocks.  Default
-                   (None): on, unless the probe is asked for (it needs per-branch values).
+                   (None): on, unless the probe is asked for; then per branch.  ``lite=True``
+                   with the probe computes the first block as a chain of its own.
     group_blocks:  taylor lite: blocks per forecast group (None: one group per stream).
     compiler:      ``"inductor"`` (default) or ``"eager"`` to run the rewritten graphs
                    uncompiled, for fast tests and debugging.
@@ -132,6 +138,7 @@ class SpecDiffConfig:
     lite: bool | None = None
     group_blocks: int | None = None
     tolerance: float | None = None
+    tolerance_growth: float = 0.0
     compiler: str = "inductor"
     cudagraphs: bool = False
     cache_dtype: str | None = None
@@ -217,15 +224,18 @@ class SpecDiffConfig:
                     or not self.tolerance > 0:
                 raise ValueError(f"SpecDiffConfig.tolerance must be a number > 0 or None, got {self.tolerance!r}")
             object.__setattr__(self, "probe", True)  # the tolerance is checked against the probe
+        if not isinstance(self.tolerance_growth, (int, float)) or isinstance(self.tolerance_growth, bool) \
+                or not self.tolerance_growth >= 0 or self.tolerance_growth == float("inf"):
+            raise ValueError(f"SpecDiffConfig.tolerance_growth must be a finite number >= 0, "
+                             f"got {self.tolerance_growth!r}")
+        if self.tolerance_growth and self.tolerance is None:
+            raise ValueError("SpecDiffConfig.tolerance_growth scales the tolerance; set tolerance too")
         if self.group_blocks is not None and (not isinstance(self.group_blocks, int) or self.group_blocks < 1):
             raise ValueError(f"SpecDiffConfig.group_blocks must be an int >= 1 or None, got {self.group_blocks!r}")
         if self.lite is None:
             object.__setattr__(self, "lite", not self.probe)
         if not isinstance(self.lite, bool):
             raise TypeError(f"SpecDiffConfig.lite must be a bool or None, got {self.lite!r}")
-        if self.lite and self.probe:
-            raise ValueError("SpecDiffConfig: the probe (and tolerance) needs per-branch forecasting; "
-                             "set lite=False")
         if not isinstance(self.probe, bool):
             raise TypeError(f"SpecDiffConfig.probe must be a bool, got {self.probe!r}")
         if self.draft_update is not None and not callable(self.draft_update):

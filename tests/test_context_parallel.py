@@ -295,27 +295,32 @@ def _errors(plan) -> list[float]:
 
 
 @pytest.mark.skipif("taylor" not in POLICIES, reason="policy taylor not available")
-def test_taylor_tolerance_is_reduced_across_ranks(tmp_path):
+@pytest.mark.parametrize("lite", [None, True], ids=["per_branch", "lite"])
+def test_taylor_tolerance_is_reduced_across_ranks(tmp_path, lite):
     """taylor's tolerance compares the probe's forecast error with a threshold.  Each rank's
     probe sees only its shard; its error sums are all-reduced in the graph, so every rank
-    reads the global error -- the one a single process measures -- and decides the same."""
+    reads the global error -- the one a single process measures -- and decides the same.
+    Per branch (the probe's default) and in lite mode (the first block a chain of its own)."""
     from specdiff_fx import get_runtime
 
-    _, probe_model = single_process("flux", dict(policy="taylor", compiler="eager", probe=True), trajectories=1)
+    _, probe_model = single_process("flux", dict(policy="taylor", compiler="eager", probe=True, lite=lite),
+                                    trajectories=1)
     probe_plan = get_runtime(probe_model).stats()["plan"]
     errors = sorted(_errors(probe_plan))
     middle = len(errors) // 2
     assert len(errors) >= 2 and errors[middle] > errors[middle - 1]
     # between two measured errors, never at one: a threshold equal to a step's error would let the
     # ranks' all-reduced sum (another summation order, ~1e-7 relative) decide that step either way
-    config = dict(policy="taylor", compiler="eager", tolerance=0.5 * (errors[middle - 1] + errors[middle]))
+    config = dict(policy="taylor", compiler="eager", lite=lite,
+                  tolerance=0.5 * (errors[middle - 1] + errors[middle]))
     reference, tolerant = single_process("flux", config, trajectories=1)
     tolerant_plan = get_runtime(tolerant).stats()["plan"]
     assert [e["calls"] for e in tolerant_plan] != [e["calls"] for e in probe_plan], \
         "this tolerance refreshes a step in one process (or the test shows nothing)"
 
     ranks = run_ranks(tmp_path, "flux", config, trajectories=1)
-    _check_against_single_process(ranks, reference)
+    worst = _check_against_single_process(ranks, reference)
+    assert worst <= 1e-6, worst
     for rank in ranks:
         assert not rank["warnings"], rank["warnings"]
         assert [e["calls"] for e in rank["plan"]] == [e["calls"] for e in tolerant_plan]

@@ -23,10 +23,13 @@ Every distance and coefficient is a runtime-owned tensor input (``specdiff_taylo
 ``[c0, c1, a1, a2]``), never a Python constant: any schedule runs the same two compiled
 graphs, with zero recompiles.
 
-Optional probe: with ``probe_branches`` the forecast variant still *computes* those branches
+Optional probe: with ``probe_branches`` the forecast variant still *computes* those targets
 (e.g. the first block's) and writes ``mean|g − forecast| / mean|g|`` over them into the
 ``specdiff_taylor_err`` input: a forecast-error estimate the runtime reads at the next
-step to decide whether to refresh (the probe branches use their computed value).
+step to decide whether to refresh (the probed targets use their computed value).  A probed
+target is a branch (``g``: its cached value) or, in lite mode, a :class:`ResidualChain`
+(``g``: its residual ``output − source``); ``lite_targets(probe_first_block=True)`` gives the
+first block a chain of its own for that.
 
 Both variants take the original inputs followed by the same buffers in the same order.
 """
@@ -205,15 +208,16 @@ def build_forecast_variant(
     cache_dtype: torch.dtype | None = None,
 ) -> tuple[fx.GraphModule, list[BufferSpec]]:
     """Copy of ``gm`` where every branch consumer reads its forecast (bodies dropped),
-    except the ``probe_branches`` (names), which are computed and measure the forecast error.
-    A :class:`ResidualChain` target's output becomes ``source + forecast``: whole blocks drop
-    out, adaLN gates included."""
+    except the ``probe_branches`` (target names), which are computed and measure the forecast
+    error.  A :class:`ResidualChain` target's output becomes ``source + forecast``: whole blocks
+    drop out, adaLN gates included; a probed chain keeps its computed output and compares its
+    residual ``output − source`` with the forecast."""
     unknown = set(probe_branches) - {b.name for b in branches}
     if unknown:
-        raise ForecastError(f"probe branches {sorted(unknown)} are not residual branches of this graph")
+        raise ForecastError(f"probe branches {sorted(unknown)} are not forecast targets of this graph")
     out, specs, terms, coef, err = _copy_with_inputs(gm, branches, order, cache_dtype)
     g_ = out.graph
-    num = den = last = None
+    sums: list[tuple[fx.Node, fx.Node, fx.Node]] = []  # per probed target: sum|g - forecast|, sum|g|, where
     # A chain's output becomes ``source + forecast``.  A later chain that starts at it must read
     # that replacement, not the computed output, or the earlier chain's blocks stay alive.
     replaced: dict[fx.Node, fx.Node] = {}
@@ -223,6 +227,11 @@ def build_forecast_variant(
             source = find_node(out, br.source)
             source = replaced.get(source, source)
             forecast = _forecast_value(g_, f_prev, diffs, coef, last.next, tensor_meta(last).dtype)
+            if br.name in probe_branches:  # computed: its real output stays, its residual is compared
+                with g_.inserting_before(forecast.next):
+                    residual = _call(g_, operator.sub, (last, source), last, FORECAST_PROBE_TAG)
+                    sums.append(_probe_sums(g_, residual, forecast, last) + (last,))
+                continue
             with g_.inserting_after(forecast):
                 value = _call(g_, operator.add, (source, forecast), last, FORECAST_TAG)
             last.replace_all_uses_with(value)
@@ -235,27 +244,36 @@ def build_forecast_variant(
             consumer.replace_input_with(value, forecast)
             consumer.meta["specdiff"] = FORECAST_TAG
             continue
-        # probe: keep the computed value; accumulate sum|g - forecast| and sum|g| in fp32
-        with g_.inserting_before(consumer):
-            def probe(fn, *args, **kwargs):
-                node = g_.call_function(fn, args, kwargs)
-                return tag_inserted(node, FORECAST_PROBE_TAG, consumer)
-
-            computed = tag_inserted(g_.call_method("detach", (value,)), FORECAST_PROBE_TAG, consumer)
-            d = probe(torch.sum, probe(torch.abs, probe(torch.sub, computed, forecast)), dtype=torch.float32)
-            r = probe(torch.sum, probe(torch.abs, computed), dtype=torch.float32)
-            num = d if num is None else probe(operator.add, num, d)
-            den = r if den is None else probe(operator.add, den, r)
-            last = consumer
-    if num is not None:
-        # sums over this rank's tokens: under context parallelism they are all-reduced first
-        num.meta[RANK_PARTIAL] = den.meta[RANK_PARTIAL] = "sum"
-        with g_.inserting_before(den.next):
-            safe = _call(g_, torch.clamp_min, (den, 1e-12), last, FORECAST_PROBE_TAG)
-            rel = _call(g_, operator.truediv, (num, safe), last, FORECAST_PROBE_TAG)
-            tag_inserted(g_.call_method("copy_", (err, rel)), FORECAST_PROBE_TAG, last, writes=True)
+        with g_.inserting_before(consumer):  # probe: the consumer keeps the computed value
+            sums.append(_probe_sums(g_, value, forecast, consumer) + (consumer,))
+    if sums:
+        # after the last of the per-target sums (targets are not in graph order across streams)
+        position = {n: i for i, n in enumerate(g_.nodes)}
+        anchor = max((n for d, r, _ in sums for n in (d, r)), key=position.__getitem__)
+        like = sums[-1][2]
+        with g_.inserting_before(anchor.next):
+            num, den = sums[0][0], sums[0][1]
+            for d, r, _ in sums[1:]:
+                num = _call(g_, operator.add, (num, d), like, FORECAST_PROBE_TAG)
+                den = _call(g_, operator.add, (den, r), like, FORECAST_PROBE_TAG)
+            # sums over this rank's tokens: under context parallelism they are all-reduced first
+            num.meta[RANK_PARTIAL] = den.meta[RANK_PARTIAL] = "sum"
+            safe = _call(g_, torch.clamp_min, (den, 1e-12), like, FORECAST_PROBE_TAG)
+            rel = _call(g_, operator.truediv, (num, safe), like, FORECAST_PROBE_TAG)
+            tag_inserted(g_.call_method("copy_", (err, rel)), FORECAST_PROBE_TAG, like, writes=True)
     eliminate_dead_code_keeping_writes(out)
     return recompile(out), specs
+
+
+def _probe_sums(g_: fx.Graph, value: fx.Node, forecast: fx.Node, like: fx.Node) -> tuple[fx.Node, fx.Node]:
+    """``Σ|g − forecast|`` and ``Σ|g|`` in fp32 for a computed ``value`` g, at the insert point."""
+    def probe(fn, *args, **kwargs):
+        return tag_inserted(g_.call_function(fn, args, kwargs), FORECAST_PROBE_TAG, like)
+
+    computed = tag_inserted(g_.call_method("detach", (value,)), FORECAST_PROBE_TAG, like)
+    d = probe(torch.sum, probe(torch.abs, probe(torch.sub, computed, forecast)), dtype=torch.float32)
+    r = probe(torch.sum, probe(torch.abs, computed), dtype=torch.float32)
+    return d, r
 
 
 # ----------------------------------------------------------------------------- lite: chains
@@ -266,10 +284,13 @@ def _chain_link(gm: fx.GraphModule, br: ResidualBranch) -> bool:
 
 
 def lite_targets(gm: fx.GraphModule, branches: list[ResidualBranch],
-                 group_blocks: int | None = None) -> list:
+                 group_blocks: int | None = None, probe_first_block: bool = False) -> list:
     """Forecast targets of lite mode: chains of consecutive branches, cut every ``group_blocks``
     blocks (None: never); a branch whose skip changes shape (a ResNet's ``conv_shortcut``) stays
-    a per-branch target.
+    a per-branch target.  ``probe_first_block``: every chain is also cut after the first block
+    (the block of the first branch in graph order), so the probe can compute that block's chains
+    and measure their forecast error (:func:`probe_targets`); the chains after it are counted
+    from there.
 
     A branch continues the chain whose last residual add is its source: chains follow the
     dataflow, not the stream labels.  (Qwen-Image's text branches -- ``txt_norm1``, ``txt_mlp``
@@ -279,15 +300,19 @@ def lite_targets(gm: fx.GraphModule, branches: list[ResidualBranch],
     if group_blocks is not None and group_blocks < 1:
         raise ForecastError(f"group_blocks must be >= 1 or None, got {group_blocks!r}")
     order = {n.name: i for i, n in enumerate(gm.graph.nodes)}
+    ordered = sorted(branches, key=lambda b: order[b.add])
+    first = ordered[0].block if probe_first_block and ordered else None
     runs: list[list[ResidualBranch]] = []
     open_at: dict[str, list[ResidualBranch]] = {}  # open chains by their last residual add
-    for br in sorted(branches, key=lambda b: order[b.add]):
+    for br in ordered:
         if not _chain_link(gm, br):
             runs.append([br])
             continue
         current = open_at.pop(br.source, None)
         blocks = {b.block for b in current} if current else set()
-        if current and (group_blocks is None or br.block in blocks or len(blocks) < group_blocks):
+        leaves_first = first in blocks and br.block != first
+        if current and not leaves_first and (group_blocks is None or br.block in blocks
+                                             or len(blocks) < group_blocks):
             current.append(br)
         else:
             current = [br]
@@ -303,3 +328,17 @@ def lite_targets(gm: fx.GraphModule, branches: list[ResidualBranch],
                                      run[0].stream, run[0].source, run[-1].add,
                                      tuple(b.name for b in run), blocks))
     return targets
+
+
+def probe_targets(targets: list, block: str) -> tuple[str, ...]:
+    """Names of the forecast targets lying wholly in ``block``: branches of it and chains of just
+    it.  With ``block`` the first block, these are what the probe computes: per branch, every
+    branch of that block; in lite mode (``lite_targets(probe_first_block=True)``) its chain in
+    each stream it writes (in a joint MMDiT block the attention is one joint op over both
+    streams, so the context stream's chain adds only its own feed-forward)."""
+    names = []
+    for t in targets:
+        blocks = t.blocks if isinstance(t, ResidualChain) else (t.block,)
+        if blocks == (block,):
+            names.append(t.name)
+    return tuple(names)

@@ -15,8 +15,9 @@ uneven spacing).  Everything is a tensor value, so no schedule recompiles.
 
 With a probe (forecast variant computing the first block), each cached step writes a
 forecast-error estimate into the slot's error buffer.  It is read at the *next* call (a
-device-to-host read only when a ``tolerance`` is set) and, above the tolerance, makes that
-step full.
+device-to-host read only when a ``tolerance`` is set) and, above the threshold, makes that
+step full.  The threshold at step s is ``tolerance · (1 + tolerance_growth · s)``: with a
+growth > 0 it loosens along the trajectory, where a forecast error matters less.
 
 Calibration (``calibrate(LeastSquares)``): every cached step runs the record graph instead,
 so the step is exact and the recorded value ``g`` is known; ``(g − F, D1, D2)`` as they stood
@@ -52,8 +53,8 @@ class ForecastRuntime(SpecDiffRuntime):
     """Branch-level forecasting between full steps (policy ``taylor``)."""
 
     def __init__(self, *, order: int = 1, variable: str = "step", tolerance: float | None = None,
-                 probe: bool = False, forecaster: str = "taylor", forecaster_options: dict | None = None,
-                 **kwargs: Any) -> None:
+                 tolerance_growth: float = 0.0, probe: bool = False, forecaster: str = "taylor",
+                 forecaster_options: dict | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         if FORECAST not in self.variants:
             raise ValueError("a forecast runtime needs a 'forecast' variant")
@@ -61,6 +62,8 @@ class ForecastRuntime(SpecDiffRuntime):
             raise ValueError(f"variable must be one of {VARIABLES}, got {variable!r}")
         if tolerance is not None and not probe:
             raise ValueError("a tolerance needs the probe's error estimate (probe=True)")
+        if not tolerance_growth >= 0:
+            raise ValueError(f"tolerance_growth must be >= 0, got {tolerance_growth!r}")
         if forecaster not in FORECASTERS:
             raise ValueError(f"unknown forecaster {forecaster!r}; known: {sorted(FORECASTERS)}")
         if FORECASTERS[forecaster].min_order > order:
@@ -72,6 +75,7 @@ class ForecastRuntime(SpecDiffRuntime):
         self.calibration: LeastSquares | None = None
         self.variable = variable
         self.tolerance = tolerance
+        self.tolerance_growth = float(tolerance_growth)
         self.probe = probe
         roles = [s.role for s in self.slots.specs]
         self._coef_index = roles.index(BufferRole.TAYLOR_COEF)
@@ -87,6 +91,12 @@ class ForecastRuntime(SpecDiffRuntime):
     def _init_state(self) -> None:
         super()._init_state()
         self._states: dict[int, _SlotForecast] = {}
+
+    def threshold(self, step: int) -> float | None:
+        """The error threshold at ``step``: ``tolerance · (1 + tolerance_growth · step)``."""
+        if self.tolerance is None:
+            return None
+        return self.tolerance * (1.0 + self.tolerance_growth * step)
 
     def _position(self, event) -> float:
         return float(event.step) if self.variable == "step" else -float(event.timestep)
@@ -104,7 +114,11 @@ class ForecastRuntime(SpecDiffRuntime):
             error = float(slot.buffers[self._error_index])  # written by the previous (forecast) call
             details["error"] = error
             state.pending_error = False
-        refresh = self.tolerance is not None and error is not None and error > self.tolerance
+        refresh = False
+        if self.tolerance is not None and error is not None:
+            threshold = self.threshold(event.step)
+            details["threshold"] = threshold
+            refresh = error > threshold
         full = not valid or self.schedule.is_full(event.step) or refresh
         x = self._position(event)
         coef = slot.buffers[self._coef_index]
@@ -153,4 +167,5 @@ class ForecastRuntime(SpecDiffRuntime):
         errors = [d["error"] for e in self._plan for d in e.get("details", []) if "error" in d]
         refreshes = sum(1 for e in self._plan for d in e.get("details", []) if d.get("refresh"))
         return {"order": self.order, "forecaster": self.forecaster, "variable": self.variable, "tolerance": self.tolerance,
-                "probe": self.probe, "forecast_errors": errors, "error_refreshes": refreshes}
+                "tolerance_growth": self.tolerance_growth, "probe": self.probe, "forecast_errors": errors,
+                "error_refreshes": refreshes}
