@@ -141,7 +141,7 @@ def _taylor_table(steps: int, order: int):
     return table
 
 
-@pytest.mark.parametrize("name", ["sd3", "flux", "pixart_sigma", "sd15"])
+@pytest.mark.parametrize("name", ["sd3", "flux", "pixart_sigma"])
 def test_the_runtime_writes_the_forecasters_coefficients_per_step(name):
     """Same graphs, other coefficients: taylor's own table reproduces taylor bit for bit;
     a scaled table changes the output; newton changes it too (order 2)."""
@@ -206,8 +206,8 @@ def test_fitted_forecast_beats_taylor_with_six_full_steps_on_the_reference_model
 
     torch._dynamo.reset()
     model = load_reference_model()
-    evaluate = make_groups(4, 4, model.num_classes, (3, 32, 32))
-    calibrate = make_groups(4, 4, model.num_classes, (3, 32, 32), seed_offset=CALIBRATION_SEED_OFFSET)
+    evaluate = make_groups(2, 2, model.num_classes, (3, 32, 32))
+    calibrate = make_groups(2, 2, model.num_classes, (3, 32, 32), seed_offset=CALIBRATION_SEED_OFFSET)
 
     def run(den, groups):
         return torch.cat([sample(model, lab, num_steps=28, transformer=den, noise=noise) for lab, noise in groups])
@@ -223,4 +223,5 @@ def test_fitted_forecast_beats_taylor_with_six_full_steps_on_the_reference_model
             fit_forecaster(den, lambda: run(den, calibrate))
         scores[name] = psnr(run(den, evaluate), reference)
         assert get_runtime(den).stats()["full_steps"] == 6
+    print(scores)
     assert scores["fitted"] > scores["taylor"] + 1.0, scores
