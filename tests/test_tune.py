@@ -9,7 +9,7 @@ import torch
 
 from specdiff_fx import compile_pipeline, get_runtime, restore_pipeline
 from specdiff_fx.tiny_pipelines import build_pipeline
-from specdiff_fx.tune import Schedule, StepCosts, candidate_schedules, configure, load_config, tune
+from specdiff_fx.tune import SPEED_SLACK, Schedule, StepCosts, candidate_schedules, configure, load_config, tune
 
 
 @pytest.mark.parametrize("steps", [12, 28, 50])
@@ -77,7 +77,7 @@ def test_tune_chooses_by_the_request_and_its_saved_config_reproduces_the_choice(
     assert {t.forecaster for t in trials} == {"taylor", "hermite", "fitted"}
     assert all(t.predicted_speedup == pytest.approx(costs.speedup(t.full_steps)) for t in trials)
     if request_kind == "speedup":
-        fast = [t for t in trials if t.predicted_speedup >= 1.8]
+        fast = [t for t in trials if t.predicted_speedup >= 1.8 * (1 - SPEED_SLACK)]
         assert chosen in fast and chosen.psnr == max(t.psnr for t in fast)
     else:
         good = [t for t in trials if t.psnr >= 30.0]

@@ -101,8 +101,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help=f"seeds (from {CALIBRATION_SEED_OFFSET}, never evaluated) used to tune anchors "
                         "(default 2; quick 1)")
     m = parser.add_argument_group("methods")
-    m.add_argument("--methods", help="comma-separated method names or row labels to run (baseline always runs); "
-                                     "default: all")
+    m.add_argument("--methods", help="comma- (or, for labels holding commas, semicolon-) separated method names or "
+                                     "row labels to run (baseline always runs); default: all")
     m.add_argument("--cache-ratios", type=_floats, default=[0.5, 0.7, 0.8],
                    help="specdiff cache ratios (default 0.5,0.7,0.8; 0.7 is the library default)")
     m.add_argument("--fora-intervals", type=_ints, default=[2, 3], help="fora intervals (default 2,3)")
@@ -125,6 +125,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="token-level SpecDiff with forecasting on explicit full steps after the warm-up (0-2), as "
                         "cache_ratio:partial_every:dash-separated steps, comma-separated rows (default 0.9:3:5-9-14-20); each "
                         "with and without kv_forecast")
+    m.add_argument("--lite-tolerances", type=_floats, default=[],
+                   help="taylor lite rows with the first-block probe and this refresh tolerance (interval = the "
+                        "largest --lite-intervals; threshold grows by --tolerance-growth per step)")
+    m.add_argument("--tolerance-growth", type=float, default=0.0,
+                   help="tolerance_growth of the --lite-tolerances rows (default 0)")
     m.add_argument("--taylor-tolerances", type=_floats, default=[],
                    help="taylor rows with a probe tolerance (interval = the largest --taylor-intervals)")
     m.add_argument("--specdiff-forecast", type=_pairs, default=[(0.7, 1), (0.5, 2)],
@@ -192,6 +197,9 @@ def all_methods(args: argparse.Namespace) -> list[Method]:
     methods += [tuned_method(path) for path in args.tuned]
     if args.taylor_intervals:
         methods += [taylor_method(max(args.taylor_intervals), tolerance=tol) for tol in args.taylor_tolerances]
+    if args.lite_intervals:
+        methods += [taylor_method(max(args.lite_intervals), lite=True, tolerance=tol,
+                                  tolerance_growth=args.tolerance_growth) for tol in args.lite_tolerances]
     methods += anchor_methods(tuple(args.taylorseer_intervals), args.fast_skip_target)
     return methods
 
@@ -199,7 +207,8 @@ def all_methods(args: argparse.Namespace) -> list[Method]:
 def select_methods(methods: list[Method], spec: str | None) -> list[Method]:
     if not spec:
         return methods
-    wanted = {w.strip() for w in spec.split(",") if w.strip()}
+    sep = ";" if ";" in spec else ","  # labels such as "full=5,9,14,20" hold commas: separate those by ';'
+    wanted = {w.strip() for w in spec.split(sep) if w.strip()}
     known = {m.name for m in methods} | {m.label for m in methods}
     unknown = wanted - known
     if unknown:

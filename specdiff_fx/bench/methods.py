@@ -163,7 +163,7 @@ def fora_method(interval: int, warmup_steps: int = 2) -> Method:
 
 def taylor_method(interval: int, order: int = 1, warmup_steps: int = 3, tolerance: float | None = None,
                   lite: bool = False, reset_steps: tuple[int, ...] = (), forecaster: str = "taylor",
-                  forecaster_options: dict | None = None) -> Method:
+                  forecaster_options: dict | None = None, tolerance_growth: float = 0.0) -> Method:
     """Policy taylor; ``interval=0`` with ``reset_steps``: an explicit full-step schedule.
     ``forecaster="fitted"`` fits its coefficients on other seeds when the row is built."""
     name = "taylor-lite" if lite else "taylor"
@@ -171,14 +171,17 @@ def taylor_method(interval: int, order: int = 1, warmup_steps: int = 3, toleranc
     sigma = (forecaster_options or {}).get("sigma")
     how = "" if forecaster == "taylor" else f" {forecaster}" + (f" s={sigma:g}" if sigma is not None else "")
     label = f"{name} {when}" + (f" order={order}" if order != 1 else "") + how + \
-        (f" tol={tolerance:g}" if tolerance is not None else "")
+        (f" tol={tolerance:g}" if tolerance is not None else "") + (f" growth={tolerance_growth:g}" if tolerance_growth else "")
     config = f"{when} order={order} warmup={warmup_steps}" + (" lite (one residual per stream)" if lite else "") + \
-        (f" tolerance={tolerance:g} (probe: first block)" if tolerance is not None else "")
+        (f" tolerance={tolerance:g} (probe: first block)" if tolerance is not None else "") + \
+        (f" tolerance_growth={tolerance_growth:g}" if tolerance_growth else "")
     if forecaster != "taylor":
         config += f" forecaster={forecaster}" + (f" sigma={sigma:g}" if sigma is not None else "") + \
             (f" (fitted on seeds {FIT_SEED_OFFSET}+)" if forecaster == "fitted" else "")
     kwargs = dict(policy="taylor", interval=interval, taylor_order=order, warmup_steps=warmup_steps,
                   tolerance=tolerance, lite=lite, reset_steps=tuple(reset_steps))
+    if tolerance_growth:
+        kwargs["tolerance_growth"] = tolerance_growth
     if forecaster != "fitted":  # fitted: taylor until the fit switches it
         kwargs.update(forecaster=forecaster, forecaster_options=dict(forecaster_options or {}))
     return _backend_method(name, label, config, fit=forecaster == "fitted", **kwargs)
