@@ -215,6 +215,11 @@ class SpecDiffBackend:
         trace_artifacts({FULL: record, FORECAST: forecast},
                         {"targets": [dataclasses.asdict(t) for t in targets], "probe": list(probe)})
         buffers, examples = _buffers_and_examples(specs, example_inputs)
+        info = {"branches": len(branches), "branch_kinds": count_kinds(branches),
+                "forecast_targets": len(targets), "probe_branches": len(probe)}
+        if probe:
+            info["probe_flops_share"] = _probe_flops_share(gm, example_inputs, forecast, examples, targets,
+                                                           cfg.taylor_order, held)
         runtime = ForecastRuntime(
             policy=cfg.policy,
             variants={FULL: self.compile(record, examples), FORECAST: self.compile(forecast, examples)},
@@ -227,8 +232,7 @@ class SpecDiffBackend:
             tolerance=_tolerance_for(gm, cfg.tolerance, forecast),
             tolerance_growth=cfg.tolerance_growth,
             probe=cfg.probe,
-            info={"branches": len(branches), "branch_kinds": count_kinds(branches),
-                  "forecast_targets": len(targets), "probe_branches": len(probe)},
+            info=info,
             graphs={"original": gm, FULL: record, FORECAST: forecast},
             **common,
         )
@@ -502,6 +506,18 @@ def _latent_input_index(gm: fx.GraphModule, inputs) -> int | None:
             candidates.append(i)
     named = [i for i in candidates if "encoder" not in placeholders[i].name]
     return (named or [None])[0]
+
+
+def _probe_flops_share(gm, example_inputs, forecast, examples, targets, order, held) -> float | None:
+    """What the error probe adds to a forecast step, as a share of a full step's FLOPs: the
+    forecast variant with the probe minus the same variant built without it, over the original
+    graph (informative; None where a count fails)."""
+    plain, _ = build_forecast_variant(gm, targets, order, (), held)
+    full, with_probe, without = (count_flops(gm, example_inputs), count_flops(forecast, examples),
+                                 count_flops(plain, examples))
+    if not full or with_probe is None or without is None:
+        return None
+    return (with_probe - without) / full
 
 
 def count_flops(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> int | None:

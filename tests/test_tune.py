@@ -98,6 +98,40 @@ def test_tune_chooses_by_the_request_and_its_saved_config_reproduces_the_choice(
     restore_pipeline(case.pipe)
 
 
+@pytest.mark.parametrize("request_kind", ["speedup", "min_psnr"])
+def test_tune_with_a_timer_chooses_by_measured_speed(request_kind):
+    """A machine slower than the step-cost model predicts (0.8x): the timed choice still meets a
+    speed request by measurement, and a quality request takes the fastest timed candidate."""
+    case, reference, run = _setup()
+    costs = StepCosts(uncached=1.0, all_full=1.02, one_full=0.12, num_steps=STEPS)
+    runtime = lambda: get_runtime(getattr(case.pipe, case.denoisers[0]))  # noqa: E731
+    timed = []
+
+    def timer():  # what the configured target would measure: 0.8 of its prediction
+        before = runtime().stats()["full_steps"]
+        run([1])
+        full = runtime().stats()["full_steps"] - before
+        timed.append(full)
+        return 0.8 * costs.speedup(full)
+
+    ask = {"speedup": 1.8} if request_kind == "speedup" else {"min_psnr": 30.0}
+    result = tune(case.pipe, run, reference, costs, fit_batches=[0], eval_batches=[1, 2], full_counts=[3, 4, 6],
+                  timer=timer, timed=3, **ask)
+    chosen, measured = result.chosen, [t for t in result.trials if t.measured_speedup is not None]
+    assert 1 <= len(measured) == len(timed) <= 3 and chosen in measured
+    for t in measured:
+        assert t.measured_speedup == pytest.approx(0.8 * t.predicted_speedup)
+    assert "measured" in result.table()
+    if request_kind == "speedup":
+        assert chosen.measured_speedup >= 1.8 * (1 - SPEED_SLACK)
+        # a trial only the model thought fast enough is never chosen over it by PSNR alone
+        assert all(t.psnr <= chosen.psnr for t in measured if t.measured_speedup >= 1.8 * (1 - SPEED_SLACK))
+    else:
+        assert chosen.psnr >= 30.0
+        assert chosen.measured_speedup == max(t.measured_speedup for t in measured)
+    restore_pipeline(case.pipe)
+
+
 def test_tune_refuses_unclear_requests():
     costs = StepCosts(1.0, 1.0, 0.1, 10)
     with pytest.raises(ValueError, match="exactly one"):

@@ -110,6 +110,13 @@ def test_lite_probe_costs_one_block(capture):
     lite = flops(lite_targets(gm, branches))
     probe = flops(targets, probed) - lite
     assert 0 < lite < probe and 2 * probe == full - lite
+    # the runtime states the same share (the bench prints it beside a verified row)
+    model, _ = compile_with(case.model, policy="taylor", compiler="eager", lite=True, probe=True)
+    run_steps(case, model, TIMESTEPS_10[:3])
+    assert get_runtime(model).stats()["probe_flops_share"] == pytest.approx(probe / full)
+    plain, _ = compile_with(case.model, policy="taylor", compiler="eager", lite=True)
+    run_steps(case, plain, TIMESTEPS_10[:3])
+    assert "probe_flops_share" not in get_runtime(plain).stats()
 
 
 def test_probe_targets_per_branch_are_the_first_blocks_branches(capture):

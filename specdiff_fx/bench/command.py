@@ -4,8 +4,12 @@ Workload: CFG sampling (``reference.model.sample``, ``batch_cfg=True``: one deno
 of the trained reference MMDiT, one image per seed (seeds 0..N-1, labels cycling through the
 classes).  Every row runs the same workload; the uncached baseline runs first, in the same process.
 
-- speed-up: baseline seconds / method seconds for the whole workload, median of ``--repeats``,
-  warm-up (the first sample call, which compiles) excluded, threads pinned (``--threads``);
+- speed-up: baseline seconds / method seconds for the whole workload, each the median of
+  ``--repeats``, warm-up (the first sample call, which compiles) excluded, threads pinned
+  (``--threads``).  Each row's baseline seconds are its own: a second, plain-compiled copy of the
+  model runs the same workload alternately with the row's timed runs (see :meth:`Bench.paired`),
+  so a shared machine that drifts 10-20 % in speed over a long run moves both sides of a ratio
+  alike instead of favouring the rows timed while it was fast;
 - PSNR (dB) and SSIM against the baseline images of the same seeds;
 - class accuracy (reference classifier) and FD (Frechet distance of classifier features) against
   real images from ``reference.data``;
@@ -17,6 +21,7 @@ classes).  Every row runs the same workload; the uncached baseline runs first, i
 from __future__ import annotations
 
 import argparse
+import copy
 import gc
 import inspect
 import json
@@ -32,7 +37,7 @@ import torch
 from .methods import COMPILERS, Method, Prepared, SkipMethod, StepCounts, Workload
 
 ROW_KEYS = ("method", "label", "family", "status", "reason", "config", "speedup", "time_s", "times_s",
-            "ms_per_image",
+            "baseline_time_s", "baseline_times_s", "ms_per_image",
             "psnr", "ssim", "accuracy", "fd", "peak_mem_mb", "compile_s", "recompiles", "graphs",
             "steps", "full_steps", "partial_steps", "identical_to_baseline", "info", "workload")
 CALIBRATION_SEED_OFFSET = 10_000
@@ -125,9 +130,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="token-level SpecDiff with forecasting on explicit full steps after the warm-up (0-2), as "
                         "cache_ratio:partial_every:dash-separated steps, comma-separated rows (default 0.9:3:5-9-14-20); each "
                         "with and without kv_forecast")
-    m.add_argument("--lite-tolerances", type=_floats, default=[],
-                   help="taylor lite rows with the first-block probe and this refresh tolerance (interval = the "
-                        "largest --lite-intervals; threshold grows by --tolerance-growth per step)")
+    m.add_argument("--lite-tolerances", type=_floats, default=[0.3],
+                   help="verified taylor lite rows: the first-block probe checks every forecast step and refreshes "
+                        "when its error passes this tolerance (interval = the largest --lite-intervals; the "
+                        "threshold grows by --tolerance-growth per step; default 0.3)")
     m.add_argument("--tolerance-growth", type=float, default=0.0,
                    help="tolerance_growth of the --lite-tolerances rows (default 0)")
     m.add_argument("--taylor-tolerances", type=_floats, default=[],
@@ -280,7 +286,8 @@ class Bench:
         self.real_features = features(real, self.classifier)
         self.counter = CompileCounter()
         self.reference: torch.Tensor | None = None
-        self.base_time: float | None = None
+        # the paired baseline's own copy: third-party caches hook or patch the model they are given
+        self.pair_transformer = copy.deepcopy(self.model.transformer)
         self.workload_info = dict(steps=args.steps, seeds=args.seeds, batch_size=args.batch_size,
                                   guidance=args.guidance, repeats=args.repeats, threads=args.threads,
                                   device=str(self.device), compiler=args.compiler,
@@ -331,27 +338,43 @@ class Bench:
             warm_up()
         return prepared, one, time.perf_counter() - t0
 
-    def _time(self, one: Callable, phase, progress) -> tuple[list[float], torch.Tensor]:
-        times, images = [], None
+    def _time(self, one: Callable, phase, progress, pair: Callable | None = None
+              ) -> tuple[list[float], list[float], torch.Tensor]:
+        """Timed repeats of the workload; with ``pair``, each repeat first times the paired
+        baseline on the same workload.  Returns (times, pair times, images)."""
+        times, pair_times, images = [], [], None
         for r in range(self.args.repeats):
             phase(f"timing {r + 1}/{self.args.repeats}")
+            if pair is not None:
+                t0 = time.perf_counter()
+                for g in self.workload.groups:
+                    pair(g)
+                pair_times.append(time.perf_counter() - t0)
             t0 = time.perf_counter()
             images = torch.cat([one(g).cpu() for g in self.workload.groups])
             times.append(time.perf_counter() - t0)
             if progress is not None:
                 progress.update(1)
-        return times, images
+        return times, pair_times, images
 
-    def retime(self, method: Method) -> float:
-        """Median workload seconds of ``method`` measured again (the baseline, at the end of a run,
-        so that slow drift of a shared machine does not favour the rows measured last)."""
-        try:
-            _, one, _ = self._prepare(method, lambda name: None)
-            times, _ = self._time(one, lambda name: None, None)
-            return statistics.median(times)
-        finally:
-            gc.collect()
-            torch._dynamo.reset()
+    def paired(self) -> Callable:
+        """The baseline to time alternately with a row: the same plain compile as the baseline
+        row, on the bench's own copy of the model, warmed up; its compilation is not counted
+        against the row (:meth:`CompileCounter.excluded`)."""
+        wl = self.workload
+        with self.counter.excluded() as compiled:
+            denoiser = wl.compile(self.pair_transformer, fullgraph=True)
+
+            def one(group) -> torch.Tensor:
+                images = wl.run_group(denoiser, group)
+                _sync(self.device)
+                return images
+
+            for group in self.warmup_groups:
+                one(group)
+        if wl.compiler != "none" and compiled["graphs"] < 1:  # an uncompiled pair would inflate the speed-up
+            raise RuntimeError("the paired baseline did not compile a graph")
+        return one
 
     def _run(self, method: Method, progress) -> dict:
         from .metrics import module_bytes, peak_memory_mb, quality
@@ -365,10 +388,16 @@ class Bench:
         prepared, one, first = self._prepare(method, phase)
         if progress is not None:
             progress.update(1)
+        is_baseline = self.reference is None
+        pair = None
+        if not is_baseline:
+            phase("paired baseline (compile)")
+            pair = self.paired()
         counts0 = prepared.counts()
-        times, images = self._time(one, phase, progress)
+        times, pair_times, images = self._time(one, phase, progress, pair)
         counts = prepared.counts() - counts0
         median = statistics.median(times)
+        base_median = median if is_baseline else statistics.median(pair_times)
         recompiles, graphs = self.counter.recompiles(), self.counter.graphs()
 
         phase("memory")
@@ -379,16 +408,22 @@ class Bench:
 
         phase("quality")
         q = quality(images, self.reference, self.labels, self.real_features, self.classifier)
-        if self.reference is None:
-            self.reference, self.base_time = images, median
+        if is_baseline:
+            self.reference = images
         trajectories = args.repeats * len(wl.groups)
         warm_images = sum(g[0].numel() for g in self.warmup_groups)
+        info = {k: v for k, v in prepared.info().items() if v is not None}
+        config = prepared.config
+        if info.get("probe_flops_share") is not None:  # a verified row states what its check costs
+            config += f"; check: {info['probe_flops_share']:.3f} of a full step's FLOPs per forecast step"
         row = _empty_row(method, "ok", None, self.workload_info)
         row.update(
-            config=prepared.config,
-            speedup=self.base_time / median,
+            config=config,
+            speedup=base_median / median,
             time_s=median,
             times_s=times,
+            baseline_time_s=base_median,
+            baseline_times_s=pair_times or times,
             ms_per_image=1000.0 * median / args.seeds,
             psnr=_finite(q["psnr"]),
             ssim=q["ssim"],
@@ -402,22 +437,9 @@ class Bench:
             full_steps=_per_trajectory(counts, "full", trajectories, args.steps, method.family),
             partial_steps=counts.partial / trajectories if counts.steps else None,
             identical_to_baseline=q["psnr"] is not None and math.isinf(q["psnr"]),
-            info={k: v for k, v in prepared.info().items() if v is not None},
+            info=info,
         )
         return row
-
-
-def rebase(rows: list[dict], again: float) -> None:
-    """Speed-ups against the mean of the baseline's first and end-of-run medians."""
-    base = rows[0]
-    first = base["time_s"]
-    mean = (first + again) / 2
-    base["info"] = dict(base["info"] or {}, time_s_first=first, time_s_end=again)
-    base["time_s"] = mean
-    base["ms_per_image"] = 1000.0 * mean / base["workload"]["seeds"]
-    for r in rows:
-        if r["status"] == "ok":
-            r["speedup"] = 1.0 if r is base else mean / r["time_s"]
 
 
 def _per_trajectory(counts: StepCounts, field: str, trajectories: int, steps: int, family: str) -> float | None:
@@ -512,9 +534,6 @@ def run(args: argparse.Namespace) -> int:
                     print(f"specdiff-fx bench: the baseline failed ({rows[0]['reason']}); stopping",
                           file=sys.stderr)
                     break
-            if rows[0]["status"] == "ok" and len(rows) > 1:
-                progress.set_postfix_str("baseline: timing again", refresh=True)
-                rebase(rows, bench.retime(methods[0]))
     except ValueError as exc:
         print(f"specdiff-fx bench: {exc}", file=sys.stderr)
         return 2

@@ -143,7 +143,8 @@ def _backend_method(name: str, label: str, config_text: str, fit: bool = False, 
         def info() -> dict:
             s = stats()
             return {k: s[k] for k in ("fallback", "cache_bytes", "kv_cache_bytes", "draft_steps",
-                                      "subset_tokens", "image_tokens") if k in s}
+                                      "subset_tokens", "image_tokens", "probe_flops_share",
+                                      "error_refreshes") if k in s}
 
         return Prepared(compiled, f"{config_text}; {note}", counts=counts,
                         held_bytes=lambda: int(stats().get("cache_bytes", 0)), info=info)

@@ -154,16 +154,40 @@ class CompileCounter:
         set_compilation_metrics_limit(max(4096, DEFAULT_COMPILATION_METRICS_LIMIT))
         self._graphs0 = counters["stats"]["unique_graphs"]
         self._frames0 = counters["frames"]["ok"]
+        self._excluded_recompiles = self._excluded_graphs = 0
 
-    def recompiles(self) -> int:
+    def _recompiles(self) -> int:
         from torch._dynamo.utils import get_compilation_metrics
 
         return sum(1 for m in get_compilation_metrics() if getattr(m, "recompile_reason", None))
 
-    def graphs(self) -> int:
+    def _graphs(self) -> int:
         from torch._dynamo.utils import counters
 
         return counters["stats"]["unique_graphs"] - self._graphs0
+
+    def recompiles(self) -> int:
+        return self._recompiles() - self._excluded_recompiles
+
+    def graphs(self) -> int:
+        return self._graphs() - self._excluded_graphs
+
+    @contextlib.contextmanager
+    def excluded(self):
+        """Compilations inside the block are not counted (the bench's paired baseline).  The block
+        may compile one more frame than ``recompile_limit`` allows, so that a row that used up
+        the limit does not push the paired baseline into an uncompiled fallback."""
+        import torch._dynamo
+
+        r0, g0 = self._recompiles(), self._graphs()
+        compiled: dict = {}  # filled when the block ends: {"recompiles": n, "graphs": n}
+        try:
+            with torch._dynamo.config.patch(recompile_limit=torch._dynamo.config.recompile_limit + 1):
+                yield compiled
+        finally:
+            compiled.update(recompiles=self._recompiles() - r0, graphs=self._graphs() - g0)
+            self._excluded_recompiles += compiled["recompiles"]
+            self._excluded_graphs += compiled["graphs"]
 
 
 @contextlib.contextmanager

@@ -3,13 +3,15 @@ for a requested speed-up (``--speedup``) or quality (``--psnr``), and save it as
 
 The calibration images use their own seeds (never the bench's evaluation seeds, nor the
 anchors' calibration seeds), half to fit the ``fitted`` forecaster, half to score every
-candidate; speed comes from step costs measured here (specdiff_fx/tune.py).  The saved
+candidate; speed comes from step costs measured here, and the leading candidates are timed
+against the uncached run before the choice (specdiff_fx/tune.py).  The saved
 config runs in the bench as a row: ``specdiff-fx bench --tuned PATH``.
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 
 import torch
@@ -28,6 +30,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch threads, pinned (default 2)")
     parser.add_argument("--compiler", choices=("inductor", "eager"), default="inductor")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per step-cost measurement (default 3)")
+    parser.add_argument("--timed", type=int, default=4,
+                        help="leading candidates timed against the uncached run before choosing (default 4; 0: "
+                             "choose by the step-cost model alone)")
     parser.add_argument("--out", default="tuned.json", help="where to save the chosen config (default tuned.json)")
     parser.add_argument("--report", metavar="PATH", help="write the trials as a Markdown table")
     parser.add_argument("--plot", metavar="PATH", help="write the trials' speed/PSNR plot as PNG")
@@ -66,9 +71,23 @@ def run(args: argparse.Namespace) -> int:
                            fullgraph=True, dynamic=False)
     costs = measure_costs(target, lambda: sample_with(target, [0]), uncached, args.steps, args.repeats)
     counts = [int(c) for c in args.full_counts.split(",")] if args.full_counts else None
+
+    def timer() -> float:
+        """The target as configured against the uncached run, timed alternately: median ratio."""
+        sample_with(target, [0])  # untimed: the first call after re-pointing
+        ratios = []
+        for _ in range(args.repeats):
+            start = time.perf_counter()
+            sample_with(plain, [0])
+            middle = time.perf_counter()
+            sample_with(target, [0])
+            ratios.append((middle - start) / (time.perf_counter() - middle))
+        return statistics.median(ratios)
+
     result = tune(target, lambda batches: sample_with(target, batches), reference, costs,
                   speedup=args.speedup, min_psnr=args.psnr, fit_batches=range(half),
-                  eval_batches=range(half, len(groups)), full_counts=counts)
+                  eval_batches=range(half, len(groups)), full_counts=counts,
+                  timer=None if args.timed == 0 else timer, timed=args.timed)
     print(f"model: {description}; {args.steps} steps, {args.seeds} calibration images "
           f"(seeds {TUNE_SEED_OFFSET}+), threads {args.threads}, compiler {args.compiler}")
     print(f"measured per run of {args.batch_size} images: uncached {costs.uncached:.3f} s, all full "
@@ -77,8 +96,9 @@ def run(args: argparse.Namespace) -> int:
     for note in result.notes:
         print("note:", note)
     chosen = result.chosen
-    print(f"\nchosen: {chosen.schedule} forecaster={chosen.forecaster}: predicted {chosen.predicted_speedup:.2f}x, "
-          f"{chosen.psnr:.2f} dB on the scoring images")
+    measured = "" if chosen.measured_speedup is None else f", measured {chosen.measured_speedup:.2f}x"
+    print(f"\nchosen: {chosen.schedule} forecaster={chosen.forecaster}: predicted {chosen.predicted_speedup:.2f}x"
+          f"{measured}, {chosen.psnr:.2f} dB on the scoring images")
     result.save(args.out)
     print(f"config written to {args.out} (specdiff_fx.tune.load_config; specdiff-fx bench --tuned {args.out})")
     if args.report:
