@@ -190,6 +190,7 @@ class SpecDiffBackend:
         trace_artifacts({FULL: record, REUSE: reuse},
                         {"branches": [dataclasses.asdict(b) for b in branches]})
         buffers, examples = _buffers_and_examples(specs, example_inputs)
+        _verify_all({FULL: record, REUSE: reuse}, gm, examples)
         return SpecDiffRuntime(
             policy=cfg.policy,
             variants={FULL: self.compile(record, examples), REUSE: self.compile(reuse, examples)},
@@ -215,6 +216,7 @@ class SpecDiffBackend:
         trace_artifacts({FULL: record, FORECAST: forecast},
                         {"targets": [dataclasses.asdict(t) for t in targets], "probe": list(probe)})
         buffers, examples = _buffers_and_examples(specs, example_inputs)
+        _verify_all({FULL: record, FORECAST: forecast}, gm, examples)
         info = {"branches": len(branches), "branch_kinds": count_kinds(branches),
                 "forecast_targets": len(targets), "probe_branches": len(probe)}
         if probe:
@@ -442,6 +444,14 @@ def _verify(name: str, graph: fx.GraphModule, examples: Sequence[Any], expected)
         with_fake_values(graph, verify_variant(graph, examples, expected))
     except VariantVerificationError as exc:
         raise UnsupportedGraph(f"the {name} variant failed build-time verification at {exc}") from exc
+
+
+def _verify_all(graphs: dict[str, fx.GraphModule], original: fx.GraphModule, examples: Sequence[Any]) -> None:
+    """Every branch-level variant runs once on fake tensors before it is compiled, as the token
+    variants do: its outputs must match the original graph's (shapes, dtypes)."""
+    expected = output_signature(original)
+    for name, graph in graphs.items():
+        _verify(name, graph, examples, expected)
 
 
 def _for_context_parallel(gm: fx.GraphModule) -> fx.GraphModule:

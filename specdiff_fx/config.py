@@ -255,7 +255,7 @@ class SpecDiffConfig:
         options = self.forecaster_options
         if not isinstance(options, dict):
             raise TypeError(f"SpecDiffConfig.forecaster_options must be a dict, got {options!r}")
-        allowed = {"hermite": {"sigma"}, "fitted": {"coefficients"}}.get(self.forecaster, set())
+        allowed = FORECASTERS[self.forecaster].options
         unknown = set(options) - allowed
         if unknown:
             raise ValueError(f"SpecDiffConfig.forecaster_options {sorted(unknown)} do not apply to forecaster "

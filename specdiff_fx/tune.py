@@ -240,7 +240,8 @@ def tune(target: Any, run: Callable[[Sequence[int]], torch.Tensor], reference: S
     """Try schedules × forecasters on ``target`` (compiled with policy ``taylor``, lite) and
     choose: with ``speedup``, the best PSNR among trials predicted at least that fast (within
     ``SPEED_SLACK``); with
-    ``min_psnr``, the fastest at or above it.  ``run(batches)`` runs the given calibration
+    ``min_psnr``, the fastest at or above it (without ``full_counts``: counts tried from the
+    fewest full steps up, stopping one count past the first that reaches it).  ``run(batches)`` runs the given calibration
     batches through ``target`` and returns their outputs concatenated; ``reference[i]`` is
     batch ``i``'s uncached output.  ``target`` is left configured with the choice.
 
@@ -252,27 +253,39 @@ def tune(target: Any, run: Callable[[Sequence[int]], torch.Tensor], reference: S
     if set(fit_batches) & set(eval_batches):
         raise ValueError("tune: fit and evaluation batches must differ (a fit scored on its own data flatters it)")
     n = costs.num_steps
-    if schedules is None:
-        counts = full_counts or [c for c in range(3, n) if 1.0 < costs.speedup(c)]
-        if speedup is not None:  # counts that can reach the request, and one or two more for quality
-            counts = [c for c in counts if costs.speedup(c) >= speedup * (1 - SPEED_SLACK)] or [min(counts)]
-            counts = sorted(counts)[-3:]
-        schedules = candidate_schedules(n, counts)
     want = torch.cat([reference[i] for i in eval_batches])
-    trials = []
-    for sched in schedules:
-        full = sched.full_steps(n)
-        for name, options in forecasters:
-            configure(target, forecaster="taylor", forecaster_options={}, **sched.config())
-            if name == "fitted":
-                table = fit_forecaster(target, lambda: run(fit_batches))
-                options = {"coefficients": {int(k): list(v) for k, v in table.items()}}
-            else:
-                configure(target, forecaster=name, forecaster_options=dict(options))
-            score = psnr(run(eval_batches), want)
-            trials.append(Trial(sched, name, options, full, costs.speedup(full), score))
-            log.info("specdiff tune: %s %s: %.2fx predicted, %.2f dB", sched, name, trials[-1].predicted_speedup,
-                     score)
+    trials: list[Trial] = []
+
+    def score(scheds: Sequence[Schedule]) -> None:
+        for sched in scheds:
+            full = sched.full_steps(n)
+            for name, options in forecasters:
+                configure(target, forecaster="taylor", forecaster_options={}, **sched.config())
+                if name == "fitted":
+                    table = fit_forecaster(target, lambda: run(fit_batches))
+                    options = {"coefficients": {int(k): list(v) for k, v in table.items()}}
+                else:
+                    configure(target, forecaster=name, forecaster_options=dict(options))
+                trials.append(Trial(sched, name, options, full, costs.speedup(full), psnr(run(eval_batches), want)))
+                log.info("specdiff tune: %s %s: %.2fx predicted, %.2f dB", sched, name,
+                         trials[-1].predicted_speedup, trials[-1].psnr)
+
+    if schedules is not None:
+        score(schedules)
+    elif speedup is not None:  # counts that can reach the request, and one or two more for quality
+        counts = full_counts or [c for c in range(3, n) if 1.0 < costs.speedup(c)]
+        counts = [c for c in counts if costs.speedup(c) >= speedup * (1 - SPEED_SLACK)] or [min(counts)]
+        score(candidate_schedules(n, sorted(counts)[-3:]))
+    elif full_counts:
+        score(candidate_schedules(n, full_counts))
+    else:  # fewest full steps first: stop one count after the first that reaches the quality
+        reached = None
+        for c in (c for c in range(3, n) if 1.0 < costs.speedup(c)):
+            score(candidate_schedules(n, [c]))
+            if reached is None and any(t.psnr >= min_psnr for t in trials):
+                reached = c
+            elif reached is not None:
+                break
     if speedup is not None:
         request = {"speedup": speedup}
         chosen, notes = _choose_for_speed(target, trials, speedup, timer, timed)

@@ -90,3 +90,36 @@ class PlainMLP(torch.nn.Module):
 
     def forward(self, x, timestep):
         return self.net(x) * timestep
+
+
+def stack_forecast_reference(case, plan, timesteps, first: int):
+    """DiT outputs when, at a forecast step of ``plan``, blocks ``first``.. are replaced by the
+    first-order forecast ``x + r₂ + (s − s₂)·(r₂ − r₁)/(s₂ − s₁)`` of their residual ``r``
+    (recorded at the two last full steps s₁, s₂; ``x`` the input of block ``first``): what a
+    lite forecast step computes (with ``first=1``, after a probed first block)."""
+    blocks = case.model.transformer_blocks
+    state = {"hist": []}
+
+    def pre(module, args, kwargs):
+        state["x0"] = args[0] if args else kwargs["hidden_states"]
+
+    def post(module, args, kwargs, output):
+        residual = output - state["x0"]
+        if state["mode"] == "full":
+            state["hist"] = (state["hist"] + [(residual, state["x"])])[-2:]
+            return None
+        (r1, x1), (r2, x2) = state["hist"]
+        return state["x0"] + r2 + (state["x"] - x2) * (r2 - r1) / (x2 - x1)
+
+    handles = [blocks[first].register_forward_pre_hook(pre, with_kwargs=True),
+               blocks[-1].register_forward_hook(post, with_kwargs=True)]
+    try:
+        want = []
+        with torch.no_grad():
+            for step, (t, kind) in enumerate(zip(timesteps, plan)):
+                state.update(mode=kind, x=float(step))
+                want.append(case.output(case.model(**case.make_inputs(timestep=t))).clone())
+    finally:
+        for h in handles:
+            h.remove()
+    return want

@@ -20,7 +20,7 @@ from specdiff_fx.passes.graph_queries import is_attention
 from specdiff_fx.passes.residual_branches import find_residual_branches
 from specdiff_fx.tiny_models import build_tiny
 
-from helpers import HOOKED_MODULES, TIMESTEPS_10, assert_all_close, compile_with, run_steps
+from helpers import HOOKED_MODULES, TIMESTEPS_10, assert_all_close, compile_with, run_steps, stack_forecast_reference
 
 FAMILIES = ["dit", "pixart", "sd3", "flux", "unet"]
 
@@ -385,31 +385,7 @@ def test_lite_trajectory_equals_stack_forecast_reference():
     model, _ = compile_with(case.model, policy="taylor", compiler="eager", lite=True, warmup_steps=2, interval=3)
     got = run_steps(case, model, TIMESTEPS_10)
     plan = [e["calls"][0] for e in get_runtime(model).stats()["plan"]]
-    blocks = case.model.transformer_blocks
-    state = {"hist": []}
-
-    def pre(module, args, kwargs):
-        state["x0"] = args[0] if args else kwargs["hidden_states"]
-
-    def post(module, args, kwargs, output):
-        residual = output - state["x0"]
-        if state["mode"] == "full":
-            state["hist"] = (state["hist"] + [(residual, state["x"])])[-2:]
-            return None
-        (r1, x1), (r2, x2) = state["hist"]
-        return state["x0"] + r2 + (state["x"] - x2) * (r2 - r1) / (x2 - x1)
-
-    handles = [blocks[0].register_forward_pre_hook(pre, with_kwargs=True),
-               blocks[-1].register_forward_hook(post, with_kwargs=True)]
-    try:
-        want = []
-        with torch.no_grad():
-            for step, (t, kind) in enumerate(zip(TIMESTEPS_10, plan)):
-                state.update(mode=kind, x=float(step))
-                want.append(case.output(case.model(**case.make_inputs(timestep=t))).clone())
-    finally:
-        for h in handles:
-            h.remove()
+    want = stack_forecast_reference(case, plan, TIMESTEPS_10, first=0)
     assert plan.count("forecast") == 5  # full at 0, 1, 2, 5, 8
     assert_all_close(got, want, atol=1e-4, rtol=1e-4)
 

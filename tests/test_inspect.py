@@ -213,3 +213,27 @@ def test_html_report_renders_in_headless_chromium(captured, tmp_path):
     for marker in ('class="diff_add"', 'class="diff_sub"', "branch_reuse", "branch_record", "specdiff_cache_0",
                    "× original", "joint"):
         assert marker in dom, marker
+
+
+@pytest.mark.parametrize("config", [dict(policy="fora"), dict(policy="taylor", lite=True, probe=True),
+                                    dict(policy="taylor", lite=False, probe=True),
+                                    dict(policy="specdiff", c3="forecast", partial_every=2, kv_forecast=True)],
+                         ids=["fora", "taylor-lite-probe", "taylor-branch-probe", "specdiff-forecast"])
+def test_every_tag_and_variant_a_policy_builds_is_declared(config):
+    """The report's caching levels and 'runs at' come from the passes' and runtimes' own tables
+    (passes/tags.py, RUNS_AT): a tag or variant a policy builds that no table declares fails here."""
+    from specdiff_fx.inspect.report import inspect_runtime
+    from specdiff_fx.passes.tags import CACHING_LEVELS
+
+    case = build_tiny("sd3")
+    gm, example = capture_graph(case.model, case.make_inputs())
+    runtime = make_backend(compiler="eager", **config).build_runtime(gm, example)
+    assert runtime.fallback is None, runtime.fallback
+    tags = {n.meta["specdiff"] for name, g in runtime.graphs.items() if name != "original"
+            for n in g.graph.nodes if "specdiff" in n.meta}
+    assert tags and tags <= set(CACHING_LEVELS), tags - set(CACHING_LEVELS)
+    assert set(runtime.variants) <= set(type(runtime).RUNS_AT)
+    report = inspect_runtime(runtime)
+    assert all(v.runs_at != "-" for v in report.variants), [(v.name, v.runs_at) for v in report.variants]
+    levels = {level for b in report.branches for level in b.levels}
+    assert levels and levels <= set(CACHING_LEVELS.values()) | {"token"}

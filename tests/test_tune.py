@@ -132,6 +132,19 @@ def test_tune_with_a_timer_chooses_by_measured_speed(request_kind):
     restore_pipeline(case.pipe)
 
 
+def test_quality_request_tries_counts_from_the_fewest_up_and_stops_one_past_it():
+    case, reference, run = _setup()
+    costs = StepCosts(uncached=1.0, all_full=1.02, one_full=0.12, num_steps=STEPS)
+    result = tune(case.pipe, run, reference, costs, fit_batches=[0], eval_batches=[1, 2], min_psnr=30.0,
+                  forecasters=(("taylor", {}),))
+    counts = sorted({t.full_steps for t in result.trials})
+    assert counts == list(range(3, counts[-1] + 1))
+    reached = min(t.full_steps for t in result.trials if t.psnr >= 30.0)
+    assert counts[-1] in (reached + 1, STEPS - 1)
+    assert result.chosen.psnr >= 30.0 and result.chosen.full_steps == reached
+    restore_pipeline(case.pipe)
+
+
 def test_tune_refuses_unclear_requests():
     costs = StepCosts(1.0, 1.0, 0.1, 10)
     with pytest.raises(ValueError, match="exactly one"):

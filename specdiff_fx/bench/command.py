@@ -242,6 +242,26 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _own_backend(compiler: str) -> Callable:
+    """The paired baseline's backend: the run's compiler (Inductor's ``compile_fx`` with default
+    options, what ``backend="inductor"`` runs), as a backend object of its own.  Dynamo shares
+    a frame's cache entries between compiles whose backends compare equal, so with the plain
+    ``"inductor"`` the pair could run a forward a third-party cache compiled around its hooks
+    (with graph breaks where they sat); its own backend makes it trace and compile its own."""
+    if compiler == "inductor":
+        from torch._inductor.compile_fx import compile_fx
+
+        def inductor(gm, example_inputs):
+            return compile_fx(gm, example_inputs)
+
+        return inductor
+
+    def eager(gm, example_inputs):
+        return gm.forward
+
+    return eager
+
+
 def _empty_row(method: Method, status: str, reason: str | None, workload: dict) -> dict:
     row = {k: None for k in ROW_KEYS}
     row.update(method=method.name, label=method.label, family=method.family, status=status, reason=reason,
@@ -363,7 +383,8 @@ class Bench:
         against the row (:meth:`CompileCounter.excluded`)."""
         wl = self.workload
         with self.counter.excluded() as compiled:
-            denoiser = wl.compile(self.pair_transformer, fullgraph=True)
+            denoiser = self.pair_transformer if wl.compiler == "none" else torch.compile(
+                self.pair_transformer, backend=_own_backend(wl.compiler), fullgraph=True, dynamic=False)
 
             def one(group) -> torch.Tensor:
                 images = wl.run_group(denoiser, group)

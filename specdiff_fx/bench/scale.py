@@ -256,7 +256,7 @@ def specdiff_group(gm, inputs, compiler: str, ratio: float, with_full: bool, dra
                            draft_steps=2 if draft else 0, **cfg_extra).build_runtime(gm, inputs)
     if runtime.fallback:
         raise RuntimeError(f"specdiff fell back: {runtime.fallback}")
-    slot = runtime._slot(0)
+    slot = runtime.slot(0)
     record = slot.buffers_for(runtime.record_specs)
     partial = slot.buffers_for(runtime.partial_specs)
     full_fn, partial_fn = _raw(runtime, "full"), _raw(runtime, "partial")

@@ -1,14 +1,16 @@
 """The inspection report: what the analysis found and what each variant does with it.
 
-All facts come from three places, so new policies and node kinds appear without edits:
+All facts come from four places, so new policies and node kinds appear without edits here:
 the residual branches (``passes``), the variant graphs the backend built (the runtime's
-``graphs`` dict, built here with the eager compiler) and the ``meta['specdiff']`` tags
-the passes put on the nodes they insert or change.
+``graphs`` dict, built here with the eager compiler), the ``meta['specdiff']`` tags the
+passes put on the nodes they insert or change, and when the runtime runs each variant (its
+class's ``RUNS_AT``).
 
 *Status* of a branch or attention site in a variant: whether its heavy ops still run
 ("computed", "computed on k tokens", "skipped", or "3/7 heavy ops") and the tags of the
-rewritten nodes touching it.  The *caching level* of a tag is "branch" for the FORA
-kinds, "token" for the SpecDiff kinds, and the tag itself for kinds added later.
+rewritten nodes touching it.  The *caching level* of a tag is what the pass that writes it declares
+(``passes/tags.py``: "branch" for branch caches and forecasts, "token" for the SpecDiff
+kinds, "probe" for a forecast check).
 
 *Token-wise* (can the branch run on a subset of tokens unchanged?) is derived: a body
 without attention, convolution or group norm acts on every token separately (linear,
@@ -31,22 +33,13 @@ import torch.nn.functional as F
 
 from ..backend import UnsupportedGraph, get_runtime, make_backend
 from ..passes import block_of, find_residual_branches, group_nodes_by_block, module_path_of
-from ..passes.branch_cache_variants import CACHE_INPUT_TAG, RECORD_TAG, REUSE_TAG
 from ..passes.collectives import CollectivesSummary, collectives_summary
 from ..passes.graph_inputs import find_graph_inputs
 from ..passes.graph_queries import is_attention, is_conv, is_heavy, tensor_meta
 from ..passes.residual_branches import ResidualBranch
-from ..passes.token_variants import (
-    INDEX,
-    TAG_CONST,
-    TAG_GATHER,
-    TAG_INPUT,
-    TAG_KV,
-    TAG_SCATTER,
-    TAG_SCORE,
-    TAG_WRITE,
-)
-from ..runtime import DRAFT, FULL, PARTIAL, REUSE, SpecDiffRuntime
+from ..passes.tags import CACHING_LEVELS
+from ..passes.token_variants import INDEX
+from ..runtime import FULL, SpecDiffRuntime
 from .capture import GraphBreaks, capture_graph
 from .cost import (
     N,
@@ -64,11 +57,6 @@ from .cost import (
 from .graph_diff import GraphDiff, diff
 
 _GROUP_NORM = {F.group_norm, torch.group_norm}
-RUNS_AT = {FULL: "full steps", REUSE: "cached steps (fora's partial step)",
-           PARTIAL: "partial steps (k tokens computed)", DRAFT: "draft trajectory"}
-"""When the runtime runs each variant; variants not listed show '-'."""
-
-
 @dataclass(frozen=True)
 class BranchInfo:
     branch: ResidualBranch
@@ -103,10 +91,7 @@ class VariantInfo:
     cache: Cost
     notes: tuple[str, ...] = ()      # caveats on the numbers (unmodelled ops, traced shapes)
     collectives: CollectivesSummary = field(default_factory=CollectivesSummary)  # one call's
-
-    @property
-    def runs_at(self) -> str:
-        return RUNS_AT.get(self.name, "-")
+    runs_at: str = "-"               # when the runtime runs it (its class's RUNS_AT)
 
 
 @dataclass(frozen=True)
@@ -137,13 +122,9 @@ class InspectionReport:
         return [b for b in order if b in shown]
 
 
-_LEVELS = {**dict.fromkeys((RECORD_TAG, REUSE_TAG, CACHE_INPUT_TAG), "branch"),
-           **dict.fromkeys((TAG_GATHER, TAG_SCATTER, TAG_KV, TAG_SCORE, TAG_CONST, TAG_WRITE, TAG_INPUT), "token")}
-
-
 def caching_level(tag: str) -> str:
     """``branch_reuse`` -> ``branch``, ``kv_completion`` -> ``token``; unknown tags name themselves."""
-    return _LEVELS.get(tag, tag)
+    return CACHING_LEVELS.get(tag, tag)
 
 
 def buffer_name(buffer: Any) -> str:
@@ -260,8 +241,8 @@ def _prepare(name: str, graph: fx.GraphModule, original: fx.GraphModule, buffers
 
 def build_report(original: fx.GraphModule, variants: dict[str, fx.GraphModule],
                  buffers: Mapping[str, Sequence[Any]] | None = None, policy: str = "?", title: str = "graph",
-                 subset: int | None = None) -> InspectionReport:
-    """Describe each variant graph against ``original``.
+                 subset: int | None = None, runs_at: Mapping[str, str] | None = None) -> InspectionReport:
+    """Describe each variant graph against ``original``; ``runs_at[variant]``: when it runs.
 
     ``buffers[variant]`` are the runtime-owned inputs that variant takes after the graph's
     own (:class:`~specdiff_fx.buffers.BufferSpec`, or objects with its ``name``, ``shape``,
@@ -294,7 +275,7 @@ def build_report(original: fx.GraphModule, variants: dict[str, fx.GraphModule],
         notes = tuple(n for n in (note, _unmodelled_note(flops)) if n)
         graph_diff = _attribute_inputs(diff(original, run.graph, name=run.name), modules)
         reports.append(VariantInfo(run.name, run.graph, graph_diff, flops, memory, notes,
-                                   collectives_summary(run.graph, branches)))
+                                   collectives_summary(run.graph, branches), (runs_at or {}).get(run.name, "-")))
     return InspectionReport(title, policy, sizes, original, graph_flops(original, sizes), infos, sites,
                             reports, tuple(distinct), collectives_summary(original, branches))
 
@@ -322,14 +303,15 @@ def inspect_runtime(runtime: SpecDiffRuntime, original: fx.GraphModule | None = 
     if original is None:
         raise ValueError("this runtime kept no graphs to inspect")
     variants = graphs or {FULL: original}  # policy "off" runs the original graph
-    return build_report(original, variants, _variant_buffers(runtime, variants), runtime.policy, title)
+    return build_report(original, variants, _variant_buffers(runtime, variants), runtime.policy, title,
+                        runs_at=runtime.RUNS_AT)
 
 
 def fallback_report(original: fx.GraphModule, policy: str, title: str, reason: str) -> InspectionReport:
     """What a model that falls back still shows: its branches and attention sites, the one
     variant that runs (the original graph, compiled plainly) and the reason, which names
     the node the passes stopped at."""
-    report = build_report(original, {FULL: original}, {}, policy, title)
+    report = build_report(original, {FULL: original}, {}, policy, title, runs_at={FULL: "every step (plain)"})
     return dataclasses.replace(report, fallback=reason)
 
 

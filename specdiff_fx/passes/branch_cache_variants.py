@@ -36,6 +36,8 @@ from .residual_branches import ResidualBranch
 RECORD_TAG = "branch_record"
 REUSE_TAG = "branch_reuse"
 CACHE_INPUT_TAG = "branch_cache_input"
+CACHING_LEVELS = dict.fromkeys((RECORD_TAG, REUSE_TAG, CACHE_INPUT_TAG), "branch")
+"""The caching level of each tag this pass writes into ``node.meta["specdiff"]`` (passes/tags.py)."""
 BRANCH_CACHE = BufferRole.BRANCH_CACHE
 
 

@@ -202,6 +202,8 @@ RANK_PARTIAL = "specdiff_rank_partial"
 (a sum over the local shard).  Under context parallelism :func:`reduce_rank_partials` replaces
 it by its all-reduce, so a decision made from it is the same on every rank."""
 RANK_REDUCE_TAG = "rank_reduce"
+CACHING_LEVELS = {RANK_REDUCE_TAG: "ranks"}
+"""Not a caching level: the all-reduces this pass adds (passes/tags.py)."""
 
 
 def output_group(gm: fx.GraphModule) -> Any | None:

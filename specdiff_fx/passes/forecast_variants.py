@@ -59,6 +59,10 @@ FORECAST_RECORD_TAG = "forecast_record"
 FORECAST_TAG = "forecast"
 FORECAST_PROBE_TAG = "forecast_probe"
 FORECAST_INPUT_TAG = "forecast_input"
+CACHING_LEVELS = {**dict.fromkeys((FORECAST_RECORD_TAG, FORECAST_TAG, FORECAST_INPUT_TAG), "branch"),
+                  FORECAST_PROBE_TAG: "probe"}
+"""The caching level of each tag this pass writes (passes/tags.py): a forecast stands in for a
+branch or, in lite mode, a chain of blocks; the probe is real compute kept to check it."""
 TAYLOR_TERM = BufferRole.TAYLOR_TERM        # role of F, D1, D2 buffers
 TAYLOR_COEF = BufferRole.TAYLOR_COEF        # role of the [c0, c1, a1, a2] coefficient buffer
 FORECAST_ERROR = BufferRole.FORECAST_ERROR  # role of the probe's error estimate buffer

@@ -49,6 +49,8 @@ HISTORY, MIX_WEIGHTS, ENTRY = BufferRole.HISTORY, BufferRole.MIX_WEIGHTS, Buffer
 ENTRY_INPUT = "specdiff_entry_out"
 TAG_FORECAST = "token_forecast"
 TAG_INPUT = "token_cache_input"
+CACHING_LEVELS = dict.fromkeys((TAG_FORECAST, TAG_INPUT), "token")
+"""The caching level of each tag this pass writes (passes/tags.py)."""
 
 
 def build_token_forecast_variant(gm: fx.GraphModule, region: TokenRegion,

@@ -31,6 +31,8 @@ from .graph_copy import add_static_input, copy_graph_module, find_node, recompil
 HIS, FUT, COUNT = BufferRole.HIS, BufferRole.FUT, BufferRole.COUNT
 TAG_SELECT = "token_select"
 TAG_INPUT = "token_cache_input"
+CACHING_LEVELS = dict.fromkeys((TAG_SELECT, TAG_INPUT), "token")
+"""The caching level of each tag this pass writes (passes/tags.py)."""
 
 
 class TokenSelectError(ValueError):

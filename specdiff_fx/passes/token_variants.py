@@ -42,6 +42,8 @@ HISTORY, KV, IMPORTANCE = BufferRole.HISTORY, BufferRole.KV, BufferRole.IMPORTAN
 TAG_GATHER, TAG_SCATTER, TAG_KV, TAG_SCORE, TAG_CONST = (
     "token_gather", "token_compose", "kv_completion", "importance_score", "token_count")
 TAG_WRITE, TAG_INPUT = "cache_write", "token_cache_input"
+CACHING_LEVELS = dict.fromkeys((TAG_GATHER, TAG_SCATTER, TAG_KV, TAG_SCORE, TAG_CONST, TAG_WRITE, TAG_INPUT), "token")
+"""The caching level of each tag this pass writes (passes/tags.py)."""
 
 
 def _meta(node: fx.Node):

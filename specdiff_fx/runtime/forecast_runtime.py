@@ -15,8 +15,8 @@ uneven spacing).  Everything is a tensor value, so no schedule recompiles.
 
 With a probe (forecast variant computing the first block), each cached step writes a
 forecast-error estimate into the slot's error buffer.  It is read at the *next* call (a
-device-to-host read only when a ``tolerance`` is set) and, above the threshold, makes that
-step full.  The threshold at step s is ``tolerance · (1 + tolerance_growth · s)``: with a
+device-to-host read on every call after a probed forecast: ``stats()["forecast_errors"]``
+lists them) and, with a ``tolerance``, above the threshold makes that step full.  The threshold at step s is ``tolerance · (1 + tolerance_growth · s)``: with a
 growth > 0 it loosens along the trajectory, where a forecast error matters less.
 
 Calibration (``calibrate(LeastSquares)``): every cached step runs the record graph instead,
@@ -51,6 +51,8 @@ class _SlotForecast:
 
 class ForecastRuntime(SpecDiffRuntime):
     """Branch-level forecasting between full steps (policy ``taylor``)."""
+
+    RUNS_AT = {FULL: "full steps (record the terms)", FORECAST: "cached steps (residuals forecast, blocks skipped)"}
 
     def __init__(self, *, order: int = 1, variable: str = "step", tolerance: float | None = None,
                  tolerance_growth: float = 0.0, probe: bool = False, forecaster: str = "taylor",

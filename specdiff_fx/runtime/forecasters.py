@@ -35,18 +35,20 @@ class Forecaster:
     min_order: int       # Taylor terms the graphs must hold (2: the law uses D2)
     law: CoefficientLaw  # (k, gap, step, options) -> (a1, a2)
     summary: str
+    options: frozenset = frozenset()  # the keys of SpecDiffConfig.forecaster_options it reads
 
 
 FORECASTERS: dict[str, Forecaster] = {}
 
 
-def register(name: str, min_order: int, summary: str):
-    """Decorator: add a coefficient law to :data:`FORECASTERS` under ``name``."""
+def register(name: str, min_order: int, summary: str, options: tuple[str, ...] = ()):
+    """Decorator: add a coefficient law to :data:`FORECASTERS` under ``name``, reading the
+    ``options`` keys of ``SpecDiffConfig.forecaster_options`` (any other key is refused there)."""
 
     def wrap(law: CoefficientLaw) -> CoefficientLaw:
         if name in FORECASTERS:
             raise ValueError(f"forecaster {name!r} is registered twice")
-        FORECASTERS[name] = Forecaster(name, min_order, law, summary)
+        FORECASTERS[name] = Forecaster(name, min_order, law, summary, frozenset(options))
         return law
 
     return wrap
@@ -64,7 +66,7 @@ def _newton(k, gap, step, options):
     return k, 0.5 * k * (k + (gap if gap is not None else 0.0))
 
 
-@register("hermite", 1, "damped series (HiCache-type scaling σ): F + σ²k·D1 + σ²(σ²k²−1)/2·D2")
+@register("hermite", 1, "damped series (HiCache-type scaling σ): F + σ²k·D1 + σ²(σ²k²−1)/2·D2", options=("sigma",))
 def _hermite(k, gap, step, options):
     # The probabilists' Hermite polynomials He1(x) = x, He2(x) = x² − 1 of the contracted
     # distance σk, each term shrunk by σⁿ: σ < 1 damps the extrapolation, and the −1 of He2
@@ -73,7 +75,8 @@ def _hermite(k, gap, step, options):
     return s * s * k, 0.5 * s * s * (s * s * k * k - 1.0)
 
 
-@register("fitted", 1, "per-step (a1, a2) fitted by least squares on calibration trajectories")
+@register("fitted", 1, "per-step (a1, a2) fitted by least squares on calibration trajectories",
+          options=("coefficients",))
 def _fitted(k, gap, step, options):
     table = options.get("coefficients") or {}
     if step in table:

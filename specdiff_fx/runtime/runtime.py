@@ -83,6 +83,9 @@ class SpecDiffRuntime:
     callables taking the graph inputs followed by the cache buffers of ``buffer_specs``.
     """
 
+    RUNS_AT = {FULL: "full steps", REUSE: "cached steps (fora's partial step)"}
+    """When this runtime runs each variant it may hold (the inspection report shows it)."""
+
     def __init__(
         self,
         *,

@@ -196,6 +196,9 @@ class TokenSlot:
 class TokenRuntime(SpecDiffRuntime):
     """SpecDiff: full+record, partial and draft variants chosen per call."""
 
+    RUNS_AT = {FULL: "full steps (record)", PARTIAL: "partial steps (k tokens computed)", DRAFT: "draft trajectory",
+               FORECAST_TOKENS: "forecast steps between partial steps (no token computed)"}
+
     def __init__(
         self,
         *,
@@ -241,7 +244,8 @@ class TokenRuntime(SpecDiffRuntime):
         self._partial_calls = 0
         self._forecast_calls = 0
 
-    def _slot(self, index: int) -> TokenSlot:
+    def slot(self, index: int) -> TokenSlot:
+        """The state of call slot ``index`` (made on first use): its buffers and token history."""
         if index not in self.token_slots:
             self.token_slots[index] = TokenSlot(self.record_specs, self.partial_specs, self.draft_specs,
                                                 kv_horizon=self.kv_horizon)
@@ -249,7 +253,7 @@ class TokenRuntime(SpecDiffRuntime):
 
     # ------------------------------------------------------------------ steps
     def _run_step(self, args: Sequence[Any], event) -> tuple[Any, str, dict | None]:
-        slot = self._slot(event.slot)
+        slot = self.slot(event.slot)
         fresh_trajectory = slot.trajectory != event.trajectory
         if fresh_trajectory or self.schedule.is_full(event.step) or not slot.ring_timesteps:
             return self._full_step(args, event, slot, fresh_trajectory)
