@@ -17,7 +17,7 @@ import argparse
 
 import torch
 
-from specdiff_fx.backend import count_flops
+from specdiff_fx.policies.base import count_flops
 from specdiff_fx.passes import find_residual_branches
 from specdiff_fx.passes.forecast_variants import build_forecast_variant, lite_targets, probe_targets
 from specdiff_fx.tiny_models import build_tiny

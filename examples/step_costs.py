@@ -25,7 +25,7 @@ CONFIGS = {
                                         reset_steps=(5, 9, 14, 20)),
     "specdiff-forecast cr=0.9 every=3 full=5,9,14,20": dict(
         policy="specdiff", c3="forecast", c2_share=0.0, cache_ratio=0.9, partial_every=3, interval=0,
-        warmup_steps=3, reset_steps=(5, 9, 14, 20)),
+        warmup_steps=3, reset_steps=(5, 9, 14, 20), kv_forecast=False),
     "same, kv_forecast": dict(policy="specdiff", c3="forecast", c2_share=0.0, cache_ratio=0.9, partial_every=3,
                               interval=0, warmup_steps=3, reset_steps=(5, 9, 14, 20), kv_forecast=True),
 }

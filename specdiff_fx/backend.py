@@ -9,10 +9,7 @@ never an exception inside dynamo, never a silently wrong result.
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import logging
-import warnings
 import weakref
 from typing import Any, Callable, Sequence
 
@@ -20,20 +17,7 @@ import torch
 import torch.fx as fx
 
 from .config import SpecDiffConfig
-from .passes import (
-    build_branch_record_variant,
-    build_branch_reuse_variant,
-    count_kinds,
-    find_graph_inputs,
-    find_residual_branches,
-)
-from .passes.forecast_variants import (
-    ForecastError,
-    build_forecast_record_variant,
-    build_forecast_variant,
-    lite_targets,
-    probe_targets,
-)
+from .passes import count_kinds, find_graph_inputs, find_residual_branches
 from .passes.collectives import (
     has_collectives,
     has_rank_partials,
@@ -41,58 +25,11 @@ from .passes.collectives import (
     prune_dead_collectives,
     reduce_rank_partials,
 )
-from .passes.token_axis import TokenAxisError, analyze_token_axis
-from .passes.token_forecast import build_token_forecast_variant, forecast_residuals
-from .passes.token_select import select_tokens_in_graph
-from .passes.verify import VariantVerificationError, output_signature, verify_variant, with_fake_values
-from .passes.token_variants import (
-    ImportanceSampling,
-    build_token_draft_variant,
-    build_token_partial_variant,
-    build_token_record_variant,
-    importance_plan,
-)
-from .runtime import (
-    DRAFT,
-    FORECAST,
-    FULL,
-    PARTIAL,
-    REUSE,
-    AlwaysFull,
-    BufferRole,
-    BufferSpec,
-    ClockFollower,
-    ForecastRuntime,
-    FullStepSchedule,
-    PipelineClock,
-    SpecDiffRuntime,
-    StepClock,
-    TokenRuntime,
-    warn_fallback,
-)
+from .policies import POLICIES, BuildContext, UnsupportedGraph
+from .runtime import FULL, ClockFollower, PipelineClock, SpecDiffRuntime, StepClock, warn_fallback
 
 
 log = logging.getLogger("specdiff_fx")
-
-
-def trace_artifacts(graphs: dict[str, fx.GraphModule], analysis: dict) -> None:
-    """Emit the variant graphs (named as the runtime names them) and the analysis as
-    structured-trace artifacts, so ``TORCH_TRACE`` + tlparse show them beside dynamo's."""
-    from torch._logging import trace_structured
-
-    trace_structured("artifact", metadata_fn=lambda: {"name": "specdiff_analysis", "encoding": "json"},
-                     payload_fn=lambda: json.dumps(analysis, default=str))
-    for name, graph in graphs.items():
-        trace_structured(
-            "artifact",
-            metadata_fn=lambda name=name: {"name": f"specdiff_{name}_graph", "encoding": "string"},
-            payload_fn=lambda graph=graph: graph.print_readable(
-                print_output=False, include_stride=True, include_device=True),
-        )
-
-
-class UnsupportedGraph(Exception):
-    """A graph the passes cannot handle; the backend falls back to a plain compile."""
 
 
 def _has_symbolic_shapes(example_inputs: Sequence[Any]) -> bool:
@@ -139,7 +76,10 @@ class SpecDiffBackend:
         return runtime
 
     def build_runtime(self, gm: fx.GraphModule, example_inputs: Sequence[Any]) -> SpecDiffRuntime:
+        """The runtime of one dynamo graph: what every policy needs (inputs, clock, branches),
+        then the policy's own :meth:`~specdiff_fx.policies.Policy.build`."""
         cfg = self.config
+        policy = POLICIES[cfg.policy]
         if _has_symbolic_shapes(example_inputs):
             raise UnsupportedGraph("symbolic shapes; compile with dynamic=False")
         inputs = find_graph_inputs(gm, cfg.timestep_input)
@@ -153,170 +93,30 @@ class SpecDiffBackend:
             latent_index=_latent_input_index(gm, inputs),
             pipeline_clock=self.pipeline_clock,
         )
-        if cfg.policy == "off":
-            return SpecDiffRuntime(
-                policy="off", variants={FULL: self.compile(gm, example_inputs)},
-                schedule=AlwaysFull(), **common,
-            )
-        follow = None
+        ctx = BuildContext(gm=gm, example_inputs=example_inputs, inputs=inputs, config=cfg, common=common,
+                           compile=self.compile, forecast_calibration=self.forecast_calibration)
+        if not policy.needs_branches:
+            return policy.build(ctx)
         if inputs.timestep_index is None:
-            follow = self._follower()
-            if follow is not None and cfg.policy in ("fora", "taylor"):
-                common["follow"] = follow  # the blocks after a graph break follow the model's steps
-            else:
-                follow = None
-        if inputs.timestep_index is None and follow is None:
-            raise UnsupportedGraph(
-                "no timestep input found (set SpecDiffConfig.timestep_input to its name; if the model's "
-                "code breaks the graph, e.g. .tolist()/.item()/.cpu() in diffusers, the blocks run in a "
-                "frame that never sees the timestep: torch._dynamo.explain(model)(**inputs) shows where)"
-            )
+            follow = self._follower() if policy.follows_graph_breaks else None
+            if follow is None:
+                raise UnsupportedGraph(
+                    "no timestep input found (set SpecDiffConfig.timestep_input to its name; if the model's "
+                    "code breaks the graph, e.g. .tolist()/.item()/.cpu() in diffusers, the blocks run in a "
+                    "frame that never sees the timestep: torch._dynamo.explain(model)(**inputs) shows where)"
+                )
+            common["follow"] = follow  # the blocks after a graph break follow the model's steps
+            log.info("specdiff: a frame without the timestep follows the steps of the model's frame")
         # a frame that follows may be a block traced on its own after a graph break, so
         # adds in its own forward are residuals (find_residual_branches)
-        branches = find_residual_branches(gm, frame_root_adds=inputs.timestep_index is None)
-        if not branches:
+        ctx.branches = find_residual_branches(gm, frame_root_adds=inputs.timestep_index is None)
+        if not ctx.branches:
             raise UnsupportedGraph("no residual branches found in the graph")
-        if cfg.policy == "specdiff":
-            if has_collectives(gm):
-                raise UnsupportedGraph(
-                    "context parallelism: token-level caching of a graph with collectives is not "
-                    "supported (docs/context_parallel.md); use policy 'fora' or 'taylor'")
-            return self._token_runtime(gm, example_inputs, inputs, branches, common)
-        if cfg.policy == "taylor":
-            return self._forecast_runtime(gm, example_inputs, branches, common)
-        held = _cache_dtype(cfg)
-        record, specs = build_branch_record_variant(gm, branches, held)
-        reuse, _ = build_branch_reuse_variant(gm, branches, held)
-        trace_artifacts({FULL: record, REUSE: reuse},
-                        {"branches": [dataclasses.asdict(b) for b in branches]})
-        buffers, examples = _buffers_and_examples(specs, example_inputs)
-        _verify_all({FULL: record, REUSE: reuse}, gm, examples)
-        return SpecDiffRuntime(
-            policy=cfg.policy,
-            variants={FULL: self.compile(record, examples), REUSE: self.compile(reuse, examples)},
-            buffer_specs=buffers,
-            schedule=FullStepSchedule(cfg.warmup_steps, cfg.interval or None, cfg.reset_steps),
-            info={"branches": len(branches), "branch_kinds": count_kinds(branches)},
-            graphs={"original": gm, FULL: record, REUSE: reuse},
-            **common,
-        )
-
-    def _forecast_runtime(self, gm, example_inputs, branches, common) -> ForecastRuntime:
-        cfg = self.config
-        try:
-            # the probe computes the first block: per branch, or in lite mode as chains of their own
-            targets = lite_targets(gm, branches, cfg.group_blocks, probe_first_block=cfg.probe) \
-                if cfg.lite else branches
-            probe = probe_targets(targets, branches[0].block) if cfg.probe else ()
-            held = _cache_dtype(cfg)
-            record, specs = build_forecast_record_variant(gm, targets, cfg.taylor_order, held)
-            forecast, _ = build_forecast_variant(gm, targets, cfg.taylor_order, probe, held)
-        except ForecastError as exc:
-            raise UnsupportedGraph(f"forecasting not possible: {exc}") from exc
-        trace_artifacts({FULL: record, FORECAST: forecast},
-                        {"targets": [dataclasses.asdict(t) for t in targets], "probe": list(probe)})
-        buffers, examples = _buffers_and_examples(specs, example_inputs)
-        _verify_all({FULL: record, FORECAST: forecast}, gm, examples)
-        info = {"branches": len(branches), "branch_kinds": count_kinds(branches),
-                "forecast_targets": len(targets), "probe_branches": len(probe)}
-        if probe:
-            info["probe_flops_share"] = _probe_flops_share(gm, example_inputs, forecast, examples, targets,
-                                                           cfg.taylor_order, held)
-        runtime = ForecastRuntime(
-            policy=cfg.policy,
-            variants={FULL: self.compile(record, examples), FORECAST: self.compile(forecast, examples)},
-            buffer_specs=buffers,
-            schedule=FullStepSchedule(cfg.warmup_steps, cfg.interval or None, cfg.reset_steps),
-            order=cfg.taylor_order,
-            forecaster=cfg.forecaster,
-            forecaster_options=cfg.forecaster_options,
-            variable=cfg.forecast_variable,
-            tolerance=_tolerance_for(gm, cfg.tolerance, forecast),
-            tolerance_growth=cfg.tolerance_growth,
-            probe=cfg.probe,
-            info=info,
-            graphs={"original": gm, FULL: record, FORECAST: forecast},
-            **common,
-        )
-        if self.forecast_calibration is not None:
-            runtime.calibrate(self.forecast_calibration)
+        log.info("specdiff: %d residual branches found (%s)", len(ctx.branches),
+                 ", ".join(f"{k} {n}" for k, n in sorted(count_kinds(ctx.branches).items())))
+        runtime = policy.build(ctx)
+        log.info("specdiff: policy %s built variants %s", policy.name, sorted(runtime.variants))
         return runtime
-
-    def _token_runtime(self, gm, example_inputs, inputs, branches, common) -> TokenRuntime:
-        cfg = self.config
-        try:
-            region = analyze_token_axis(gm, branches)
-        except TokenAxisError as exc:
-            raise UnsupportedGraph(f"token-level caching not possible: {exc}") from exc
-        k = max(2, min(region.num_tokens, round((1.0 - cfg.cache_ratio) * region.num_tokens)))
-        sampling = ImportanceSampling(cfg.importance_query_stride, cfg.importance_queries, cfg.importance_sites)
-        try:
-            record, record_specs = build_token_record_variant(gm, region, sampling)
-            partial, partial_specs = build_token_partial_variant(gm, region, k)
-            graphs = {"original": gm, FULL: record, PARTIAL: partial}
-            built = {FULL: (record, record_specs), PARTIAL: (partial, partial_specs)}
-            if cfg.draft_steps >= 2:
-                draft, draft_specs = build_token_draft_variant(gm, region, sampling)
-                graphs[DRAFT] = draft
-                built[DRAFT] = (draft, draft_specs)
-            if cfg.c3 == "forecast":  # forecast each token's residual over the blocks
-                for name in (FULL, PARTIAL):
-                    built[name] = forecast_residuals(*built[name], region)
-                    graphs[name] = built[name][0]
-                record_specs, partial_specs = built[FULL][1], built[PARTIAL][1]
-            # the partial variant picks its own tokens (scores, top-k, classes) from device buffers
-            built[PARTIAL] = select_tokens_in_graph(*built[PARTIAL], k, cfg.c2_share, cfg.score_lambda)
-            graphs[PARTIAL], partial_specs = built[PARTIAL]
-            if cfg.c3 == "forecast" and cfg.partial_every > 1:  # steps with no token computed
-                token_forecast, forecast_specs = build_token_forecast_variant(gm, region, residual=True)
-                graphs[FORECAST] = token_forecast
-                built[FORECAST] = (token_forecast, forecast_specs)
-        except TokenAxisError as exc:
-            raise UnsupportedGraph(f"token-level caching not possible: {exc}") from exc
-        expected = output_signature(gm)
-        for name, (graph, specs) in built.items():  # every variant runs once on fake tensors first
-            _verify(name, graph, list(example_inputs) + [_example_buffer(s, region.num_tokens) for s in specs],
-                    expected)
-        trace_artifacts({name: g for name, g in graphs.items() if name != "original"},
-                        {"region": {"entry": region.entry, "exit": region.exit, "tokens": region.num_tokens,
-                                    "subset": k, "sites": [s.node for s in region.sites]}})
-
-        latent_index = common["latent_index"]
-        variants, flops = {}, {}
-        for name, (graph, specs) in built.items():
-            graph_inputs = list(example_inputs)
-            if name == DRAFT:  # the draft passes latents and timestep of its own, contiguous
-                for i in (latent_index, inputs.timestep_index):
-                    if i is not None and isinstance(graph_inputs[i], torch.Tensor):
-                        graph_inputs[i] = graph_inputs[i].contiguous()
-            examples = graph_inputs + [_example_buffer(s, region.num_tokens) for s in specs]
-            flops[name] = count_flops(graph, examples)
-            variants[name] = self.compile(graph, examples)
-        return TokenRuntime(
-            policy=cfg.policy,
-            variants=variants,
-            schedule=FullStepSchedule(cfg.warmup_steps, None, cfg.reset_steps,
-                                      cfg.partial_every if FORECAST in built else None),
-            record_specs=record_specs,
-            partial_specs=partial_specs,
-            draft_specs=built[DRAFT][1] if DRAFT in built else [],
-            subset_size=k,
-            num_tokens=region.num_tokens,
-            c2_share=cfg.c2_share,
-            c3=cfg.c3,
-            kv_forecast=cfg.kv_forecast,
-            kv_horizon=cfg.kv_horizon,
-            score_lambda=cfg.score_lambda,
-            draft_steps=cfg.draft_steps,
-            draft_update=cfg.draft_update,
-            flops=flops,
-            info={"branches": len(branches), "branch_kinds": count_kinds(branches),
-                  "attention_sites": sum(s.key_layout is not None for s in region.sites),
-                  "importance_sites": [{"site": node, "query_stride": stride}
-                                       for node, stride in importance_plan(region, sampling)]},
-            graphs=graphs,
-            **common,
-        )
 
     def compile(self, gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable:
         gm = _for_context_parallel(gm)
@@ -432,28 +232,6 @@ class ModelRuntime:
             runtime.begin_trajectory()
 
 
-def _cache_dtype(cfg: SpecDiffConfig) -> torch.dtype | None:
-    """``SpecDiffConfig.cache_dtype`` as a torch dtype (None: the model's own)."""
-    return None if cfg.cache_dtype is None else getattr(torch, cfg.cache_dtype)
-
-
-def _verify(name: str, graph: fx.GraphModule, examples: Sequence[Any], expected) -> None:
-    """Run variant ``name`` on fake tensors (passes/verify.py) and refresh its node metadata;
-    a failure becomes a fallback naming the node, never an error at step N."""
-    try:
-        with_fake_values(graph, verify_variant(graph, examples, expected))
-    except VariantVerificationError as exc:
-        raise UnsupportedGraph(f"the {name} variant failed build-time verification at {exc}") from exc
-
-
-def _verify_all(graphs: dict[str, fx.GraphModule], original: fx.GraphModule, examples: Sequence[Any]) -> None:
-    """Every branch-level variant runs once on fake tensors before it is compiled, as the token
-    variants do: its outputs must match the original graph's (shapes, dtypes)."""
-    expected = output_signature(original)
-    for name, graph in graphs.items():
-        _verify(name, graph, examples, expected)
-
-
 def _for_context_parallel(gm: fx.GraphModule) -> fx.GraphModule:
     """A variant as it runs under context parallelism (unchanged without collectives).
 
@@ -469,35 +247,6 @@ def _for_context_parallel(gm: fx.GraphModule) -> fx.GraphModule:
     if group is not None and has_rank_partials(gm):
         gm = reduce_rank_partials(gm, group)
     return prune_dead_collectives(gm)
-
-
-def _tolerance_for(gm: fx.GraphModule, tolerance: float | None, forecast: fx.GraphModule) -> float | None:
-    """The forecast tolerance under context parallelism: kept when the probe's error sums are
-    marked rank-local partials (then all-reduced, see _for_context_parallel), else off --
-    each rank's probe sees only its shard, and a rank that refreshed alone would issue
-    collectives the others do not (a hang)."""
-    if tolerance is None or not has_collectives(gm):
-        return tolerance
-    if output_group(gm) is not None and has_rank_partials(forecast):
-        return tolerance
-    warnings.warn("specdiff: tolerance is off under context parallelism (per-rank probe errors would "
-                  "desync the ranks); the fixed schedule stays", RuntimeWarning, stacklevel=2)
-    return None
-
-
-def _buffers_and_examples(specs: Sequence[BufferSpec],
-                          example_inputs: Sequence[Any]) -> tuple[list[BufferSpec], list[Any]]:
-    """A branch-level variant's extra inputs as the passes describe them (the runtime allocates
-    from the same specs), and the example inputs to compile it with (the graph's own, then zero
-    buffers)."""
-    buffers = list(specs)
-    return buffers, list(example_inputs) + [torch.zeros(b.shape, dtype=b.dtype, device=b.device) for b in buffers]
-
-
-def _example_buffer(spec: BufferSpec, num_tokens: int) -> torch.Tensor:
-    if spec.role == BufferRole.INDEX:  # valid, distinct token positions
-        return torch.arange(spec.shape[1], device=spec.device).expand(spec.shape).contiguous()
-    return torch.zeros(spec.shape, dtype=spec.dtype, device=spec.device)
 
 
 def _latent_input_index(gm: fx.GraphModule, inputs) -> int | None:
@@ -516,36 +265,6 @@ def _latent_input_index(gm: fx.GraphModule, inputs) -> int | None:
             candidates.append(i)
     named = [i for i in candidates if "encoder" not in placeholders[i].name]
     return (named or [None])[0]
-
-
-def _probe_flops_share(gm, example_inputs, forecast, examples, targets, order, held) -> float | None:
-    """What the error probe adds to a forecast step, as a share of a full step's FLOPs: the
-    forecast variant with the probe minus the same variant built without it, over the original
-    graph (informative; None where a count fails)."""
-    plain, _ = build_forecast_variant(gm, targets, order, (), held)
-    full, with_probe, without = (count_flops(gm, example_inputs), count_flops(forecast, examples),
-                                 count_flops(plain, examples))
-    if not full or with_probe is None or without is None:
-        return None
-    return (with_probe - without) / full
-
-
-def count_flops(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> int | None:
-    """Matmul-like FLOPs of one call (torch.utils.flop_counter), run on fake tensors."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    try:
-        # The math kernel makes attention two counted matmuls; fused CPU kernels count 0.
-        with FakeTensorMode(allow_non_fake_inputs=True) as mode, sdpa_kernel(SDPBackend.MATH):
-            fake = [mode.from_tensor(x) if isinstance(x, torch.Tensor) else x for x in example_inputs]
-            with FlopCounterMode(display=False) as counter:
-                gm(*fake)
-        return int(counter.get_total_flops())
-    except Exception:  # the estimate is informative only
-        return None
 
 
 def make_backend(config: SpecDiffConfig | None = None, **overrides: Any) -> SpecDiffBackend:

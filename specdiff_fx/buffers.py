@@ -18,6 +18,12 @@ from dataclasses import dataclass
 import torch
 
 
+RING = 3
+"""Entries of the history ring of exit features (newest first).  A variant writes the oldest,
+``RING - 1`` (:data:`RING_WRITE`); the runtime then rotates it to the front."""
+RING_WRITE = RING - 1
+
+
 class BufferRole(str, enum.Enum):
     """What a buffer holds, which tells the runtime what to pass for it.
 
@@ -37,10 +43,14 @@ class BufferRole(str, enum.Enum):
     INDEX = "index"                    # the computed subset's token positions
     REUSE_MASK = "reuse_mask"          # tokens reused as is (C2)
     MIX_WEIGHTS = "mix_weights"        # weights of the history ring (C3)
-    ENTRY = "entry"                    # the token region's entry features
     HIS = "his"                        # importance at the last full step
     FUT = "fut"                        # the draft's importance at this timestep
     COUNT = "count"                    # steps each token has gone uncomputed
+    # token lines (passes/token_lines.py)
+    LINE = "line"                      # [x, valid, horizon], written before each call
+    LINE_VALUE = "line_value"          # each token's residual at its last computation
+    LINE_SLOPE = "line_slope"          # first divided difference per entry (tokens, or a K/V cache's)
+    LINE_STAMP = "line_stamp"          # where each token was last computed
 
     def __str__(self) -> str:
         return self.value

@@ -219,3 +219,26 @@ def test_dbcache_row_is_skipped_with_a_reason_without_cache_dit(monkeypatch):
     monkeypatch.setitem(sys.modules, "cache_dit", None)  # import fails as if not installed
     with pytest.raises(SkipMethod, match="pip install cache-dit"):
         build_dbcache(None)
+
+
+def test_a_config_row_takes_any_registered_policy_and_checks_it_up_front():
+    from specdiff_fx.bench.methods import config_method
+
+    row = config_method("policy=sandwich front_blocks=1 back_blocks=0 interval=0 reset_steps=(6,13,20)")
+    assert row.name == "sandwich" and row.family == "specdiff-fx"
+    assert row.label == "sandwich front_blocks=1 back_blocks=0 interval=0 reset_steps=(6, 13, 20)"
+    assert config_method("policy=fora compiler=eager").label == "fora"  # the run's --compiler decides
+    with pytest.raises(ValueError, match="belongs to policy 'specdiff'"):
+        config_method("policy=sandwich cache_ratio=0.5")
+    with pytest.raises(ValueError, match="name the policy"):
+        config_method("interval=3")
+    with pytest.raises(ValueError, match="not KEY=VALUE"):
+        config_method("policy=fora interval")
+    args = argparse.Namespace(**{**vars(_default_args()), "config": ["policy=sandwich back_blocks=0"]})
+    assert "sandwich back_blocks=0" in [m.label for m in command.all_methods(args)]
+
+
+def _default_args():
+    parser = argparse.ArgumentParser()
+    command.add_arguments(parser)
+    return parser.parse_args([])

@@ -27,7 +27,8 @@ def test_roles_coerce_from_strings_and_keep_their_values():
     assert BufferSpec("c", BufferRole.BRANCH_CACHE, (1,), torch.float32, CPU).role is BufferRole.BRANCH_CACHE
     assert {r.value for r in BufferRole} >= {"branch_cache", "taylor_term", "taylor_coef", "forecast_error", "kv",
                                              "history", "importance", "index", "reuse_mask", "mix_weights",
-                                             "entry", "his", "fut", "count"}
+                                             "his", "fut", "count", "line", "line_value", "line_slope",
+                                             "line_stamp"}
 
 
 def test_an_unknown_role_raises():
@@ -78,7 +79,7 @@ def test_token_slot_hands_history_by_ring_position_not_name():
     partial = [spec("idx", "index", (1, 2), torch.long), spec("mask", "reuse_mask", (1, 4), torch.bool),
                spec("w", "mix_weights", (3,))] + [spec(f"ring_entry_{2 - i}", "history", (1, 4, 2), ring=i)
                                                   for i in range(3)]
-    slot = TokenSlot(record, partial, [])
+    slot = TokenSlot(record, partial)
     assert slot.buffers_for(record)[0] is slot.ring[2]
     assert all(got is want for got, want in zip(slot.buffers_for(partial)[3:], slot.ring))
 

@@ -51,6 +51,6 @@ def test_narrow_caches_round_only_what_they_store(family, name):
 def test_cache_dtype_is_validated():
     with pytest.raises(ValueError, match="cache_dtype must be one of"):
         SpecDiffConfig(cache_dtype="int8")
-    with pytest.raises(ValueError, match="applies to the fora and taylor caches"):
+    with pytest.raises(ValueError, match="cache_dtype belongs to policy .fora. and .taylor."):
         SpecDiffConfig(policy="specdiff", cache_dtype="bfloat16")
     assert SpecDiffConfig(policy="fora", cache_dtype="float16").cache_dtype == "float16"

@@ -220,10 +220,11 @@ def test_html_report_renders_in_headless_chromium(captured, tmp_path):
                                     dict(policy="specdiff", c3="forecast", partial_every=2, kv_forecast=True)],
                          ids=["fora", "taylor-lite-probe", "taylor-branch-probe", "specdiff-forecast"])
 def test_every_tag_and_variant_a_policy_builds_is_declared(config):
-    """The report's caching levels and 'runs at' come from the passes' and runtimes' own tables
-    (passes/tags.py, RUNS_AT): a tag or variant a policy builds that no table declares fails here."""
+    """The report's caching levels and 'runs at' come from the passes' and policies' own tables
+    (passes/tags.py, Policy.runs_at): a tag or variant a policy builds that no table declares fails here."""
     from specdiff_fx.inspect.report import inspect_runtime
     from specdiff_fx.passes.tags import CACHING_LEVELS
+    from specdiff_fx.policies import POLICIES
 
     case = build_tiny("sd3")
     gm, example = capture_graph(case.model, case.make_inputs())
@@ -232,7 +233,7 @@ def test_every_tag_and_variant_a_policy_builds_is_declared(config):
     tags = {n.meta["specdiff"] for name, g in runtime.graphs.items() if name != "original"
             for n in g.graph.nodes if "specdiff" in n.meta}
     assert tags and tags <= set(CACHING_LEVELS), tags - set(CACHING_LEVELS)
-    assert set(runtime.variants) <= set(type(runtime).RUNS_AT)
+    assert set(runtime.variants) <= set(POLICIES[runtime.policy].runs_at)
     report = inspect_runtime(runtime)
     assert all(v.runs_at != "-" for v in report.variants), [(v.name, v.runs_at) for v in report.variants]
     levels = {level for b in report.branches for level in b.levels}

@@ -1,7 +1,5 @@
 """Policy "specdiff" end to end under the eager compiler."""
 
-import warnings
-
 import pytest
 import torch
 

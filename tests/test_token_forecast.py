@@ -10,8 +10,7 @@ from specdiff_fx.passes.token_axis import analyze_token_axis
 from specdiff_fx.passes.token_forecast import build_token_forecast_variant
 from specdiff_fx.passes.token_variants import build_token_record_variant
 from specdiff_fx.runtime import FullStepSchedule
-from specdiff_fx.buffers import BufferSpec
-from specdiff_fx.runtime.token_runtime import TokenSlot
+from specdiff_fx.passes.token_lines import extrapolate, forecast_line, record_line
 from specdiff_fx.tiny_models import build_tiny
 
 from helpers import TIMESTEPS_10, compile_with, run_steps
@@ -47,81 +46,108 @@ def test_token_forecast_variant_reads_the_ring_and_skips_the_blocks(family, capt
     torch.testing.assert_close(ring[2], exit_features * 1.5)
 
 
-def _slot(batch=2, n=6, width=3):
-    def spec(name, role, shape, dtype=torch.float32, ring=None):
-        return BufferSpec(name, role, shape, dtype, torch.device("cpu"), ring=ring)
-
-    record = [spec("specdiff_history_out", "history", (batch, n, width), ring=2),
-              spec("imp", "importance", (batch, n))]
-    partial = [spec("idx", "index", (batch, 2), torch.long), spec("mask", "reuse_mask", (batch, n), torch.bool),
-               spec("w", "mix_weights", (3,))]
-    return TokenSlot(record, partial, [])
-
-
-def test_per_token_terms_rebase_computed_tokens_at_their_own_stamp():
-    slot = _slot()
-    f0 = torch.randn(2, 6, 3)
-    slot.record_all(f0, 0.0)
-    f1 = torch.randn(2, 6, 3)
-    slot.record_all(f1, 1.0)
-    torch.testing.assert_close(slot.slope, f1 - f0)
-    out = torch.empty_like(f1)
-    slot.forecast_into(out, 3.0)
-    torch.testing.assert_close(out, f1 + 2.0 * (f1 - f0))
+def test_per_token_lines_rebase_computed_tokens_at_their_own_stamp():
+    """c3="forecast" (passes/token_lines.py): each token's residual is a line; a partial step
+    reads every token's line at x and only the tokens it computes start a new one."""
+    value, slope, stamp = torch.zeros(2, 6, 3), torch.zeros(2, 6, 3), torch.zeros(2, 6)
+    line = lambda x, valid=1.0: torch.tensor([x, valid, 1.0])  # the horizon is for K/V lines only
+    f0, f1 = torch.randn(2, 6, 3), torch.randn(2, 6, 3)
+    record_line(value, slope, stamp, line(0.0, valid=0.0), f0, 1)
+    record_line(value, slope, stamp, line(1.0), f1, 1)
+    torch.testing.assert_close(slope, f1 - f0)
+    torch.testing.assert_close(extrapolate(value, slope, stamp, line(3.0), 1), f1 + 2.0 * (f1 - f0))
     # step 3 computes tokens 0 and 4 of element 0, 1 and 2 of element 1
     index = torch.tensor([[0, 4], [1, 2]])
-    fresh = torch.randn(2, 6, 3)
-    slot.record_subset(fresh, index, 3.0)
+    rows = torch.arange(2).unsqueeze(1)
+    fresh = torch.randn(2, 2, 3)
+    read = forecast_line(value, slope, stamp, line(3.0), fresh, index, 1)
+    torch.testing.assert_close(read[rows, index], fresh)
+    torch.testing.assert_close(read[0, 5], (f1 + 2.0 * (f1 - f0))[0, 5])  # no horizon on token lines
     for b, toks in enumerate(index.tolist()):
         for i in range(6):
             if i in toks:  # new line from the fresh value, slope over its own distance (2 steps)
-                torch.testing.assert_close(slot.value[b, i], fresh[b, i])
-                torch.testing.assert_close(slot.slope[b, i], (fresh[b, i] - f1[b, i]) / 2.0)
-                assert slot.stamp[b, i] == 3.0
+                torch.testing.assert_close(value[b, i], fresh[b, toks.index(i)])
+                torch.testing.assert_close(slope[b, i], (fresh[b, toks.index(i)] - f1[b, i]) / 2.0)
+                assert stamp[b, i] == 3.0
             else:  # untouched: same line, same stamp
-                torch.testing.assert_close(slot.value[b, i], f1[b, i])
-                assert slot.stamp[b, i] == 1.0
-    slot.forecast_into(out, 4.0)
-    torch.testing.assert_close(out[0, 4], fresh[0, 4] + 1.0 * (fresh[0, 4] - f1[0, 4]) / 2.0)
+                torch.testing.assert_close(value[b, i], f1[b, i])
+                assert stamp[b, i] == 1.0
+    out = extrapolate(value, slope, stamp, line(4.0), 1)
+    torch.testing.assert_close(out[0, 4], fresh[0, 1] + 1.0 * (fresh[0, 1] - f1[0, 4]) / 2.0)
     torch.testing.assert_close(out[0, 5], f1[0, 5] + 3.0 * (f1[0, 5] - f0[0, 5]))
 
 
 def test_kv_lines_forecast_the_uncomputed_entries_and_rebase_the_computed_ones():
-    """kv_forecast: each K/V entry is a line through its last two computed values; a partial step
-    reads the forecast (at most ``kv_horizon`` steps out) and the entries it wrote start anew."""
-    slot = _slot()
-    slot.kv = {"k0": torch.zeros(2, 2, 6, 4)}           # (batch, heads, tokens, head size)
-    slot.kv_horizon = 2.0
+    """kv_forecast (passes/token_lines.py): each K/V entry is a line through its last two computed
+    values; a partial step reads the forecast (at most ``horizon`` steps out) with its fresh
+    entries in place, and only those start anew (their own distance, their own stamp)."""
+    record_kv_line = record_line
+
+    def forecast_kv_line(*args):
+        return forecast_line(*args, horizon=True)
+
+    cache, slope = torch.zeros(2, 2, 6, 4), torch.zeros(2, 2, 6, 4)   # (batch, heads, tokens, head size)
+    stamp = torch.zeros(2, 6)
     k0, k1 = torch.randn(2, 2, 6, 4), torch.randn(2, 2, 6, 4)
-    slot.kv["k0"].copy_(k0)
-    slot.record_kv(0.0)
-    slot.kv["k0"].copy_(k1)
-    slot.record_kv(1.0)
-    torch.testing.assert_close(slot.kv_slope["k0"], k1 - k0)
-    slot.forecast_kv(2.0)                                  # one step out
-    torch.testing.assert_close(slot.kv["k0"], k1 + (k1 - k0))
-    slot.forecast_kv(5.0)                                  # four steps out: held at the horizon
-    torch.testing.assert_close(slot.kv["k0"], k1 + 2.0 * (k1 - k0))
-    # a partial step at 3 computes token 4 of every row (the variant writes it over the forecast)
-    slot.forecast_kv(3.0)
-    fresh = torch.randn(2, 2, 4)
-    slot.kv["k0"][:, :, 4] = fresh
-    slot.rebase_kv(3.0)
-    torch.testing.assert_close(slot.kv_value["k0"][:, :, 4], fresh)
-    torch.testing.assert_close(slot.kv_slope["k0"][:, :, 4], (fresh - k1[:, :, 4]) / 2.0)
-    assert (slot.kv_stamp["k0"][:, :, 4] == 3.0).all()
+    line = lambda x, valid=1.0: torch.tensor([x, valid, 2.0])  # horizon 2
+    record_kv_line(cache, slope, stamp, line(0.0, valid=0.0), k0, 2)  # a trajectory's first full step
+    assert torch.equal(cache, k0) and not slope.any() and not stamp.any()
+    record_kv_line(cache, slope, stamp, line(1.0), k1, 2)
+    torch.testing.assert_close(slope, k1 - k0)
+    assert torch.equal(cache, k1) and (stamp == 1.0).all()
+    # x = 5: four steps out, held at the horizon; token 4 computed fresh
+    fresh = torch.randn(2, 2, 1, 4)
+    read = forecast_kv_line(cache, slope, stamp, line(5.0), fresh, torch.tensor([[4], [4]]), 2)
     others = [0, 1, 2, 3, 5]
-    torch.testing.assert_close(slot.kv_value["k0"][:, :, others], k1[:, :, others])
-    assert (slot.kv_stamp["k0"][:, :, others] == 1.0).all()
-    slot.forecast_kv(4.0)
-    torch.testing.assert_close(slot.kv["k0"][:, :, 4], fresh + (fresh - k1[:, :, 4]) / 2.0)
-    torch.testing.assert_close(slot.kv["k0"][:, :, 0], k1[:, :, 0] + 2.0 * (k1 - k0)[:, :, 0])
-    # a full step re-bases every entry at once
-    k4 = torch.randn(2, 2, 6, 4)
-    slot.kv["k0"].copy_(k4)
-    slot.record_kv(4.0)
-    assert (slot.kv_stamp["k0"] == 4.0).all()
-    torch.testing.assert_close(slot.kv_slope["k0"][:, :, 0], (k4 - k1)[:, :, 0] / 3.0)
+    torch.testing.assert_close(read[:, :, others], (k1 + 2.0 * (k1 - k0))[:, :, others])
+    torch.testing.assert_close(read[:, :, 4:5], fresh)
+    torch.testing.assert_close(slope[:, :, 4:5], (fresh - k1[:, :, 4:5]) / 4.0)  # its own distance
+    torch.testing.assert_close(slope[:, :, others], (k1 - k0)[:, :, others])
+    torch.testing.assert_close(cache[:, :, 4:5], fresh)
+    torch.testing.assert_close(cache[:, :, others], k1[:, :, others])
+    assert (stamp[:, 4] == 5.0).all() and (stamp[:, others] == 1.0).all()
+    # x = 6: token 4 one step along its new line; element 1 computes token 0, element 0 token 2
+    fresh2 = torch.randn(2, 2, 1, 4)
+    read = forecast_kv_line(cache, slope, stamp, line(6.0), fresh2, torch.tensor([[2], [0]]), 2)
+    torch.testing.assert_close(read[:, :, 4:5], fresh + (fresh - k1[:, :, 4:5]) / 4.0)
+    torch.testing.assert_close(read[0, :, 5], (k1 + 2.0 * (k1 - k0))[0, :, 5])
+    torch.testing.assert_close(read[0, :, 2], fresh2[0, :, 0])
+    torch.testing.assert_close(read[1, :, 0], fresh2[1, :, 0])
+    assert stamp[0, 2] == 6.0 and stamp[1, 0] == 6.0 and stamp[0, 0] == 1.0 and stamp[1, 2] == 1.0
+    # a full step re-bases every entry over its own distance
+    k7 = torch.randn(2, 2, 6, 4)
+    record_kv_line(cache, slope, stamp, line(7.0), k7, 2)
+    torch.testing.assert_close(slope[0, :, 2], (k7 - fresh2)[0, :, 2] / 1.0)
+    torch.testing.assert_close(slope[0, :, 5], (k7 - k1)[0, :, 5] / 6.0)
+    torch.testing.assert_close(slope[:, :, 4], (k7[:, :, 4:5] - fresh)[:, :, 0] / 2.0)
+    assert (stamp == 7.0).all() and torch.equal(cache, k7)
+
+
+def test_kv_lines_rewrite_only_the_cache_writes_and_completions(capture):
+    """The rewrite replaces every K/V completion of the partial variant and every K/V cache write
+    of the record variant, adds the line buffers with shared names, and leaves its inputs alone."""
+    from specdiff_fx.buffers import BufferRole
+    from specdiff_fx.passes import token_ops
+    from specdiff_fx.passes.token_lines import add_kv_lines
+    from specdiff_fx.passes.token_variants import build_token_partial_variant
+
+    case = build_tiny("sd3")
+    gm, _ = capture(case.model, case.make_inputs(batch=2))
+    region = analyze_token_axis(gm)
+    record = build_token_record_variant(gm, region)
+    partial = build_token_partial_variant(gm, region, 8)
+    before = (record[0].code, partial[0].code)
+    (rec, rspecs), (part, pspecs) = add_kv_lines(record, partial)
+    assert (record[0].code, partial[0].code) == before
+    caches = [s.name for s in pspecs if s.role == BufferRole.KV]
+    assert len(list(part.graph.find_nodes(op="call_function", target=token_ops.complete_kv))) == 0
+    assert len(list(part.graph.find_nodes(op="call_function", target=forecast_line))) == len(caches)
+    assert len(list(rec.graph.find_nodes(op="call_function", target=record_line))) == len(caches)
+    lines = lambda specs: {s.name: (s.role, s.shape) for s in specs if s.role in (
+        BufferRole.LINE, BufferRole.LINE_SLOPE, BufferRole.LINE_STAMP)}
+    assert lines(rspecs) == lines(pspecs) and len(lines(pspecs)) == 1 + 2 * len(caches)
+    placeholders = [n.name for n in part.graph.find_nodes(op="placeholder")]
+    assert placeholders[-len(pspecs):] == [s.name for s in pspecs]
 
 
 @pytest.mark.parametrize("kv_forecast", [True, False])
@@ -134,18 +160,23 @@ def test_kv_forecast_rebases_per_entry(kv_forecast):
     s = runtime.stats()
     assert s["kv_forecast"] is kv_forecast and s["kv_horizon"] == 1.0 and s["partial_steps"] == 3
     slot = runtime.token_slots[0]
+    kv_stamps = [t for name, t in slot.lines.items() if name.endswith("_stamp") and "cache" in name]
     if kv_forecast:  # each partial step (2, 3, 4) re-based the entries it computed, only those
-        stamps = set(torch.cat([t.flatten() for t in slot.kv_stamp.values()]).unique().tolist())
+        stamps = set(torch.cat([t.flatten() for t in kv_stamps]).unique().tolist())
         assert 4.0 in stamps and len(stamps) > 1 and stamps <= {1.0, 2.0, 3.0, 4.0}
-        assert slot.nbytes > 3 * slot.kv_bytes
+        assert {f"{name}_slope" for name in slot.kv} <= set(slot.lines)
+        assert slot.nbytes > 2 * slot.kv_bytes  # the caches and their slopes (stamps are per token)
     else:
-        assert not slot.kv_value
+        assert not kv_stamps
+    token_stamp = slot.lines["specdiff_token_stamp"]  # c3="forecast": the tokens' own lines
+    assert set(token_stamp.unique().tolist()) <= {1.0, 2.0, 3.0, 4.0} and (token_stamp == 4.0).any()
     assert all(torch.isfinite(g).all() for g in got)
-    assert SpecDiffConfig(c3="forecast").kv_forecast is False  # opt-in (docs/forecasting.md)
+    assert SpecDiffConfig(policy="specdiff", c3="forecast").kv_forecast is True  # on with c3="forecast"
+    assert SpecDiffConfig(policy="specdiff").kv_forecast is False                # history: nothing to forecast
     with pytest.raises(ValueError, match="needs c3='forecast'"):
-        SpecDiffConfig(kv_forecast=True)
+        SpecDiffConfig(policy="specdiff", kv_forecast=True)
     with pytest.raises(ValueError, match="kv_horizon"):
-        SpecDiffConfig(kv_horizon=0)
+        SpecDiffConfig(policy="specdiff", kv_horizon=0)
 
 
 def test_schedule_mixes_full_partial_and_cached_steps():
@@ -154,8 +185,6 @@ def test_schedule_mixes_full_partial_and_cached_steps():
         ["full"] * 3 + ["cached", "partial"] * 3 + ["full", "cached", "partial", "cached"])
     assert [FullStepSchedule(2, 3).kind(i) for i in range(6)] == ["full", "full", "full", "cached", "cached", "full"]
     assert all(FullStepSchedule(1, None, partial_every=1).kind(i) == "partial" for i in range(1, 5))
-    with pytest.raises(ValueError):
-        FullStepSchedule(partial_every=0)
 
 
 @pytest.mark.parametrize("family", ["dit", "sd3"])
@@ -195,41 +224,36 @@ def test_partial_every_needs_forecast():
 
 
 @pytest.mark.parametrize("family", ["dit", "sd3", "flux"])
-def test_residual_form_partial_at_the_same_inputs_is_exact(family, capture):
-    """Residual form: uncomputed tokens are entry + history_0.  With history_0 = exit − entry
-    recorded at X, a partial step at X reproduces the full output, whatever the subset."""
-    from specdiff_fx.passes.token_forecast import forecast_residuals
+def test_token_lines_partial_at_the_same_inputs_is_exact(family, capture):
+    """Token lines: uncomputed tokens are entry + their line.  With the lines recorded at X, a
+    partial step at X reproduces the full output, whatever the subset and the C2 mask; the
+    forecast variant (no token computed) at X too."""
+    from specdiff_fx.passes.token_lines import add_token_lines
     from specdiff_fx.passes.token_variants import build_token_partial_variant
 
     case = build_tiny(family)
     gm, example = capture(case.model, case.make_inputs(batch=2))
     region = analyze_token_axis(gm)
-    record, rspecs = forecast_residuals(*build_token_record_variant(gm, region), region)
-    assert rspecs[-1].role == "entry"
-    rbufs = {s.name: torch.full(s.shape, float("nan"), dtype=s.dtype) for s in rspecs}
+    (record, rspecs), (partial, pspecs), (forecast, fspecs) = add_token_lines(
+        region, build_token_record_variant(gm, region), build_token_partial_variant(gm, region, 3),
+        build_token_forecast_variant(gm, region, residual=True))
+    line = torch.tensor([0.0, 0.0, 1.0])  # x = 0, the trajectory's first full step
+    bufs = {s.name: torch.full(s.shape, float("nan"), dtype=s.dtype) for s in rspecs}
+    bufs.update({s.name: torch.zeros(s.shape, dtype=s.dtype) for s in rspecs if s.role.startswith("line")})
+    bufs["specdiff_line"] = line
     with torch.no_grad():
-        reference = _first(record(*example, *rbufs.values()))
+        reference = _first(record(*example, *(bufs[s.name] for s in rspecs)))
     torch.testing.assert_close(reference, _first(gm(*example)), rtol=0, atol=0)
-    exit_features, entry = rbufs["specdiff_history_out"], rbufs["specdiff_entry_out"]
-    assert torch.isfinite(entry).all()
-    partial, pspecs = forecast_residuals(*build_token_partial_variant(gm, region, 3), region)
+    assert torch.isfinite(bufs["specdiff_token_value"]).all() and not bufs["specdiff_token_slope"].any()
     g = torch.Generator().manual_seed(0)
     index = torch.stack([torch.randperm(region.num_tokens, generator=g)[:3] for _ in range(2)])
-    bufs = []
-    for s in pspecs:
-        if s.role == "index":
-            bufs.append(index)
-        elif s.role == "reuse_mask":
-            bufs.append(torch.ones(s.shape, dtype=torch.bool))
-        elif s.role == "mix_weights":
-            bufs.append(torch.tensor([1.0, 0.0, 0.0]))
-        elif s.role == "history":
-            bufs.append(exit_features - entry if s.ring == 0 else torch.zeros(s.shape))
-        elif s.role == "entry":
-            bufs.append(torch.zeros(s.shape))
-        else:
-            bufs.append(rbufs[s.name].clone())
+    given = {"index": index, "reuse_mask": torch.rand(2, region.num_tokens, generator=g) < 0.5,
+             "mix_weights": torch.tensor([1.0, 0.0, 0.0])}
+    args = [given.get(s.role, bufs.get(s.name, torch.zeros(s.shape, dtype=s.dtype))) for s in pspecs]
     with torch.no_grad():
-        out = _first(partial(*example, *bufs))
+        out = _first(partial(*example, *args))
     torch.testing.assert_close(out, reference, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(bufs[[s.role for s in pspecs].index("entry")], entry)
+    args = [bufs.get(s.name, torch.zeros(s.shape, dtype=s.dtype)) for s in fspecs]
+    with torch.no_grad():
+        out = _first(forecast(*example, *args))
+    torch.testing.assert_close(out, reference, atol=1e-5, rtol=1e-5)

@@ -124,6 +124,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="taylor lite rows per forecaster (hermite, fitted) with explicit full steps after the warm-up "
                         "(0-2), as dash-separated steps, comma-separated rows (default 6-13-20,5-9-14-20); "
                         "the first also with the taylor forecaster")
+    m.add_argument("--config", action="append", default=[], metavar="'policy=NAME KEY=VALUE ...'",
+                   help="a row of any registered policy (specdiff_fx.policies) with these SpecDiffConfig fields, "
+                        "values as Python literals, e.g. 'policy=sandwich front_blocks=1 interval=0 "
+                        "reset_steps=(6,13,20)' (repeatable)")
     m.add_argument("--tuned", action="append", default=[], metavar="PATH",
                    help="a row from a config `specdiff-fx tune` saved (repeatable)")
     m.add_argument("--specdiff-forecast-schedules", type=_forecast_schedules, default=[(0.9, 3, (5, 9, 14, 20))],
@@ -181,7 +185,8 @@ def _resolve(args: argparse.Namespace) -> argparse.Namespace:
 def all_methods(args: argparse.Namespace) -> list[Method]:
     from .anchors import anchor_methods
     from .methods import (
-        baseline_method, fora_method, specdiff_forecast_method, specdiff_method, taylor_method, tuned_method,
+        baseline_method, config_method, fora_method, specdiff_forecast_method, specdiff_method, taylor_method,
+        tuned_method,
     )
 
     methods = [baseline_method()]
@@ -201,6 +206,7 @@ def all_methods(args: argparse.Namespace) -> list[Method]:
                                      forecaster_options={"sigma": 0.7}))
         methods.append(taylor_method(0, lite=True, reset_steps=steps, forecaster="fitted"))
     methods += [tuned_method(path) for path in args.tuned]
+    methods += [config_method(text) for text in args.config]
     if args.taylor_intervals:
         methods += [taylor_method(max(args.taylor_intervals), tolerance=tol) for tol in args.taylor_tolerances]
     if args.lite_intervals:

@@ -204,6 +204,32 @@ def tuned_method(path: str) -> Method:
     return _backend_method("taylor-lite-tuned", label, config, **cfg)
 
 
+def config_method(text: str) -> Method:
+    """A row from ``'policy=NAME KEY=VALUE ...'`` (values as Python literals): any registered
+    policy, so a new one is benched without an edit here.  The config is checked when the
+    row is declared (a typo fails before anything runs)."""
+    import ast
+
+    from ..config import SpecDiffConfig
+
+    kwargs = {}
+    for item in text.split():
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--config: {item!r} is not KEY=VALUE")
+        try:
+            kwargs[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            kwargs[key] = value  # a bare word: a string (policy=sandwich)
+    if "policy" not in kwargs:
+        raise ValueError(f"--config {text!r}: name the policy (policy=NAME)")
+    kwargs.pop("compiler", None)  # the run's --compiler decides
+    SpecDiffConfig(**kwargs)
+    policy = kwargs["policy"]
+    rest = " ".join(f"{k}={v}" for k, v in kwargs.items() if k != "policy")
+    return _backend_method(policy, f"{policy} {rest}".strip(), rest or "the policy's defaults", **kwargs)
+
+
 def specdiff_forecast_method(cache_ratio: float, partial_every: int = 1, reset_steps: tuple[int, ...] = (),
                              kv_forecast: bool = False) -> Method:
     """Token-level SpecDiff whose uncomputed tokens follow their own forecast (c3="forecast"),

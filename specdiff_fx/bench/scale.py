@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import statistics
 import time
@@ -221,11 +220,6 @@ class Group:
     info: dict = field(default_factory=dict)
 
 
-def _index_rows(batch: int, n: int, k: int, device, seed: int = 0) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return torch.stack([torch.randperm(n, generator=g)[:k].sort().values for _ in range(batch)]).to(device)
-
-
 def _raw(runtime, kind: str) -> Callable:
     """The compiled variant itself, without the runtime's host-time clock around it."""
     fn = runtime.variants[kind]
@@ -262,9 +256,7 @@ def specdiff_group(gm, inputs, compiler: str, ratio: float, with_full: bool, dra
     full_fn, partial_fn = _raw(runtime, "full"), _raw(runtime, "partial")
     with torch.no_grad():
         full_fn(*inputs, *record)  # fills the K/V caches and history, as a full step would
-    batch = slot.index.shape[0]
-    slot.index.copy_(_index_rows(batch, runtime.n, runtime.k, slot.index.device))
-    slot.reuse_mask.copy_(torch.rand(slot.reuse_mask.shape, generator=torch.Generator().manual_seed(1)) < 0.1)
+    # the partial variant picks its own tokens (passes/token_select.py) from the scores just recorded
     slot.mix_weights.copy_(torch.tensor([0.6, 0.3, 0.1]))
     tag = f"specdiff_partial_cr{ratio:g}"
     group = Group(f"specdiff cr {ratio:g}", {tag: lambda: partial_fn(*inputs, *partial)},

@@ -5,14 +5,14 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..config import POLICIES
+from ..policies import POLICIES
 from ..tiny_models import TINY_FAMILIES
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", help=f"a built-in tiny model ({', '.join(TINY_FAMILIES)}) or "
                                       "'package.module:factory' returning (model, example_kwargs)")
-    parser.add_argument("--policy", default="fora", choices=POLICIES,
+    parser.add_argument("--policy", default="fora", choices=list(POLICIES),
                         help="caching policy whose graph variants to show (default: fora)")
     parser.add_argument("--html", metavar="PATH", help="also write a self-contained HTML report to PATH")
     parser.add_argument("--nodes", action="store_true", help="list changes per module instead of per block")

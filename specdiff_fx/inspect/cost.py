@@ -44,7 +44,6 @@ import sympy
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
-from torch.utils.flop_counter import FlopCounterMode
 
 from ..passes import block_of, find_graph_inputs, module_path_of, token_ops
 from ..passes.graph_queries import is_attention, is_conv, is_linear, tensor_meta
@@ -200,26 +199,12 @@ class PropagatedShapes:
 def propagate_shapes(gm: fx.GraphModule, buffers: Iterable[Any] = ()) -> PropagatedShapes:
     """Run ``gm`` on fake tensors built from its placeholders' traced metadata, or from
     ``buffers`` (objects with ``name``, ``shape``, ``dtype``, as a ``BufferSpec``) for added inputs."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
+    from ..passes.fake_run import FakeRun
 
     specs = {b.name: b for b in buffers}
-    mode = FakeTensorMode(allow_non_fake_inputs=True)
-    values: dict[str, torch.Tensor] = {}
-    measured: dict[str, int] = {}
-
-    class Recorder(fx.Interpreter):
-        def run_node(self, node: fx.Node) -> Any:
-            if node.op not in ("call_function", "call_method"):
-                out = super().run_node(node)
-            else:
-                with FlopCounterMode(display=False) as counter:
-                    out = super().run_node(node)
-                measured[node.name] = counter.get_total_flops()
-            values[node.name] = out
-            return out
-
+    runner = FakeRun(gm, count_flops=True)
     inputs = []
-    with mode:
+    with runner.mode:
         for node in gm.graph.find_nodes(op="placeholder"):
             traced = tensor_meta(node)
             spec = specs.get(node.name)
@@ -230,7 +215,8 @@ def propagate_shapes(gm: fx.GraphModule, buffers: Iterable[Any] = ()) -> Propaga
                 inputs.append(torch.zeros(spec.shape, dtype=spec.dtype, device=getattr(spec, "device", "cpu")))
             else:
                 raise ValueError(f"input {node.name!r} has neither traced metadata nor a buffer spec")
-        Recorder(gm).run(*inputs)
+    runner.run_fake(inputs, convert=False)
+    values, measured = runner.values, runner.flops
     return PropagatedShapes(values, measured)
 
 

@@ -4,7 +4,7 @@ All facts come from four places, so new policies and node kinds appear without e
 the residual branches (``passes``), the variant graphs the backend built (the runtime's
 ``graphs`` dict, built here with the eager compiler), the ``meta['specdiff']`` tags the
 passes put on the nodes they insert or change, and when the runtime runs each variant (its
-class's ``RUNS_AT``).
+policy's ``runs_at``, ``specdiff_fx.policies``).
 
 *Status* of a branch or attention site in a variant: whether its heavy ops still run
 ("computed", "computed on k tokens", "skipped", or "3/7 heavy ops") and the tags of the
@@ -38,6 +38,7 @@ from ..passes.graph_inputs import find_graph_inputs
 from ..passes.graph_queries import is_attention, is_conv, is_heavy, tensor_meta
 from ..passes.residual_branches import ResidualBranch
 from ..passes.tags import CACHING_LEVELS
+from ..policies import POLICIES
 from ..passes.token_variants import INDEX
 from ..runtime import FULL, SpecDiffRuntime
 from .capture import GraphBreaks, capture_graph
@@ -91,7 +92,7 @@ class VariantInfo:
     cache: Cost
     notes: tuple[str, ...] = ()      # caveats on the numbers (unmodelled ops, traced shapes)
     collectives: CollectivesSummary = field(default_factory=CollectivesSummary)  # one call's
-    runs_at: str = "-"               # when the runtime runs it (its class's RUNS_AT)
+    runs_at: str = "-"               # when the runtime runs it (its policy's runs_at)
 
 
 @dataclass(frozen=True)
@@ -304,7 +305,7 @@ def inspect_runtime(runtime: SpecDiffRuntime, original: fx.GraphModule | None = 
         raise ValueError("this runtime kept no graphs to inspect")
     variants = graphs or {FULL: original}  # policy "off" runs the original graph
     return build_report(original, variants, _variant_buffers(runtime, variants), runtime.policy, title,
-                        runs_at=runtime.RUNS_AT)
+                        runs_at=POLICIES[runtime.policy].runs_at)
 
 
 def fallback_report(original: fx.GraphModule, policy: str, title: str, reason: str) -> InspectionReport:

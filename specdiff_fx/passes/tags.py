@@ -9,9 +9,18 @@ variants and fails on a tag no pass declared.
 
 from __future__ import annotations
 
-from . import branch_cache_variants, collectives, forecast_variants, token_forecast, token_select, token_variants
+from . import (
+    branch_cache_variants,
+    collectives,
+    forecast_variants,
+    token_forecast,
+    token_lines,
+    token_select,
+    token_variants,
+)
 
-_PASSES = (branch_cache_variants, forecast_variants, token_variants, token_forecast, token_select, collectives)
+_PASSES = (branch_cache_variants, forecast_variants, token_variants, token_forecast, token_select, token_lines,
+           collectives)
 
 
 def _merge() -> dict[str, str]:

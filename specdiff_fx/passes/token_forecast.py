@@ -16,15 +16,12 @@ The variant takes the partial variant's history and weight buffers (same names a
 so the runtime hands it the same ring.  Mixing full, partial and forecast steps in one
 trajectory is the runtime schedule's choice (``runtime/schedule.py``).
 
-Residual form.  What is forecast is each token's *residual* over the blocks, ``exit − entry``,
-not its exit features: the entry (patch embedding of the current latents) is exact and cheap
-at every step, and only the blocks' contribution is extrapolated — the same split that makes
-branch-level lite forecasting hold up.  So with :func:`forecast_residuals`:
-
-* the record and partial variants also write the entry features of every token into the
-  ``specdiff_entry_out`` buffer (the runtime derives fresh residuals from it);
-* the partial variant's composition reads ``entry + history_0`` for uncomputed tokens, and the
-  forecast variant's exit is ``entry + mix(ring)``: the runtime's forecast is a residual.
+Residual form (``residual=True``): the exit is ``entry + mix(ring)``.  What the policy forecasts
+is each token's *residual* over the blocks, ``exit − entry``: the entry (patch embedding of the
+current latents) is exact and cheap at every step, and only the blocks' contribution is
+extrapolated — the same split that makes branch-level lite forecasting hold up.  With
+``c3="forecast"`` :func:`specdiff_fx.passes.token_lines.add_token_lines` then replaces the mix by
+each token's line.
 """
 
 from __future__ import annotations
@@ -32,7 +29,7 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from ..buffers import BufferRole, BufferSpec
+from ..buffers import RING, RING_WRITE, BufferRole, BufferSpec
 from . import token_ops
 from .graph_copy import (
     add_static_input,
@@ -45,8 +42,7 @@ from .graph_copy import (
 from .graph_queries import tensor_meta
 from .token_axis import TokenRegion
 
-HISTORY, MIX_WEIGHTS, ENTRY = BufferRole.HISTORY, BufferRole.MIX_WEIGHTS, BufferRole.ENTRY
-ENTRY_INPUT = "specdiff_entry_out"
+HISTORY, MIX_WEIGHTS = BufferRole.HISTORY, BufferRole.MIX_WEIGHTS
 TAG_FORECAST = "token_forecast"
 TAG_INPUT = "token_cache_input"
 CACHING_LEVELS = dict.fromkeys((TAG_FORECAST, TAG_INPUT), "token")
@@ -69,7 +65,7 @@ def build_token_forecast_variant(gm: fx.GraphModule, region: TokenRegion,
         return add_static_input(out, name, kind=TAG_INPUT)
 
     weights = buffer("specdiff_mix_weights", MIX_WEIGHTS, (3,), torch.float32)
-    hist = [buffer(f"specdiff_history_{i}", HISTORY, meta.shape, meta.dtype, ring=i) for i in range(3)]
+    hist = [buffer(f"specdiff_history_{i}", HISTORY, meta.shape, meta.dtype, ring=i) for i in range(RING)]
     users = list(exit_node.users)
     with out.graph.inserting_before(exit_node.next):
         mixed = tag_inserted(out.graph.call_function(token_ops.mix_history, (hist[0], hist[1], hist[2], weights)),
@@ -77,31 +73,8 @@ def build_token_forecast_variant(gm: fx.GraphModule, region: TokenRegion,
         if residual:
             mixed = tag_inserted(out.graph.call_function(torch.add, (find_node(out, region.entry), mixed)),
                                  TAG_FORECAST, exit_node)
-        tag_inserted(out.graph.call_method("copy_", (hist[2], mixed)), TAG_FORECAST, exit_node, writes=True)
+        tag_inserted(out.graph.call_method("copy_", (hist[RING_WRITE], mixed)), TAG_FORECAST, exit_node, writes=True)
     for user in users:
         user.replace_input_with(exit_node, mixed)
     eliminate_dead_code_keeping_writes(out)
     return recompile(out), specs
-
-
-def forecast_residuals(variant: fx.GraphModule, specs: list[BufferSpec],
-                       region: TokenRegion) -> tuple[fx.GraphModule, list[BufferSpec]]:
-    """Residual form of a record or partial variant (a new module; the input is not touched):
-    it also writes the entry features into ``specdiff_entry_out``, and a partial variant's
-    composition takes uncomputed tokens as ``entry + history_0``."""
-    out = copy_graph_module(variant)
-    entry = find_node(out, region.entry)
-    meta = tensor_meta(entry)
-    if meta is None:
-        raise ValueError(f"token-region entry {region.entry!r} has no tensor metadata")
-    buf = add_static_input(out, ENTRY_INPUT, kind=TAG_INPUT)
-    with out.graph.inserting_before(entry.next):
-        det = tag_inserted(out.graph.call_method("detach", (entry,)), TAG_FORECAST, entry)
-        tag_inserted(out.graph.call_method("copy_", (buf, det)), TAG_FORECAST, entry, writes=True)
-    for node in list(out.graph.find_nodes(op="call_function", target=token_ops.compose_tokens)):
-        hist0 = node.args[2]
-        with out.graph.inserting_before(node):
-            base = tag_inserted(out.graph.call_function(torch.add, (entry, hist0)), TAG_FORECAST, node)
-        node.update_arg(2, base)
-    spec = BufferSpec(ENTRY_INPUT, ENTRY, tuple(int(s) for s in meta.shape), meta.dtype, meta.device)
-    return recompile(out), list(specs) + [spec]

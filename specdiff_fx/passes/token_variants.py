@@ -24,7 +24,7 @@ import sympy
 import torch
 import torch.fx as fx
 
-from ..buffers import BufferRole, BufferSpec
+from ..buffers import RING, RING_WRITE, BufferRole, BufferSpec
 from . import token_ops
 from .graph_copy import (
     add_static_input,
@@ -92,14 +92,6 @@ class ImportanceSampling:
     stride: int = 1
     max_queries: int | None = None
     max_sites: int | None = None
-
-    def __post_init__(self) -> None:
-        for name in ("max_queries", "max_sites"):
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
-                raise ValueError(f"ImportanceSampling.{name} must be an int >= 1 or None, got {value!r}")
-        if not isinstance(self.stride, int) or self.stride < 1:
-            raise ValueError(f"ImportanceSampling.stride must be an int >= 1, got {self.stride!r}")
 
     def stride_for(self, queries: int) -> int:
         """The query stride at a site with ``queries`` queries."""
@@ -181,7 +173,7 @@ def build_token_record_variant(gm: fx.GraphModule, region: TokenRegion,
     exit_node = next(n for n in out.graph.nodes if n.name == region.exit)
     meta = _meta(exit_node)
     # it writes the oldest ring entry, which the runtime then rotates to the front
-    spec, hist = _spec(out, "specdiff_history_out", HISTORY, meta.shape, meta.dtype, meta.device, ring=2)
+    spec, hist = _spec(out, "specdiff_history_out", HISTORY, meta.shape, meta.dtype, meta.device, ring=RING_WRITE)
     specs.append(spec)
     with out.graph.inserting_after(exit_node):
         det = tag_inserted(out.graph.call_method("detach", (exit_node,)), TAG_WRITE, exit_node)
@@ -233,7 +225,7 @@ def build_token_partial_variant(gm: fx.GraphModule, region: TokenRegion, k: int)
     spec, weights = _spec(out, "specdiff_mix_weights", MIX_WEIGHTS, (3,), torch.float32, device)
     specs.append(spec)
     hist = []
-    for i in range(3):
+    for i in range(RING):
         spec, h = _spec(out, f"specdiff_history_{i}", HISTORY, meta_exit.shape, meta_exit.dtype, device, ring=i)
         specs.append(spec)
         hist.append(h)
@@ -303,7 +295,7 @@ def build_token_partial_variant(gm: fx.GraphModule, region: TokenRegion, k: int)
     with out.graph.inserting_after(composed):
         det = tag_inserted(out.graph.call_method("detach", (composed,)), TAG_WRITE, exit_node)
     with out.graph.inserting_after(det):
-        tag_inserted(out.graph.call_method("copy_", (hist[2], det)), TAG_WRITE, exit_node, writes=True)
+        tag_inserted(out.graph.call_method("copy_", (hist[RING_WRITE], det)), TAG_WRITE, exit_node, writes=True)
     for user in users:
         user.replace_input_with(exit_node, composed)
     return _finish(out), specs

@@ -19,17 +19,11 @@ from typing import Any, Sequence
 
 import torch
 import torch.fx as fx
-from torch._subclasses.fake_tensor import FakeTensorMode
 
+from .fake_run import FakeRun, VariantVerificationError
 
-class VariantVerificationError(Exception):
-    """A variant does not run, or does not return what the original graph returns.
-
-    ``node`` is the name of the first node that failed (or ``"output"``)."""
-
-    def __init__(self, node: str, message: str) -> None:
-        super().__init__(f"{node}: {message}")
-        self.node = node
+__all__ = ["OutputSignature", "VariantVerificationError", "fake_run", "output_signature", "verify_variant",
+           "with_fake_values"]
 
 
 @dataclass(frozen=True)
@@ -60,35 +54,11 @@ def output_signature(gm: fx.GraphModule) -> OutputSignature:
     return _describe(values)
 
 
-class _FakeRun(fx.Interpreter):
-    """Runs a graph node by node and reports the first failing node by name."""
-
-    def __init__(self, gm: fx.GraphModule) -> None:
-        super().__init__(gm, garbage_collect_values=False)
-        self.extra_traceback = False  # our error names the node already
-        self.values: dict[str, Any] = {}
-
-    def run_node(self, n: fx.Node) -> Any:
-        try:
-            result = super().run_node(n)
-        except VariantVerificationError:
-            raise
-        except Exception as exc:  # any error of any op is the finding we report
-            raise VariantVerificationError(
-                n.name, f"{n.format_node()} raised {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-            ) from exc
-        if n.op not in ("placeholder", "output"):
-            self.values[n.name] = result
-        return result
-
-
 def fake_run(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> tuple[list, dict[str, Any]]:
-    """Run ``gm`` on fake copies of ``example_inputs``: (flat outputs, fake value per node name)."""
-    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
-        fake = [mode.from_tensor(x) if isinstance(x, torch.Tensor) else x for x in example_inputs]
-        runner = _FakeRun(gm)
-        with torch.no_grad():
-            out = runner.run(*fake)
+    """Run ``gm`` on fake copies of ``example_inputs`` (passes/fake_run.py): (flat outputs, fake
+    value per node name).  ``gm``'s metadata is left as it was."""
+    runner = FakeRun(gm)
+    out = runner.run_fake(example_inputs)
     return _flat_outputs(out), runner.values
 
 

@@ -39,10 +39,6 @@ class CacheSlots:
             self._slots[slot] = CacheSlot(self.specs)
         return self._slots[slot]
 
-    def invalidate(self) -> None:
-        for slot in self._slots.values():
-            slot.invalidate()
-
     def clear(self) -> None:
         self._slots.clear()
 

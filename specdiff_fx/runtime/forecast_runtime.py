@@ -27,14 +27,15 @@ put back, so the next full step records exactly as it would have.
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Sequence
 
-import torch
-
 from ..buffers import BufferRole
-from .forecasters import FORECASTERS, LeastSquares, coefficients
+from .forecasters import LeastSquares, coefficients
 from .host_values import write_values
 from .runtime import FULL, SpecDiffRuntime
+
+log = logging.getLogger("specdiff_fx")
 
 FORECAST = "forecast"
 VARIABLES = ("step", "timestep")
@@ -52,25 +53,13 @@ class _SlotForecast:
 class ForecastRuntime(SpecDiffRuntime):
     """Branch-level forecasting between full steps (policy ``taylor``)."""
 
-    RUNS_AT = {FULL: "full steps (record the terms)", FORECAST: "cached steps (residuals forecast, blocks skipped)"}
-
     def __init__(self, *, order: int = 1, variable: str = "step", tolerance: float | None = None,
                  tolerance_growth: float = 0.0, probe: bool = False, forecaster: str = "taylor",
                  forecaster_options: dict | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         if FORECAST not in self.variants:
             raise ValueError("a forecast runtime needs a 'forecast' variant")
-        if variable not in VARIABLES:
-            raise ValueError(f"variable must be one of {VARIABLES}, got {variable!r}")
-        if tolerance is not None and not probe:
-            raise ValueError("a tolerance needs the probe's error estimate (probe=True)")
-        if not tolerance_growth >= 0:
-            raise ValueError(f"tolerance_growth must be >= 0, got {tolerance_growth!r}")
-        if forecaster not in FORECASTERS:
-            raise ValueError(f"unknown forecaster {forecaster!r}; known: {sorted(FORECASTERS)}")
-        if FORECASTERS[forecaster].min_order > order:
-            raise ValueError(f"forecaster {forecaster!r} needs order {FORECASTERS[forecaster].min_order} terms, "
-                             f"the graphs hold order {order}")
+        # the values come checked from the config (policies/taylor.py); not checked again here
         self.order = order
         self.forecaster = forecaster
         self.forecaster_options = dict(forecaster_options or {})
@@ -134,6 +123,8 @@ class ForecastRuntime(SpecDiffRuntime):
             state.full_positions = (prev + [x])[-2:]
             if refresh:
                 details["refresh"] = True
+                log.debug("specdiff: step %d full: forecast error %.4g over the threshold %.4g",
+                          event.step, error, details["threshold"])
             return out, FULL, details or None
         k = x - state.full_positions[-1]
         if self.calibration is not None:

@@ -83,9 +83,6 @@ class SpecDiffRuntime:
     callables taking the graph inputs followed by the cache buffers of ``buffer_specs``.
     """
 
-    RUNS_AT = {FULL: "full steps", REUSE: "cached steps (fora's partial step)"}
-    """When this runtime runs each variant it may hold (the inspection report shows it)."""
-
     def __init__(
         self,
         *,
@@ -400,6 +397,7 @@ class SpecDiffRuntime:
 
 
 def warn_fallback(reason: str) -> None:
+    log.info("specdiff: fallback to a plain compile: %s", reason)
     warnings.warn(
         f"specdiff: compiling this graph without caching (plain compile): {reason}",
         RuntimeWarning,

@@ -31,10 +31,6 @@ class FullStepSchedule:
     reset_steps: tuple[int, ...] = ()
     partial_every: int | None = None
 
-    def __post_init__(self) -> None:
-        if self.partial_every is not None and self.partial_every < 1:
-            raise ValueError(f"partial_every must be None or >= 1, got {self.partial_every!r}")
-
     def is_full(self, step: int) -> bool:
         if step < self.warmup_steps or step in self.reset_steps:
             return True

@@ -8,11 +8,12 @@ and how many steps each token has gone uncomputed.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, Sequence
 
 import torch
 
-from ..buffers import BufferRole, BufferSpec
+from ..buffers import RING, BufferRole, BufferSpec
 from .host_values import write_values
 from .runtime import FULL, SpecDiffRuntime
 from .scoring import (
@@ -26,8 +27,7 @@ DRAFT = "draft"
 FORECAST_TOKENS = "forecast"
 # how C3 tokens are composed: the paper's weighted history, or each token's own forecast
 C3_MODES = ("history", "forecast")
-# the buffers the token forecast variant takes (the partial variant's, nothing else)
-_FORECAST_ROLES = (BufferRole.MIX_WEIGHTS, BufferRole.HISTORY)
+_LINE_ROLES = (BufferRole.LINE_VALUE, BufferRole.LINE_SLOPE, BufferRole.LINE_STAMP)
 
 
 def flow_matching_update(x: torch.Tensor, model_output: torch.Tensor, t: float, t_next: float,
@@ -56,11 +56,12 @@ def _alloc(spec: BufferSpec) -> torch.Tensor:
 class TokenSlot:
     """Buffers and token state of one call slot."""
 
-    def __init__(self, record: Sequence[BufferSpec], partial: Sequence[BufferSpec], draft: Sequence[BufferSpec],
-                 kv_horizon: float | None = None):
+    def __init__(self, record: Sequence[BufferSpec], partial: Sequence[BufferSpec],
+                 forecast: Sequence[BufferSpec] = (), kv_horizon: float | None = None):
+        specs = list(record) + list(partial) + list(forecast)
         self.kv = {s.name: _alloc(s) for s in list(record) + list(partial) if s.role == BufferRole.KV}
         hist = next(s for s in record if s.role == BufferRole.HISTORY)
-        self.ring = [_alloc(hist) for _ in range(3)]           # newest first
+        self.ring = [_alloc(hist) for _ in range(RING)]        # newest first
         self.ring_timesteps: list[float] = []
         self.importance = _alloc(next(s for s in record if s.role == BufferRole.IMPORTANCE))
         by_role = {s.role: s for s in partial}
@@ -73,101 +74,32 @@ class TokenSlot:
         self.fut_now = torch.ones_like(self.his)
         self.fut: list[tuple[float, torch.Tensor]] = []
         self.trajectory: int | None = None
-        # c3="forecast": per-token Taylor terms of each token's residual over the blocks
-        # (exit − entry; the variants write the entry features here) and each token's stamp
-        entry = [s for s in record if s.role == BufferRole.ENTRY]
-        self.entry = _alloc(entry[0]) if entry else None
-        self.value: torch.Tensor | None = None      # F: last computed value per token
-        self.slope: torch.Tensor | None = None      # D1 per token (per step of position)
-        self.stamp: torch.Tensor | None = None      # position where each token was computed
-        # kv_forecast: each K/V cache entry is a line through its last two computed values,
-        # with its own stamp; a partial step attends to the forecast keys/values of the tokens
-        # it does not compute, and the entries it computes start a new line
-        self.kv_value: dict[str, torch.Tensor] = {}
-        self.kv_slope: dict[str, torch.Tensor] = {}
-        self.kv_stamp: dict[str, torch.Tensor] = {}
-        self.kv_horizon: float | None = kv_horizon   # extrapolate at most this many steps
+        # token lines (c3="forecast": each token's residual; kv_forecast: each K/V entry): value,
+        # slope and stamp per line, by buffer name, updated by the variants themselves
+        # (passes/token_lines.py) from ``line`` = [x, valid, horizon], written before each call
+        self.lines = {s.name: _alloc(s) for s in specs if s.role in _LINE_ROLES}
+        line = [s for s in specs if s.role == BufferRole.LINE]
+        self.line = _alloc(line[0]) if line else None
+        self.kv_horizon: float | None = kv_horizon   # K/V lines extrapolate at most this many steps
 
-    def record_kv(self, x: float) -> None:
-        """After a full step wrote every cache entry: each entry's new base and slope."""
-        if not self.kv_value:
-            self.kv_value = {name: kv.clone() for name, kv in self.kv.items()}
-            self.kv_slope = {name: torch.zeros_like(kv) for name, kv in self.kv.items()}
-            self.kv_stamp = {name: torch.full_like(kv, x) for name, kv in self.kv.items()}
-            return
-        for name, kv in self.kv.items():
-            dist = (x - self.kv_stamp[name]).clamp_min_(1e-6)
-            torch.sub(kv, self.kv_value[name], out=self.kv_slope[name]).div_(dist)
-            self.kv_value[name].copy_(kv)
-            self.kv_stamp[name].fill_(x)
+    def set_line(self, x: float, valid: bool) -> None:
+        """Before a call of a variant with token lines: this step's position ``x``, whether the
+        lines hold this trajectory's values (False on its first full step), and the K/V horizon."""
+        horizon = math.inf if self.kv_horizon is None else float(self.kv_horizon)
+        write_values(self.line, [x, 1.0 if valid else 0.0, horizon])
 
-    def _kv_distance(self, name: str, x: float) -> torch.Tensor:
-        dist = x - self.kv_stamp[name]
-        return dist if self.kv_horizon is None else dist.clamp_max(float(self.kv_horizon))
-
-    def forecast_kv(self, x: float) -> None:
-        """Before a partial step: every cache entry holds its forecast at ``x``; the variant then
-        writes the keys/values of the tokens it computes over theirs (token_ops.complete_kv)."""
-        for name, kv in self.kv.items():
-            torch.addcmul(self.kv_value[name], self._kv_distance(name, x), self.kv_slope[name], out=kv)
-
-    def rebase_kv(self, x: float) -> None:
-        """After a partial step: the entries the variant wrote (computed tokens, text tokens)
-        differ from the forecast left there; they start a new line at ``x``."""
-        for name, kv in self.kv.items():
-            value, slope, stamp = self.kv_value[name], self.kv_slope[name], self.kv_stamp[name]
-            fresh = kv != torch.addcmul(value, self._kv_distance(name, x), slope)
-            dist = x - stamp
-            slope.copy_(torch.where(fresh, (kv - value) / dist.clamp_min(1e-6), slope))
-            value.copy_(torch.where(fresh, kv, value))
-            stamp.masked_fill_(fresh, x)
-
-    def forecast_into(self, target: torch.Tensor, x: float) -> None:
-        """Write every token's forecast ``F + (x − stamp)·D1`` into ``target``."""
-        k = (x - self.stamp).unsqueeze(-1).to(self.value.dtype)
-        torch.addcmul(self.value, k, self.slope, out=target)
-
-    def residual(self, exit_features: torch.Tensor) -> torch.Tensor:
-        return exit_features if self.entry is None else exit_features - self.entry
-
-    def record_all(self, exit_features: torch.Tensor, x: float) -> None:
-        """A full step computed every token: re-base all of them (their own distances)."""
-        exit_features = self.residual(exit_features)
-        if self.value is None:
-            self.value = exit_features.clone()
-            self.slope = torch.zeros_like(exit_features)
-            self.stamp = torch.full(exit_features.shape[:2], x, device=exit_features.device)
-            return
-        dist = (x - self.stamp).clamp_min(1e-6).unsqueeze(-1).to(exit_features.dtype)
-        torch.div(exit_features - self.value, dist, out=self.slope)
-        self.value.copy_(exit_features)
-        self.stamp.fill_(x)
-
-    def record_subset(self, exit_features: torch.Tensor, index: torch.Tensor, x: float) -> None:
-        """A partial step computed the tokens ``index`` (B, k): they correct their forecast
-        and start a new line from their fresh value, at their own step stamp."""
-        rows = torch.arange(index.shape[0], device=index.device).unsqueeze(1)
-        fresh = exit_features[rows, index]
-        if self.entry is not None:
-            fresh = fresh - self.entry[rows, index]
-        dist = (x - self.stamp[rows, index]).clamp_min(1e-6).unsqueeze(-1).to(fresh.dtype)
-        self.slope[rows, index] = (fresh - self.value[rows, index]) / dist
-        self.value[rows, index] = fresh
-        self.stamp[rows, index] = x
-
-    def buffers_for(self, specs: Sequence[BufferSpec], forecast: bool = False) -> list[torch.Tensor]:
-        """Buffers in the order of ``specs``; ``forecast``: the token forecast variant's
-        (the partial variant's weights and history ring, nothing else)."""
-        if forecast:
-            specs = [s for s in specs if s.role in _FORECAST_ROLES]
-        by_role = {BufferRole.IMPORTANCE: self.importance, BufferRole.ENTRY: self.entry,
+    def buffers_for(self, specs: Sequence[BufferSpec]) -> list[torch.Tensor]:
+        """Buffers in the order of ``specs`` (a variant's, as its pass described them)."""
+        by_role = {BufferRole.IMPORTANCE: self.importance,
                    BufferRole.HIS: self.his, BufferRole.FUT: self.fut_now, BufferRole.COUNT: self.count,
                    BufferRole.INDEX: self.index, BufferRole.REUSE_MASK: self.reuse_mask,
-                   BufferRole.MIX_WEIGHTS: self.mix_weights}
+                   BufferRole.MIX_WEIGHTS: self.mix_weights, BufferRole.LINE: self.line}
         out = []
         for s in specs:
             if s.role == BufferRole.KV:
                 out.append(self.kv[s.name])
+            elif s.role in _LINE_ROLES:
+                out.append(self.lines[s.name])
             elif s.role == BufferRole.HISTORY:
                 # the record variant writes its one history input (ring 2); the partial variant
                 # reads history_0..2 (newest first) and writes the oldest, ring 2
@@ -178,14 +110,14 @@ class TokenSlot:
 
     def push_history(self, timestep: float) -> None:
         """The oldest ring entry was just overwritten with this step's features."""
-        self.ring = [self.ring[2], self.ring[0], self.ring[1]]
-        self.ring_timesteps = [timestep] + self.ring_timesteps[:2]
+        self.ring = [self.ring[-1]] + self.ring[:-1]
+        self.ring_timesteps = [timestep] + self.ring_timesteps[:RING - 1]
 
     @property
     def nbytes(self) -> int:
         tensors = list(self.kv.values()) + self.ring + [self.importance, self.index, self.reuse_mask,
                                                         self.mix_weights, self.count]
-        tensors += [*self.kv_value.values(), *self.kv_slope.values(), *self.kv_stamp.values()]
+        tensors += [*self.lines.values()] + ([self.line] if self.line is not None else [])
         return sum(t.numel() * t.element_size() for t in tensors)
 
     @property
@@ -196,9 +128,6 @@ class TokenSlot:
 class TokenRuntime(SpecDiffRuntime):
     """SpecDiff: full+record, partial and draft variants chosen per call."""
 
-    RUNS_AT = {FULL: "full steps (record)", PARTIAL: "partial steps (k tokens computed)", DRAFT: "draft trajectory",
-               FORECAST_TOKENS: "forecast steps between partial steps (no token computed)"}
-
     def __init__(
         self,
         *,
@@ -206,6 +135,7 @@ class TokenRuntime(SpecDiffRuntime):
         partial_specs: Sequence[BufferSpec],
         draft_specs: Sequence[BufferSpec],
         subset_size: int,
+        forecast_specs: Sequence[BufferSpec] = (),
         num_tokens: int,
         c2_share: float,
         score_lambda: float,
@@ -218,11 +148,10 @@ class TokenRuntime(SpecDiffRuntime):
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
-        if c3 not in C3_MODES:
-            raise ValueError(f"c3 must be one of {C3_MODES}, got {c3!r}")
         self.c3 = c3
         self.kv_forecast, self.kv_horizon = kv_forecast, kv_horizon
         self.record_specs, self.partial_specs, self.draft_specs = list(record_specs), list(partial_specs), list(draft_specs)
+        self.forecast_specs = list(forecast_specs)
         self.k, self.n = subset_size, num_tokens
         self.c2_share, self.lam = c2_share, score_lambda
         self.draft_steps = draft_steps if self.latent_index is not None else 0
@@ -247,7 +176,7 @@ class TokenRuntime(SpecDiffRuntime):
     def slot(self, index: int) -> TokenSlot:
         """The state of call slot ``index`` (made on first use): its buffers and token history."""
         if index not in self.token_slots:
-            self.token_slots[index] = TokenSlot(self.record_specs, self.partial_specs, self.draft_specs,
+            self.token_slots[index] = TokenSlot(self.record_specs, self.partial_specs, self.forecast_specs,
                                                 kv_horizon=self.kv_horizon)
         return self.token_slots[index]
 
@@ -262,17 +191,12 @@ class TokenRuntime(SpecDiffRuntime):
         return self._partial_step(args, event, slot)
 
     def _full_step(self, args, event, slot: TokenSlot, fresh_trajectory: bool):
+        if slot.line is not None:
+            slot.set_line(float(event.step), valid=not fresh_trajectory)
         out = self.variants[FULL](*args, *slot.buffers_for(self.record_specs))
         slot.push_history(event.timestep)
         slot.his.copy_(slot.importance)
         slot.count.zero_()
-        if fresh_trajectory:
-            slot.value = slot.slope = slot.stamp = None
-            slot.kv_value, slot.kv_slope, slot.kv_stamp = {}, {}, {}
-        if self.c3 == "forecast":
-            slot.record_all(slot.ring[0], float(event.step))
-        if self.kv_forecast:
-            slot.record_kv(float(event.step))
         if fresh_trajectory:
             slot.trajectory = event.trajectory
             slot.ring_timesteps = [event.timestep]
@@ -335,22 +259,16 @@ class TokenRuntime(SpecDiffRuntime):
         else:
             slot.fut_now.copy_(fut)
         if self.c3 == "forecast":
-            # every token not computed takes its own forecast, written into history_0, which
-            # C2 reads as is and C3 reads with weights [1, 0, 0]
-            slot.forecast_into(slot.ring[0], float(event.step))
+            # every token not computed takes its own forecast, which the variant computes from
+            # its line (passes/token_lines.py), for C2 and C3 alike (C3 weights [1, 0, 0])
+            slot.set_line(float(event.step), valid=True)
             write_values(slot.mix_weights, [1.0, 0.0, 0.0])
-            if self.kv_forecast:
-                slot.forecast_kv(float(event.step))
         else:
             write_values(slot.mix_weights, history_mix_weights(slot.ring_timesteps, event.timestep))
         out = self.variants[PARTIAL](*args, *slot.buffers_for(self.partial_specs))
-        if self.kv_forecast:
-            slot.rebase_kv(float(event.step))
         self._partial_calls += 1
         slot.push_history(event.timestep)
         index, reuse = slot.index, slot.reuse_mask
-        if self.c3 == "forecast":
-            slot.record_subset(slot.ring[0], index, float(event.step))
         # counts stay tensors until stats() is read: no device sync per step
         c2 = reuse.sum() / index.shape[0]
         details = {
@@ -363,9 +281,8 @@ class TokenRuntime(SpecDiffRuntime):
 
     def _forecast_step(self, args, event, slot: TokenSlot):
         """No token computed: every token's own forecast, blocks skipped (token forecast variant)."""
-        slot.forecast_into(slot.ring[0], float(event.step))
-        write_values(slot.mix_weights, [1.0, 0.0, 0.0])
-        out = self.variants[FORECAST_TOKENS](*args, *slot.buffers_for(self.partial_specs, forecast=True))
+        slot.set_line(float(event.step), valid=True)
+        out = self.variants[FORECAST_TOKENS](*args, *slot.buffers_for(self.forecast_specs))
         self._forecast_calls += 1
         slot.push_history(event.timestep)
         slot.count += 1
@@ -374,9 +291,8 @@ class TokenRuntime(SpecDiffRuntime):
                                       if self.flops.get(FULL) and self.flops.get(FORECAST_TOKENS) else 1.0}
 
     def buffer_specs_for(self, variant: str) -> list[BufferSpec]:
-        if variant == FORECAST_TOKENS and variant in self.variants:
-            return [s for s in self.partial_specs if s.role in _FORECAST_ROLES]
-        specs = {FULL: self.record_specs, PARTIAL: self.partial_specs, DRAFT: self.draft_specs}
+        specs = {FULL: self.record_specs, PARTIAL: self.partial_specs, DRAFT: self.draft_specs,
+                 FORECAST_TOKENS: self.forecast_specs}
         if variant not in self.variants:
             raise KeyError(f"no variant {variant!r}; have {sorted(self.variants)}")
         return list(specs[variant])

@@ -1,0 +1,277 @@
+"""What a caching policy is: its config section, how it builds the runtime of one graph, and
+what the inspection report reads of it.
+
+Why a class per policy: a policy used to be spread over the config's one flat field list, an
+``if`` chain in the backend, hand tables in the inspection report and the bench, so each new
+method was about ten edits.  A policy is now one module (``policies/<name>.py``) holding a
+subclass of :class:`Policy`; :mod:`specdiff_fx.config` builds ``SpecDiffConfig`` from the
+registered sections, the backend calls :meth:`Policy.build`, ``inspect`` reads
+:attr:`Policy.runs_at`.  docs/design.md, "Adding a policy", walks through one.
+
+Contracts a policy keeps:
+
+* its :attr:`Policy.fields` are validated by the config, field by field and then by
+  :meth:`Policy.resolve` (cross-field rules), before dynamo runs; ``build`` trusts them;
+* :meth:`Policy.build` rewrites copies (passes never mutate ``ctx.gm``), verifies every variant
+  it compiles on fake tensors (:func:`verify_variants`) and returns a runtime whose variant
+  names are keys of :attr:`Policy.runs_at`;
+* what it cannot handle raises :class:`UnsupportedGraph` with a reason a user can act on:
+  the backend then compiles the plain graph and warns once, naming it.
+
+Imports: torch, passes/, runtime/, buffers.  Never the backend, config, inspect or bench.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar, Sequence
+
+import torch
+import torch.fx as fx
+
+from ..buffers import BufferRole, BufferSpec
+from ..passes.graph_inputs import GraphInputs
+from ..passes.residual_branches import ResidualBranch
+from ..passes.fake_run import FakeRun
+from ..passes.verify import VariantVerificationError, output_signature, verify_variant, with_fake_values
+from ..runtime import SpecDiffRuntime
+
+log = logging.getLogger("specdiff_fx")
+
+
+class UnsupportedGraph(Exception):
+    """A graph a policy cannot handle; the backend falls back to a plain compile."""
+
+
+# ----------------------------------------------------------------------------- config fields
+@dataclass(frozen=True)
+class Field:
+    """One config field: its default, its own check, and what it means.
+
+    ``check(value)`` returns the value to store (normalised, e.g. a list made a tuple) or raises
+    ``ValueError``/``TypeError``; a message that does not start with ``SpecDiffConfig`` is
+    prefixed with ``SpecDiffConfig.<name> ``.  Rules between fields belong in
+    :meth:`Policy.resolve`.
+    """
+
+    name: str
+    default: Any
+    check: Callable[[Any], Any]
+    doc: str
+    type: str = "Any"
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def an_int(low: int | None = None, none: bool = False) -> Callable[[Any], Any]:
+    """An int >= ``low`` (or None where ``none``): TypeError for another type, ValueError below ``low``."""
+    def check(value: Any) -> Any:
+        if value is None and none:
+            return value
+        bound = f" >= {low}" if low is not None else ""
+        if not _is_int(value):
+            raise TypeError(f"must be an int{bound}{' or None' if none else ''}, got {value!r}")
+        if low is not None and value < low:
+            raise ValueError(f"must be an int{bound}{' or None' if none else ''}, got {value!r}")
+        return value
+    return check
+
+
+def a_number(low: float | None = None, high: float | None = None, low_open: bool = False,
+             high_open: bool = True, none: bool = False, finite: bool = True) -> Callable[[Any], Any]:
+    """A number in the interval (ends open or closed as asked; finite unless ``finite`` is
+    False, then +inf passes where the interval allows it), or None where ``none``."""
+    def check(value: Any) -> Any:
+        if value is None and none:
+            return value
+        ok = _is_number(value) and not math.isnan(value) and (math.isfinite(value) or not finite)
+        if ok and low is not None:
+            ok = value > low if low_open else value >= low
+        if ok and high is not None:
+            ok = value < high if high_open else value <= high
+        if not ok:
+            lo = "" if low is None else ("(" if low_open else "[") + f"{low:g}"
+            hi = "" if high is None else f"{high:g}" + (")" if high_open else "]")
+            where = f" in {lo}, {hi}" if lo and hi else (f" {'>' if low_open else '>='} {low:g}" if lo else "")
+            kind = "a finite number" if finite else "a number"
+            raise ValueError(f"must be {kind}{where}{' or None' if none else ''}, got {value!r}")
+        return value
+    return check
+
+
+def one_of(*choices: Any) -> Callable[[Any], Any]:
+    def check(value: Any) -> Any:
+        # same type too: True is not the choice 1
+        if not any(value == c and type(value) is type(c) for c in choices):
+            raise ValueError(f"must be one of {choices}, got {value!r}")
+        return value
+    return check
+
+
+def a_bool(none: bool = False) -> Callable[[Any], Any]:
+    def check(value: Any) -> Any:
+        if not isinstance(value, bool) and not (none and value is None):
+            raise TypeError(f"must be a bool{' or None' if none else ''}, got {value!r}")
+        return value
+    return check
+
+
+def a_dict(value: Any) -> Any:
+    if not isinstance(value, dict):
+        raise TypeError(f"must be a dict, got {value!r}")
+    return dict(value)
+
+
+def a_callable_or_none(value: Any) -> Any:
+    if value is not None and not callable(value):
+        raise TypeError("must be callable")
+    return value
+
+
+def step_list(value: Any) -> Any:
+    """Non-negative step indices, stored as a tuple (None: the policy's default)."""
+    if value is None:
+        return value
+    try:
+        steps = tuple(value)
+    except TypeError:
+        steps = None
+    if steps is None or any(not _is_int(s) or s < 0 for s in steps):
+        raise ValueError(f"must be non-negative ints, got {value!r}")
+    return steps
+
+
+# ----------------------------------------------------------------------------- building
+@dataclass
+class BuildContext:
+    """What the backend hands a policy for one dynamo graph.
+
+    ``common`` holds the :class:`SpecDiffRuntime` keyword arguments every policy passes on (the
+    step clock, the graph's input positions, ...); ``compile(graph, examples)`` compiles a
+    variant with the configured compiler; ``follow`` is set for a frame without a timestep
+    that follows the model's steps (policies with ``follows_graph_breaks``).
+    """
+
+    gm: fx.GraphModule
+    example_inputs: Sequence[Any]
+    inputs: GraphInputs
+    config: Any
+    common: dict
+    compile: Callable[[fx.GraphModule, Sequence[Any]], Callable]
+    branches: list[ResidualBranch] = field(default_factory=list)
+    forecast_calibration: Any = None
+
+
+class Policy:
+    """A caching policy.  Subclass it in a module of its own and register it
+    (:func:`specdiff_fx.policies.register`)."""
+
+    name: ClassVar[str]
+    summary: ClassVar[str]
+    """One line: what cached steps do (the CLI and docs show it)."""
+    order: ClassVar[int] = 100
+    """Where the policy is listed (CLI choices, docs); the built-in ones are 0-3."""
+    fields: ClassVar[tuple[Field, ...]] = ()
+    """The policy's config section (fields another policy also declares must be declared alike)."""
+    schedule: ClassVar[tuple[int, int, tuple[int, ...]]] = (1, 1, ())
+    """Defaults of the shared schedule fields: warm-up steps, interval, reset steps."""
+    runs_at: ClassVar[dict[str, str]] = {}
+    """Variant name -> when the runtime runs it (the inspection report's column)."""
+    needs_branches: ClassVar[bool] = True
+    """The graph must have residual branches (else the plain graph, with a warning)."""
+    follows_graph_breaks: ClassVar[bool] = False
+    """A frame without a timestep input (blocks after a graph break) follows the steps of the
+    model's frame that has one; policies whose steps need the timestep itself leave it off."""
+
+    def resolve(self, values: dict[str, Any]) -> None:
+        """Cross-field rules and defaults that depend on other fields, on the config's values
+        (a dict, changed in place) when this is the config's policy.  Raise ValueError or
+        TypeError naming the fields."""
+
+    def on_replace(self, current: Any, changes: dict[str, Any]) -> None:
+        """``SpecDiffConfig.replace``: adjust ``changes`` (in place) before they apply, e.g. set a
+        derived field back to None so :meth:`resolve` derives it again."""
+
+    def build(self, ctx: BuildContext) -> SpecDiffRuntime:
+        """The runtime of graph ``ctx.gm``: its variants built, verified and compiled."""
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"<policy {self.name!r}>"
+
+
+def trace_artifacts(graphs: dict[str, fx.GraphModule], analysis: dict) -> None:
+    """Emit the variant graphs (named as the runtime names them) and the analysis as
+    structured-trace artifacts, so ``TORCH_TRACE`` + tlparse show them beside dynamo's."""
+    import json
+
+    from torch._logging import trace_structured
+
+    trace_structured("artifact", metadata_fn=lambda: {"name": "specdiff_analysis", "encoding": "json"},
+                     payload_fn=lambda: json.dumps(analysis, default=str))
+    for name, graph in graphs.items():
+        trace_structured(
+            "artifact",
+            metadata_fn=lambda name=name: {"name": f"specdiff_{name}_graph", "encoding": "string"},
+            payload_fn=lambda graph=graph: graph.print_readable(
+                print_output=False, include_stride=True, include_device=True),
+        )
+
+
+def cache_dtype(name: str | None) -> torch.dtype | None:
+    """A config's ``cache_dtype`` as a torch dtype (None: the model's own)."""
+    return None if name is None else getattr(torch, name)
+
+
+def verify_variants(graphs: dict[str, tuple[fx.GraphModule, Sequence[Any]]], original: fx.GraphModule) -> None:
+    """Run every variant once on fake tensors before it is compiled (passes/verify.py): its
+    outputs must match the original graph's (shapes, dtypes).  Node metadata is refreshed from
+    the run; a failure becomes :class:`UnsupportedGraph` naming the node, never an error at step N."""
+    expected = output_signature(original)
+    for name, (graph, examples) in graphs.items():
+        try:
+            with_fake_values(graph, verify_variant(graph, examples, expected))
+        except VariantVerificationError as exc:
+            raise UnsupportedGraph(f"the {name} variant failed build-time verification at {exc}") from exc
+        log.debug("specdiff: %s variant verified on fake tensors (%d nodes)", name, len(graph.graph.nodes))
+
+
+def example_buffer(spec: BufferSpec, num_tokens: int | None = None) -> torch.Tensor:
+    """An example value of a variant's buffer input to compile with: zeros, or valid distinct
+    token positions for an index buffer."""
+    if spec.role == BufferRole.INDEX:
+        return torch.arange(spec.shape[1], device=spec.device).expand(spec.shape).contiguous()
+    return torch.zeros(spec.shape, dtype=spec.dtype, device=spec.device)
+
+
+def with_buffers(example_inputs: Sequence[Any], specs: Sequence[BufferSpec]) -> list[Any]:
+    """The graph's example inputs followed by an example of each buffer."""
+    return list(example_inputs) + [example_buffer(s) for s in specs]
+
+
+def count_flops(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> int | None:
+    """Matmul-like FLOPs of one call (passes/fake_run.py: torch.utils.flop_counter on fake tensors)."""
+    runner = FakeRun(gm, count_flops=True)
+    try:
+        runner.run_fake(example_inputs)
+    except VariantVerificationError:  # the estimate is informative only
+        return None
+    return runner.total_flops
+
+
+CACHE_DTYPES = ("bfloat16", "float16", "float32")
+
+CACHE_DTYPE = Field(
+    "cache_dtype", None, one_of(None, *CACHE_DTYPES),
+    "hold branch caches and Taylor terms in ``\"bfloat16\"`` or ``\"float16\"`` (None: the model's "
+    "dtype); reads cast back, so only the stored values are rounded.  Halves cache memory for an fp32 model.",
+    "str | None")
+"""Shared by the branch-level policies (fora, taylor)."""
