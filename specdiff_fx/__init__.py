@@ -4,9 +4,10 @@ from .backend import SpecDiffBackend, UnsupportedGraph, get_runtime, make_backen
 from .calibrate import fit_forecaster
 from .config import SpecDiffConfig
 from .pipeline import compile_pipeline, restore_pipeline
+from .regional import RegionalCompile, compile_regional
 
 __all__ = [
-    "SpecDiffBackend", "SpecDiffConfig", "UnsupportedGraph", "compile_pipeline", "fit_forecaster", "get_runtime", "make_backend",
-    "restore_pipeline", "specdiff_backend",
+    "RegionalCompile", "SpecDiffBackend", "SpecDiffConfig", "UnsupportedGraph", "compile_pipeline", "compile_regional",
+    "fit_forecaster", "get_runtime", "make_backend", "restore_pipeline", "specdiff_backend",
 ]
 __version__ = "0.1.0"

@@ -99,14 +99,29 @@ class SpecDiffBackend:
             return policy.build(ctx)
         if inputs.timestep_index is None:
             follow = self._follower() if policy.follows_graph_breaks else None
-            if follow is None:
+            if follow is not None:
+                common["follow"] = follow  # the blocks after a graph break follow the model's steps
+                log.info("specdiff: a frame without the timestep follows the steps of the model's frame")
+            elif self.pipeline_clock is not None and policy.follows_graph_breaks:
+                # a block compiled on its own (regional compilation): the pipeline says the step
+                common["clock"] = None  # nothing follows a block frame
+                ctx.block_frame = True
+                log.info("specdiff: a frame without the timestep (a block compiled on its own) takes its "
+                         "steps from the pipeline's clock")
+            elif self.pipeline_clock is not None:
                 raise UnsupportedGraph(
-                    "no timestep input found (set SpecDiffConfig.timestep_input to its name; if the model's "
+                    f"no timestep input found: this frame holds part of the stack (a block compiled on its own, "
+                    f"or blocks after a graph break) and policy {policy.name!r} needs the whole model's graph; "
+                    "compile the whole model (compile_pipeline(pipe) without regional=True), or use policy "
+                    "'fora' or 'taylor'")
+            else:
+                raise UnsupportedGraph(
+                    "no timestep input found (set SpecDiffConfig.timestep_input to its name; a block compiled on "
+                    "its own, e.g. by diffusers' compile_repeated_blocks, takes its steps from the pipeline: "
+                    "specdiff_fx.compile_pipeline(pipe, regional=True); if the model's "
                     "code breaks the graph, e.g. .tolist()/.item()/.cpu() in diffusers, the blocks run in a "
                     "frame that never sees the timestep: torch._dynamo.explain(model)(**inputs) shows where)"
                 )
-            common["follow"] = follow  # the blocks after a graph break follow the model's steps
-            log.info("specdiff: a frame without the timestep follows the steps of the model's frame")
         # a frame that follows may be a block traced on its own after a graph break, so
         # adds in its own forward are residuals (find_residual_branches)
         ctx.branches = find_residual_branches(gm, frame_root_adds=inputs.timestep_index is None)
@@ -291,6 +306,18 @@ def backend_of(model: Any) -> SpecDiffBackend:
         if not contexts:
             raise TypeError("could not find the backend of this in-place compiled module")
         callback = contexts[0].callback
+    elif isinstance(model, torch.nn.Module) and any(_compiled_in_place(m) for m in model.modules()):
+        # regional compilation: the model's blocks are compiled, each in place, by one backend
+        backends = []
+        for m in model.modules():
+            if _compiled_in_place(m):
+                b = backend_of(m)
+                if all(b is not seen for seen in backends):
+                    backends.append(b)
+        if len(backends) > 1:
+            raise TypeError(f"this model's blocks were compiled with {len(backends)} specdiff backends; "
+                            "call get_runtime on one block")
+        return backends[0]
     else:
         raise TypeError("get_runtime expects a model compiled with a specdiff backend: the module returned by "
                         "torch.compile(model, backend=...), or one compiled in place (model.compile(...), "
@@ -300,6 +327,10 @@ def backend_of(model: Any) -> SpecDiffBackend:
     if not isinstance(backend, SpecDiffBackend):
         raise TypeError(f"this model was compiled with backend {backend!r}, not a specdiff backend")
     return backend
+
+
+def _compiled_in_place(module: torch.nn.Module) -> bool:
+    return getattr(module, "_compiled_call_impl", None) is not None
 
 
 def get_runtime(compiled_model: Any) -> ModelRuntime:

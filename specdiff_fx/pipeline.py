@@ -32,8 +32,9 @@ from typing import Any, Sequence
 
 import torch
 
-from .backend import SpecDiffBackend, make_backend
+from .backend import SpecDiffBackend, backend_of, make_backend
 from .config import SpecDiffConfig
+from .regional import compile_blocks, regional_config
 from .runtime import Draft, PipelineClock
 
 log = logging.getLogger("specdiff_fx")
@@ -53,6 +54,8 @@ class PipelineCaching:
     scheduler: Any = None
     set_timesteps_call: tuple | None = None   # the pipeline's latest (args, kwargs)
     wrapped: list[str] = field(default_factory=list)
+    compiled: list[torch.nn.Module] = field(default_factory=list)  # modules compile_pipeline compiled
+    attached: list[SpecDiffBackend] = field(default_factory=list)  # backends of blocks the user compiled
 
 
 def denoiser_names(pipe: Any) -> list[str]:
@@ -65,12 +68,19 @@ def denoiser_names(pipe: Any) -> list[str]:
 
 
 def compile_pipeline(pipe: Any, config: SpecDiffConfig | None = None, *, denoisers: Sequence[str] | None = None,
-                     fullgraph: bool = False, dynamic: bool = False, **overrides: Any) -> Any:
+                     fullgraph: bool = False, dynamic: bool = False, regional: bool = False,
+                     **overrides: Any) -> Any:
     """Compile ``pipe``'s denoisers with specdiff and drive their caches from the pipeline's
     own clock.  ``config`` / ``overrides``: as for :func:`~specdiff_fx.make_backend`.
     ``denoisers``: component names (default: every diffusers transformer or UNet it holds).
     ``fullgraph`` stays False by default: some models break the graph in their own code
     (Lumina2, HiDream), and their frames still cache (docs/design.md, graph breaks).
+    ``regional``: compile each repeated block class once (diffusers' ``_repeated_blocks``, or
+    the blocks of the model's stacks) instead of the whole model -- a cold start a fraction as
+    long; fora and taylor cache per block, on the pipeline's clock (docs/pipelines.md,
+    "Regional compilation").  Blocks the user compiled already with a specdiff backend
+    (``transformer.compile_repeated_blocks(backend=make_backend(...))``) are put on the
+    pipeline's clock as they are.
     Returns ``pipe``; :func:`restore_pipeline` undoes everything."""
     if getattr(pipe, "_specdiff", None) is not None:
         raise ValueError("this pipeline is compiled with specdiff already; call restore_pipeline(pipe) first")
@@ -84,30 +94,69 @@ def compile_pipeline(pipe: Any, config: SpecDiffConfig | None = None, *, denoise
     if not modules:
         raise ValueError(f"no denoiser found in {type(pipe).__name__} (looked for diffusers transformers and "
                          "UNets among its components); name them with denoisers=[...]")
+    user_compiled = {}
     for name, module in modules.items():
         if not isinstance(module, torch.nn.Module):
             raise TypeError(f"pipe.{name} is a {type(module).__name__}, not a torch module")
-        if isinstance(module, torch._dynamo.eval_frame.OptimizedModule) or \
-                getattr(module, "_compiled_call_impl", None) is not None:
+        if _is_compiled(module):
             raise ValueError(f"pipe.{name} is compiled already; pass the pipeline with its plain modules")
+        blocks = [m for m in module.modules() if _is_compiled(m)]
+        if blocks:
+            if regional:
+                raise ValueError(f"pipe.{name} has compiled blocks already; pass regional=True only for plain modules")
+            user_compiled[name] = _specdiff_backends(name, blocks)
     scheduler = getattr(pipe, "scheduler", None)
     if scheduler is None or not all(callable(getattr(scheduler, n, None)) for n in _WRAPPED):
         raise ValueError(f"{type(pipe).__name__} has no scheduler with set_timesteps() and step(): "
                          "compile its denoiser with torch.compile(model, backend=...) instead")
     clock = PipelineClock()
     caching = PipelineCaching(clock=clock, backends={})
+    if regional:
+        config = regional_config(config, overrides)
+        overrides = {}
     for name, module in modules.items():
+        if name in user_compiled:  # the user's own regional compile: only the clock is ours
+            for backend in user_compiled[name]:
+                backend.pipeline_clock = clock
+                caching.attached.append(backend)
+            caching.backends[name] = user_compiled[name][0]
+            continue
         backend = make_backend(config, **overrides)
         backend.pipeline_clock = clock
-        module.compile(backend=backend, fullgraph=fullgraph, dynamic=dynamic)
+        if regional:
+            targets = compile_blocks(module, backend, fullgraph=fullgraph, dynamic=dynamic)
+        else:
+            module.compile(backend=backend, fullgraph=fullgraph, dynamic=dynamic)
+            targets = [module]
+        caching.compiled.extend(targets)
         caching.backends[name] = backend
     _wrap_scheduler(scheduler, caching)
     clock.draft_source = functools.partial(_scheduler_draft, caching)
+    clock.timestep_source = functools.partial(_scheduler_timestep, caching)
     clock.before_call = functools.partial(_follow_scheduler_swap, weakref.ref(pipe), caching)
     pipe._specdiff = caching
-    log.info("specdiff: compiled %s of %s on the pipeline's clock (%s)", ", ".join(modules), type(pipe).__name__,
-             type(scheduler).__name__)
+    log.info("specdiff: compiled %s of %s on the pipeline's clock (%s%s)", ", ".join(modules), type(pipe).__name__,
+             type(scheduler).__name__, ", regional" if regional else "")
     return pipe
+
+
+def _is_compiled(module: torch.nn.Module) -> bool:
+    return isinstance(module, torch._dynamo.eval_frame.OptimizedModule) or \
+        getattr(module, "_compiled_call_impl", None) is not None
+
+
+def _specdiff_backends(name: str, blocks: Sequence[torch.nn.Module]) -> list[SpecDiffBackend]:
+    """The specdiff backends of blocks the user compiled (an error for any other backend)."""
+    found: list[SpecDiffBackend] = []
+    for block in blocks:
+        try:
+            backend = backend_of(block)
+        except TypeError as exc:
+            raise ValueError(f"pipe.{name} has a block compiled with another backend ({exc}); pass the "
+                             "pipeline with its plain modules, or blocks compiled with a specdiff backend") from exc
+        if all(backend is not b for b in found):
+            found.append(backend)
+    return found
 
 
 def restore_pipeline(pipe: Any) -> Any:
@@ -115,12 +164,13 @@ def restore_pipeline(pipe: Any) -> Any:
     caching = getattr(pipe, "_specdiff", None)
     if caching is None:
         raise ValueError("this pipeline was not compiled with specdiff_fx.compile_pipeline")
-    for name in caching.backends:
-        module = getattr(pipe, name, None)
-        if isinstance(module, torch.nn.Module):
-            module._compiled_call_impl = None
+    for module in caching.compiled:
+        module._compiled_call_impl = None
+    for backend in caching.attached:  # blocks the user compiled stay compiled, off our clock
+        backend.pipeline_clock = None
     for attr in caching.wrapped:
         caching.scheduler.__dict__.pop(attr, None)
+    caching.clock.stop()
     del pipe._specdiff
     return pipe
 
@@ -162,6 +212,17 @@ def _wrap_scheduler(scheduler: Any, caching: PipelineCaching) -> None:
     scheduler.__dict__["set_timesteps"] = set_timesteps_and_begin
     scheduler.__dict__["step"] = step_and_count
     caching.scheduler, caching.wrapped = scheduler, list(_WRAPPED)
+
+
+def _scheduler_timestep(caching: PipelineCaching) -> float | None:
+    """The scheduler's timestep at the clock's current step (its list from the begin index on:
+    img2img starts mid-list), for block frames, which receive none."""
+    scheduler = caching.scheduler
+    timesteps = getattr(scheduler, "timesteps", None)
+    if timesteps is None:
+        return None
+    i = (getattr(scheduler, "begin_index", None) or 0) + caching.clock.step
+    return float(timesteps[i]) if 0 <= i < len(timesteps) else None
 
 
 def _subsample(values: Any, steps: int) -> Any:

@@ -130,6 +130,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "reset_steps=(6,13,20)' (repeatable)")
     m.add_argument("--tuned", action="append", default=[], metavar="PATH",
                    help="a row from a config `specdiff-fx tune` saved (repeatable)")
+    m.add_argument("--regional", action="store_true",
+                   help="also rows with regional compilation (each block class compiled on its own, "
+                        "specdiff_fx.compile_regional): policy off (what not fusing across blocks costs), fora "
+                        "interval 3, taylor lite interval 5, and each --tuned config")
     m.add_argument("--specdiff-forecast-schedules", type=_forecast_schedules, default=[(0.9, 3, (5, 9, 14, 20))],
                    help="token-level SpecDiff with forecasting on explicit full steps after the warm-up (0-2), as "
                         "cache_ratio:partial_every:dash-separated steps, comma-separated rows (default 0.9:3:5-9-14-20); each "
@@ -206,6 +210,11 @@ def all_methods(args: argparse.Namespace) -> list[Method]:
                                      forecaster_options={"sigma": 0.7}))
         methods.append(taylor_method(0, lite=True, reset_steps=steps, forecaster="fitted"))
     methods += [tuned_method(path) for path in args.tuned]
+    if args.regional:
+        methods += [config_method("policy=off regional=True"),
+                    config_method("policy=fora regional=True interval=3 warmup_steps=2"),
+                    config_method("policy=taylor regional=True interval=5 warmup_steps=3")]
+        methods += [tuned_method(path, regional=True) for path in args.tuned]
     methods += [config_method(text) for text in args.config]
     if args.taylor_intervals:
         methods += [taylor_method(max(args.taylor_intervals), tolerance=tol) for tol in args.taylor_tolerances]

@@ -8,6 +8,7 @@ A :class:`Method` builds a :class:`Prepared` denoiser for a :class:`Workload`; t
 from __future__ import annotations
 
 import contextlib
+import copy
 from dataclasses import dataclass, field
 from typing import Callable, ContextManager
 
@@ -117,14 +118,32 @@ def _fit_on_other_seeds(wl: Workload, compiled) -> None:
     fit_forecaster(compiled, lambda: [wl.run_group(compiled, g) for g in groups])
 
 
-def _backend_method(name: str, label: str, config_text: str, fit: bool = False, **backend_kwargs) -> Method:
+def _backend_method(name: str, label: str, config_text: str, fit: bool = False, regional: bool = False,
+                    **backend_kwargs) -> Method:
+    """A row of our backend; ``regional``: each block class compiled on its own (a copy of the
+    model's transformer, compile_regional), the sampler's steps told to its clock."""
     def build(wl: Workload) -> Prepared:
-        from .. import get_runtime, make_backend
+        from .. import compile_regional, get_runtime, make_backend
 
         compiler = "inductor" if wl.compiler == "inductor" else "eager"
-        backend = make_backend(compiler=compiler, **backend_kwargs)
-        compiled = torch.compile(wl.model.transformer, backend=backend, fullgraph=True, dynamic=False)
+        context, callback = contextlib.nullcontext, None
+        if regional:
+            compiled = copy.deepcopy(wl.model.transformer)
+            handle = compile_regional(compiled, compiler=compiler, fullgraph=True, **backend_kwargs)
+
+            @contextlib.contextmanager
+            def context():
+                handle.begin_trajectory()
+                yield
+
+            def callback(step, t, x):
+                handle.end_step()
+        else:
+            backend = make_backend(compiler=compiler, **backend_kwargs)
+            compiled = torch.compile(wl.model.transformer, backend=backend, fullgraph=True, dynamic=False)
         if fit:
+            if regional:
+                raise SkipMethod("fitted coefficients are fitted on a whole-model compile")
             _fit_on_other_seeds(wl, compiled)
 
         def stats() -> dict:
@@ -137,7 +156,7 @@ def _backend_method(name: str, label: str, config_text: str, fit: bool = False, 
             s = stats()
             return StepCounts(s.get("steps", 0), s.get("full_steps", 0), s.get("partial_steps", 0))
 
-        note = f"specdiff backend, compiler={compiler}"
+        note = f"specdiff backend, compiler={compiler}" + (", regional (blocks compiled on their own)" if regional else "")
         if wl.compiler == "none":
             note += " (our policies always need torch.compile)"
         def info() -> dict:
@@ -146,7 +165,7 @@ def _backend_method(name: str, label: str, config_text: str, fit: bool = False, 
                                       "subset_tokens", "image_tokens", "probe_flops_share",
                                       "error_refreshes") if k in s}
 
-        return Prepared(compiled, f"{config_text}; {note}", counts=counts,
+        return Prepared(compiled, f"{config_text}; {note}", counts=counts, sample_context=context, callback=callback,
                         held_bytes=lambda: int(stats().get("cache_bytes", 0)), info=info)
 
     return Method(name, label, "specdiff-fx", build)
@@ -188,8 +207,8 @@ def taylor_method(interval: int, order: int = 1, warmup_steps: int = 3, toleranc
     return _backend_method(name, label, config, fit=forecaster == "fitted", **kwargs)
 
 
-def tuned_method(path: str) -> Method:
-    """A row from a config ``specdiff-fx tune`` saved."""
+def tuned_method(path: str, regional: bool = False) -> Method:
+    """A row from a config ``specdiff-fx tune`` saved (``regional``: its blocks compiled on their own)."""
     import json
     import os
 
@@ -198,10 +217,11 @@ def tuned_method(path: str) -> Method:
     cfg = dict(saved["config"])
     request = ", ".join(f"{k}={v}" for k, v in saved.get("request", {}).items())
     full = ",".join(map(str, cfg.get("reset_steps", [])))
-    label = f"taylor-lite tuned {request}"
+    label = f"taylor-lite{'-regional' if regional else ''} tuned {request}"
     config = (f"specdiff-fx tune {request} ({os.path.basename(path)}): warmup={cfg.get('warmup_steps')} full={full} "
               f"forecaster={cfg.get('forecaster')}")
-    return _backend_method("taylor-lite-tuned", label, config, **cfg)
+    name = "taylor-lite-regional-tuned" if regional else "taylor-lite-tuned"
+    return _backend_method(name, label, config, regional=regional, **cfg)
 
 
 def config_method(text: str) -> Method:
@@ -224,10 +244,14 @@ def config_method(text: str) -> Method:
     if "policy" not in kwargs:
         raise ValueError(f"--config {text!r}: name the policy (policy=NAME)")
     kwargs.pop("compiler", None)  # the run's --compiler decides
+    regional = kwargs.pop("regional", False)
+    if not isinstance(regional, bool):
+        raise ValueError(f"--config {text!r}: regional must be True or False")
     SpecDiffConfig(**kwargs)
     policy = kwargs["policy"]
     rest = " ".join(f"{k}={v}" for k, v in kwargs.items() if k != "policy")
-    return _backend_method(policy, f"{policy} {rest}".strip(), rest or "the policy's defaults", **kwargs)
+    name = f"{policy}-regional" if regional else policy
+    return _backend_method(name, f"{name} {rest}".strip(), rest or "the policy's defaults", regional=regional, **kwargs)
 
 
 def specdiff_forecast_method(cache_ratio: float, partial_every: int = 1, reset_steps: tuple[int, ...] = (),

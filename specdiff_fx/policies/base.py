@@ -168,6 +168,9 @@ class BuildContext:
     compile: Callable[[fx.GraphModule, Sequence[Any]], Callable]
     branches: list[ResidualBranch] = field(default_factory=list)
     forecast_calibration: Any = None
+    block_frame: bool = False
+    """The graph is a block compiled on its own (regional compilation): no timestep, steps from
+    the pipeline's clock, one runtime per block instance."""
 
 
 class Policy:
@@ -188,8 +191,10 @@ class Policy:
     needs_branches: ClassVar[bool] = True
     """The graph must have residual branches (else the plain graph, with a warning)."""
     follows_graph_breaks: ClassVar[bool] = False
-    """A frame without a timestep input (blocks after a graph break) follows the steps of the
-    model's frame that has one; policies whose steps need the timestep itself leave it off."""
+    """The policy caches a frame that holds part of the stack and no timestep input: blocks
+    after a graph break (they follow the steps of the model's frame that has one) and blocks
+    compiled on their own (regional compilation, steps from the pipeline's clock).  Policies
+    whose steps need the timestep or the whole stack leave it off."""
 
     def resolve(self, values: dict[str, Any]) -> None:
         """Cross-field rules and defaults that depend on other fields, on the config's values

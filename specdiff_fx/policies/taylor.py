@@ -101,6 +101,9 @@ class Taylor(Policy):
     def build(self, ctx: BuildContext) -> ForecastRuntime:
         cfg, gm, branches = ctx.config, ctx.gm, ctx.branches
         held = cache_dtype(cfg.cache_dtype)
+        if ctx.block_frame and cfg.probe:
+            raise UnsupportedGraph("the error probe computes the stack's first block, and this graph is one block "
+                                   "compiled on its own (regional compilation): compile the whole model for the probe")
         try:
             # the probe computes the first block: per branch, or in lite mode as chains of their own
             targets = lite_targets(gm, branches, cfg.group_blocks, probe_first_block=cfg.probe) \

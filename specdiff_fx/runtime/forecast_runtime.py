@@ -28,6 +28,8 @@ put back, so the next full step records exactly as it would have.
 from __future__ import annotations
 
 import logging
+import math
+import warnings
 from typing import Any, Sequence
 
 from ..buffers import BufferRole
@@ -110,8 +112,15 @@ class ForecastRuntime(SpecDiffRuntime):
             threshold = self.threshold(event.step)
             details["threshold"] = threshold
             refresh = error > threshold
-        full = not valid or self.schedule.is_full(event.step) or refresh
         x = self._position(event)
+        if math.isnan(x):  # forecast_variable="timestep" on a clock without timesteps
+            if "no timestep" not in self._warned:
+                self._warned.add("no timestep")
+                warnings.warn("specdiff: forecast_variable='timestep' but this frame's clock has no timestep "
+                              "(a block compiled on its own whose scheduler has no timestep list): every step "
+                              "runs full; use forecast_variable='step'", RuntimeWarning, stacklevel=4)
+            valid = False
+        full = not valid or self.schedule.is_full(event.step) or refresh
         coef = slot.buffers[self._coef_index]
         if full:
             prev = state.full_positions

@@ -64,17 +64,28 @@ class PipelineClock:
     def __init__(self) -> None:
         self.trajectory = -1
         self.step = 0
+        self.stopped = False
         self.draft_source: Callable[[int], Draft | None] | None = None
         # called before each runtime reads the clock: compile_pipeline re-attaches to a scheduler
         # the user swapped in (``pipe.scheduler = ...``) and begins the trajectory it missed
         self.before_call: Callable[[], None] | None = None
+        # the timestep of the clock's current step (compile_pipeline reads the scheduler's list):
+        # what a block frame, which receives no timestep, reports in its events
+        self.timestep_source: Callable[[], float | None] | None = None
         self._users: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
     # ---------------------------------------------------------------- pipeline side
     def begin_trajectory(self) -> None:
+        self.stopped = False
         self.trajectory += 1
         self.step = 0
         log.debug("pipeline clock: trajectory %d begins", self.trajectory)
+
+    def stop(self) -> None:
+        """No trajectory runs until the next :meth:`begin_trajectory` (the pipeline let go of
+        this clock): frames that read it get no event and never read a cache.  The trajectory
+        count goes on, so no later trajectory shares a number with an earlier one."""
+        self.stopped = True
 
     def end_step(self) -> None:
         if self.trajectory >= 0:
@@ -84,15 +95,24 @@ class PipelineClock:
     @property
     def running(self) -> bool:
         """A trajectory has begun: events come from the pipeline."""
-        return self.trajectory >= 0
+        return self.trajectory >= 0 and not self.stopped
 
-    def observe(self, user: object, timestep: float) -> StepEvent | None:
+    def current_timestep(self) -> float:
+        """The scheduler's timestep at the current step, NaN where it cannot tell."""
+        try:
+            t = self.timestep_source() if self.timestep_source is not None else None
+        except Exception:  # a scheduler without a timestep list we can read
+            t = None
+        return float("nan") if t is None else float(t)
+
+    def observe(self, user: object, timestep: float | None) -> StepEvent | None:
         """The event of ``user``'s call (one runtime); None when the pipeline has not begun a
         trajectory or the call is one more than a step can have (the caller then infers the
-        clock from the inputs instead)."""
+        clock from the inputs instead).  ``timestep`` None (a block frame, which receives
+        none): the scheduler's, :meth:`current_timestep`."""
         if self.before_call is not None:
             self.before_call()
-        if self.trajectory < 0:
+        if not self.running:
             return None
         state = self._users.get(user)
         if state is None:
@@ -109,6 +129,8 @@ class PipelineClock:
             # component): do not grow slots without bound
             return None
         state.calls += 1
+        if timestep is None:
+            timestep = self.current_timestep()
         return StepEvent(trajectory=state.index, step=self.step - state.first_step, slot=state.calls - 1,
                          timestep=timestep, new_trajectory=new_trajectory, new_step=new_step)
 

@@ -27,8 +27,11 @@ log = logging.getLogger("specdiff_fx")
 
 FULL = "full"
 REUSE = "reuse"
-MAX_SIBLINGS = 16
-"""Other modules through one graph with state of their own (the oldest is dropped beyond it)."""
+MAX_SIBLINGS = 512
+"""Other modules through one graph with state of their own (the oldest is dropped beyond it).
+Regional compilation sends every block of a stack through one graph (FLUX: 57, Qwen-Image: 60),
+so the bound is far above any model's block count; it only keeps modules that are gone from
+holding caches forever."""
 
 
 def _signature(args: Sequence[Any], indices: Sequence[int]) -> tuple:
@@ -127,6 +130,9 @@ class SpecDiffRuntime:
         self._follow_leader = follow.leader if follow is not None else None
         # the pipeline's own clock (compile_pipeline); None: inferred from the inputs
         self.pipeline_clock = pipeline_clock
+        # a frame with neither a timestep nor a leader to follow (a block compiled on its own,
+        # regional compilation) takes every event from the pipeline's clock
+        self.block_frame = timestep_index is None and follow is None and pipeline_clock is not None
         # One runtime per compiled module: two modules of one class through one backend share
         # dynamo's graph (their parameters are its inputs), so the parameters say whose call it is.
         self._param_index = next((i for i, x in enumerate(example_inputs) if isinstance(x, torch.nn.Parameter)),
@@ -179,7 +185,8 @@ class SpecDiffRuntime:
             owner = args[self._param_index].data_ptr()
             if owner != self.owner:
                 return self._sibling(owner, args)(*args)
-        if self.fallback is not None or (self.timestep_index is None and self.follow is None):
+        if self.fallback is not None or (self.timestep_index is None and self.follow is None
+                                         and not self.block_frame):
             if self.clock is not None and self.timestep_index is not None:
                 # a plain graph that still counts the model's steps for its other graphs
                 event = self._event(args)
@@ -197,11 +204,11 @@ class SpecDiffRuntime:
             self._source = "leader frame"
             event = self.follow.event()
             if event is None:  # no step of our own leader to follow: never read a cache
-                slot = self.slots[-1]
-                slot.invalidate()
-                return self.variants[FULL](*args, *slot.buffers)
+                return self._run_uncached(args)
         else:
             event = self._event(args)
+            if event is None:  # a block frame called outside a pipeline's trajectory
+                return self._run_uncached(args)
             if self.clock is not None:
                 self.clock.publish(self.root, event)
         out, kind, details = self._run_step(args, event)
@@ -209,10 +216,20 @@ class SpecDiffRuntime:
         self._host_s.append(time.perf_counter() - start - self._variant_clock[0])
         return out
 
+    def _run_uncached(self, args: Sequence[Any]) -> Any:
+        """A call with no step to place it in: the full variant on a scratch slot, never a cache read."""
+        slot = self.slots[-1]
+        slot.invalidate()
+        return self.variants[FULL](*args, *slot.buffers)
+
     def _event(self, args: Sequence[Any]):
         """This call's step event: from the pipeline's clock while it runs a trajectory, else
         inferred from the timestep and the latents (runtime/step_tracker.py).  A change of
-        source drops every cache: the two number trajectories differently."""
+        source drops every cache: the two number trajectories differently.  A block frame has
+        no timestep to infer from: outside a pipeline's trajectory it gets None (no event)."""
+        if self.block_frame:
+            self._source = "pipeline"
+            return self.pipeline_clock.observe(self, None)
         timestep = self._read_timestep(args)
         event = self.pipeline_clock.observe(self, timestep) if self.pipeline_clock is not None else None
         source = "pipeline" if event is not None else "inferred"

@@ -1,0 +1,187 @@
+"""Regional compilation (specdiff_fx/regional.py): each repeated block class compiled once, its
+caches on the pipeline's clock.
+
+What must hold, through the real pipelines (their ``__call__``, schedulers and CFG):
+
+* fora and taylor cache in every block, and give what the whole-model compile gives: fora
+  exactly (the same branch outputs reused), lite taylor to float rounding (each block forecasts
+  its own residual; for a forecast linear in the recorded terms they add up to the stack's);
+* one dynamo graph per block class (and per block variant dynamo must trace apart, like SD3's
+  last block), one runtime per block instance;
+* token-level specdiff, which needs the whole model, runs uncached with exactly one warning;
+* a block compiled on its own without a clock never reads a cache and says how to get one;
+* blocks the user compiled (``compile_repeated_blocks(backend=make_backend(...))``) get the
+  pipeline's clock from ``compile_pipeline(pipe)``; ``restore_pipeline`` undoes either path.
+"""
+
+import warnings
+
+import pytest
+import torch
+
+from specdiff_fx import compile_pipeline, compile_regional, get_runtime, make_backend, restore_pipeline
+from specdiff_fx.regional import repeated_blocks
+from specdiff_fx.tiny_pipelines import build_pipeline
+
+SCHEDULES = {"fora": dict(warmup_steps=2, interval=2), "taylor": dict(warmup_steps=2, interval=3)}
+
+
+def _block_runtimes(module):
+    """Every runtime behind ``module``'s compiled blocks (one per block instance)."""
+    return get_runtime(module).runtimes
+
+
+def _compiled(name, policy, regional, **extra):
+    case = build_pipeline(name)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        compile_pipeline(case.pipe, policy=policy, compiler="eager", regional=regional,
+                         **{**SCHEDULES.get(policy, {}), **extra})
+        outs = [case(0), case(1), case(0)]
+    return case, outs, [str(w.message) for w in caught if "specdiff" in str(w.message)]
+
+
+@pytest.mark.parametrize("policy", ["fora", "taylor"])
+@pytest.mark.parametrize("name", ["flux", "sd3", "qwen_image"])
+def test_regional_caches_every_block_and_equals_the_whole_model(name, policy):
+    case, regional, warned = _compiled(name, policy, regional=True)
+    assert not warned, warned
+    blocks = repeated_blocks(case.pipe.transformer)
+    runtimes = _block_runtimes(case.pipe.transformer)
+    assert len(runtimes) == len(blocks), "one runtime per block instance"
+    assert len({rt.root for rt in runtimes}) <= 2, "one graph per block class (SD3: its last block apart)"
+    for rt in runtimes:
+        s = rt.stats()
+        assert s["fallback"] is None and s["clock"] == "pipeline"
+        assert s["trajectories"] == 3 and s["steps"] == 3 * case.steps
+        assert s["cached_steps"] > 0, [e["calls"] for e in s["plan"]]
+    assert torch.equal(regional[0], regional[2]), "the same seed twice gives the same output"
+
+    torch._dynamo.reset()
+    _, whole, _ = _compiled(name, policy, regional=False)
+    for r, w in zip(regional, whole):
+        if policy == "fora":
+            assert torch.equal(r, w)
+        else:  # the blocks' forecasts add up to the stack's, in another order of float additions
+            torch.testing.assert_close(r, w, rtol=1e-5, atol=1e-5)
+
+    restore_pipeline(case.pipe)
+    assert all(getattr(b, "_compiled_call_impl", None) is None for b in blocks)
+
+
+def test_regional_serves_other_sizes_and_each_equals_a_fresh_compile():
+    case, _, _ = _compiled("flux", "taylor", regional=True)
+    for size in (96, 64, 128):
+        out = case(0, height=size, width=size)
+        torch._dynamo.reset()
+        fresh, _, _ = _compiled("flux", "taylor", regional=True)
+        assert torch.equal(out, fresh(0, height=size, width=size)), size
+        torch._dynamo.reset()
+    stats = get_runtime(case.pipe.transformer).stats()
+    assert stats["cached_steps"] > 0
+
+
+def test_specdiff_regional_warns_once_and_runs_uncached():
+    case = build_pipeline("flux")
+    plain = case(0)
+    case, outs, warned = _compiled("flux", "specdiff", regional=True)
+    assert len(warned) == 1 and "needs the whole model's graph" in warned[0], warned
+    assert torch.equal(outs[0], plain)
+    assert all(rt.stats()["cached_steps"] == 0 for rt in _block_runtimes(case.pipe.transformer))
+
+
+def test_blocks_compiled_without_a_clock_never_cache_and_say_how():
+    case = build_pipeline("flux")
+    plain = case(0)
+    case.pipe.transformer.compile_repeated_blocks(backend=make_backend(policy="fora", compiler="eager"))
+    with pytest.warns(RuntimeWarning, match=r"compile_pipeline\(pipe, regional=True\)"):
+        out = case(0)
+    assert torch.equal(out, plain)
+
+
+def test_compile_pipeline_puts_the_users_compiled_blocks_on_its_clock():
+    case, regional, _ = _compiled("flux", "fora", regional=True)
+    torch._dynamo.reset()
+    user = build_pipeline("flux")
+    user.pipe.transformer.compile_repeated_blocks(
+        backend=make_backend(policy="fora", compiler="eager", **SCHEDULES["fora"]))
+    compile_pipeline(user.pipe)
+    assert torch.equal(user(0), regional[0])
+    assert all(rt.stats()["cached_steps"] > 0 for rt in _block_runtimes(user.pipe.transformer))
+    restore_pipeline(user.pipe)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # off the clock: no event, no cache read, no warning
+        user(0)
+    assert all(getattr(b, "_compiled_call_impl", None) is not None for b in repeated_blocks(user.pipe.transformer))
+
+
+def test_regional_is_rejected_for_blocks_compiled_already():
+    case = build_pipeline("flux")
+    case.pipe.transformer.compile_repeated_blocks(backend="eager")
+    with pytest.raises(ValueError, match="another backend"):
+        compile_pipeline(case.pipe)
+    with pytest.raises(ValueError, match="compiled blocks already"):
+        compile_pipeline(case.pipe, regional=True)
+
+
+def test_repeated_blocks_without_diffusers_list():
+    sd3 = build_pipeline("sd3").pipe.transformer
+    assert not getattr(sd3, "_repeated_blocks", None)
+    assert repeated_blocks(sd3) == list(sd3.transformer_blocks)
+    flux = build_pipeline("flux").pipe.transformer
+    assert [type(b).__name__ for b in repeated_blocks(flux)] == ["FluxTransformerBlock", "FluxSingleTransformerBlock"]
+    with pytest.raises(ValueError, match="no repeated blocks"):
+        repeated_blocks(torch.nn.Sequential(torch.nn.Linear(2, 2)))
+
+
+def test_compile_regional_in_a_loop_of_ones_own():
+    """The raw path: the loop tells the steps; calls outside a trajectory never read a cache."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    case = build_pipeline("sd3")
+    model = case.pipe.transformer
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    enc = torch.randn(2, 5, 12, generator=torch.Generator().manual_seed(1))
+    pooled = torch.randn(2, 10, generator=torch.Generator().manual_seed(2))
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
+
+    def run(denoise, on_begin=lambda: None, on_step=lambda: None):
+        scheduler.set_timesteps(6)
+        on_begin()
+        latents = x.clone()
+        with torch.no_grad():
+            for t in scheduler.timesteps:
+                v = denoise(hidden_states=latents, encoder_hidden_states=enc, pooled_projections=pooled,
+                            timestep=t.expand(2), return_dict=False)[0]
+                latents = scheduler.step(v, t, latents, return_dict=False)[0]
+                on_step()
+        return latents
+
+    plain = run(model)
+    with torch.no_grad():
+        one = model(hidden_states=x, encoder_hidden_states=enc, pooled_projections=pooled,
+                    timestep=torch.tensor([1000.0, 1000.0]), return_dict=False)[0]
+    rc = compile_regional(model, policy="taylor", compiler="eager", warmup_steps=2, interval=3)
+    first = run(model, rc.begin_trajectory, rc.end_step)
+    again = run(model, rc.begin_trajectory, rc.end_step)
+    assert torch.equal(first, again) and not torch.equal(first, plain)
+    assert all(rt.stats()["cached_steps"] > 0 for rt in get_runtime(model).runtimes)
+    rc.clock.stop()
+    with torch.no_grad():  # no trajectory running: the full graph, as the plain model
+        out = model(hidden_states=x, encoder_hidden_states=enc, pooled_projections=pooled,
+                    timestep=torch.tensor([1000.0, 1000.0]), return_dict=False)[0]
+    assert torch.equal(out, one)
+    rc.restore()
+    assert torch.equal(run(model), plain)
+
+
+@pytest.mark.inductor
+@pytest.mark.slow
+def test_regional_taylor_under_inductor_matches_eager():
+    _, eager, _ = _compiled("flux", "taylor", regional=True)
+    torch._dynamo.reset()
+    case = build_pipeline("flux")
+    compile_pipeline(case.pipe, policy="taylor", regional=True, fullgraph=True, **SCHEDULES["taylor"])
+    out = case(0)
+    torch.testing.assert_close(out, eager[0], rtol=1e-4, atol=1e-4)
+    assert all(rt.stats()["cached_steps"] > 0 for rt in _block_runtimes(case.pipe.transformer))
