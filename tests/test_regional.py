@@ -71,14 +71,67 @@ def test_regional_caches_every_block_and_equals_the_whole_model(name, policy):
 
 def test_regional_serves_other_sizes_and_each_equals_a_fresh_compile():
     case, _, _ = _compiled("flux", "taylor", regional=True)
-    for size in (96, 64, 128):
-        out = case(0, height=size, width=size)
+    sizes = (96, 64, 128)
+    served = [case(0, height=size, width=size) for size in sizes]
+    assert all(rt.stats()["cached_steps"] > 0 for rt in _block_runtimes(case.pipe.transformer))
+    for size, out in zip(sizes, served):
         torch._dynamo.reset()
         fresh, _, _ = _compiled("flux", "taylor", regional=True)
         assert torch.equal(out, fresh(0, height=size, width=size)), size
+
+
+def test_regional_serves_prompt_lengths_each_equal_to_a_fresh_compile():
+    """Qwen-Image trims the text to each prompt's own length: a new text length per prompt."""
+    def prompt(length):
+        g = torch.Generator().manual_seed(length)
+        return dict(prompt_embeds=torch.randn(1, length, 12, generator=g),
+                    prompt_embeds_mask=torch.ones(1, length, dtype=torch.long))
+
+    case, _, _ = _compiled("qwen_image", "taylor", regional=True)
+    served = [case(0, **prompt(length)) for length in (3, 7)]
+    assert all(rt.stats()["cached_steps"] > 0 for rt in _block_runtimes(case.pipe.transformer))
+    for length, out in zip((3, 7), served):
         torch._dynamo.reset()
-    stats = get_runtime(case.pipe.transformer).stats()
-    assert stats["cached_steps"] > 0
+        fresh, _, _ = _compiled("qwen_image", "taylor", regional=True)
+        assert torch.equal(out, fresh(0, **prompt(length))), length
+
+
+def _lora(transformer, seed, rank=2):
+    """A LoRA state dict for the attention projections of ``transformer`` (diffusers' peft format)."""
+    g = torch.Generator().manual_seed(seed)
+    return {f"transformer.{name}.{part}.weight": torch.randn(*shape, generator=g) * 0.3
+            for name, mod in transformer.named_modules()
+            if isinstance(mod, torch.nn.Linear) and name.split(".")[-1] in ("to_q", "to_k", "to_v")
+            for part, shape in (("lora_A", (rank, mod.in_features)), ("lora_B", (mod.out_features, rank)))}
+
+
+def test_regional_lora_changes_each_equal_a_fresh_compile():
+    pytest.importorskip("peft")
+    loras = [_lora(build_pipeline("flux").pipe.transformer, seed) for seed in (1, 2)]
+    changes = [
+        lambda p: p.load_lora_weights(dict(loras[0]), adapter_name="a"),
+        lambda p: p.set_adapters(["a"], [0.5]),
+        lambda p: p.load_lora_weights(dict(loras[1]), adapter_name="b"),
+        lambda p: p.fuse_lora(),
+        lambda p: (p.unfuse_lora(), p.unload_lora_weights()),
+    ]
+
+    def run(applied):
+        torch._dynamo.reset()
+        case = build_pipeline("flux")
+        compile_pipeline(case.pipe, policy="taylor", compiler="eager", regional=True, **SCHEDULES["taylor"])
+        outs = []
+        for change in applied:
+            change(case.pipe)
+            outs.append(case(0))
+        return case, outs
+
+    case, served = run(changes)
+    assert not torch.equal(served[0], served[-1]), "the LoRA changed the output"
+    assert all(rt.stats()["cached_steps"] > 0 for rt in _block_runtimes(case.pipe.transformer))
+    for i in range(len(changes)):  # (each run resets dynamo: the served pipeline's runtimes go)
+        _, fresh = run(changes[: i + 1])
+        assert torch.equal(served[i], fresh[-1]), i
 
 
 def test_specdiff_regional_warns_once_and_runs_uncached():
