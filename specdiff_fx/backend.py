@@ -214,13 +214,19 @@ class ModelRuntime:
         return getattr(self.__dict__["primary"], name)
 
     def frames(self) -> list[dict]:
+        """A row per graph: modules that share one graph (blocks compiled on their own, one
+        runtime each) are one row, with their count in ``modules`` and their calls summed;
+        steps are the graph's first module's."""
+        groups: dict[int, list[SpecDiffRuntime]] = {}
+        for runtime in self.runtimes:
+            groups.setdefault(id(runtime.root), []).append(runtime)
         rows = []
-        for i, runtime in enumerate(self.runtimes):
-            s = runtime.stats()
-            rows.append({"frame": i, "primary": runtime is self.primary, "policy": s["policy"],
-                         "fallback": s["fallback"], "branches": s.get("branches", 0), "calls": s["calls"],
-                         "trajectories": s["trajectories"], "steps": s["steps"],
-                         "cached_steps": s["cached_steps"], "clock": s.get("clock")})
+        for i, members in enumerate(groups.values()):
+            s = members[0].stats()
+            rows.append({"frame": i, "primary": any(r is self.primary for r in members), "policy": s["policy"],
+                         "fallback": s["fallback"], "branches": s.get("branches", 0), "modules": len(members),
+                         "calls": sum(r.stats()["calls"] for r in members), "trajectories": s["trajectories"],
+                         "steps": s["steps"], "cached_steps": s["cached_steps"], "clock": s.get("clock")})
         return rows
 
     def stats(self) -> dict:
@@ -231,10 +237,11 @@ class ModelRuntime:
 
         text = self.primary.report()
         if len(self.runtimes) > 1:
-            rows = [[f["frame"], "*" if f["primary"] else "", f["fallback"] or "-", f["branches"], f["calls"],
-                     f["trajectories"], f"{f['steps']} ({f['cached_steps']} cached)"] for f in self.frames()]
+            rows = [[f["frame"], "*" if f["primary"] else "", f["fallback"] or "-", f["branches"], f["modules"],
+                     f["calls"], f["trajectories"], f"{f['steps']} ({f['cached_steps']} cached)"]
+                    for f in self.frames()]
             text += "\n\nframes (graphs this model compiled to; * reported above)\n" + tabulate(
-                rows, headers=["frame", "", "fallback", "branches", "calls", "trajectories", "steps"])
+                rows, headers=["frame", "", "fallback", "branches", "modules", "calls", "trajectories", "steps"])
         return text
 
     def reset(self) -> None:
