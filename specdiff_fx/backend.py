@@ -139,7 +139,7 @@ class SpecDiffBackend:
             return gm
         from torch._inductor.compile_fx import compile_fx
 
-        return compile_fx(gm, list(example_inputs), config_patches=dict(self.config.inductor_config) or None)
+        return compile_fx(gm, _static_fakes(example_inputs), config_patches=dict(self.config.inductor_config) or None)
 
     def _fallback(self, gm: fx.GraphModule, example_inputs: Sequence[Any], reason: str) -> SpecDiffRuntime:
         warn_fallback(reason)
@@ -269,6 +269,26 @@ def _for_context_parallel(gm: fx.GraphModule) -> fx.GraphModule:
     if group is not None and has_rank_partials(gm):
         gm = reduce_rank_partials(gm, group)
     return prune_dead_collectives(gm)
+
+
+def _static_fakes(example_inputs: Sequence[Any]) -> list[Any]:
+    """The example inputs to compile a variant with, its runtime-owned buffers as static fakes.
+
+    Why: the buffers are real tensors dynamo never saw.  AOTAutograd would fakeify them in
+    dynamo's fake mode with fresh symbolic sizes, which the first variant's compile then
+    specializes -- unless that variant came from the cache, which compiles nothing.  So a warm
+    process hashed the second variant with other input sizes than the cold one had stored it
+    under, and missed (docs/pipelines.md, "Warm start").  Fakeified here with static shapes, every
+    variant has the same cache key in every process."""
+    from torch._guards import TracingContext, detect_fake_mode
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    context, fake_mode = TracingContext.try_get(), detect_fake_mode(example_inputs)
+    if context is None or fake_mode is None:
+        return list(example_inputs)
+    return [fake_mode.from_tensor(x, static_shapes=True)
+            if isinstance(x, torch.Tensor) and not isinstance(x, FakeTensor) and x not in context.tensor_to_context
+            else x for x in example_inputs]
 
 
 def _latent_input_index(gm: fx.GraphModule, inputs) -> int | None:
