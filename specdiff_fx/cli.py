@@ -16,6 +16,8 @@ COMMANDS = {
     "bench": ("specdiff_fx.bench.command", "benchmark caching policies on the reference model"),
     "tune": ("specdiff_fx.bench.tune_command", "choose the taylor schedule and forecaster for a speed-up or a PSNR"),
     "scale": ("specdiff_fx.bench.scale", "time each step kind against plain Inductor at real model shapes"),
+    "compile-time": ("specdiff_fx.bench.compile_time",
+                     "cold and warm compile seconds per policy against plain Inductor, whole-model and regional"),
 }
 
 
