@@ -75,6 +75,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--guidance", type=float, help="CFG scale (default: reference.model.sample's default)")
     parser.add_argument("--repeats", type=int, default=2,
                         help="timed calls after the first; their median is the steady time (default 2)")
+    parser.add_argument("--layers", type=int,
+                        help="the reference architecture with this many blocks and random weights instead of the "
+                             "trained 4-block model (compile time depends on the graph, not the weights; real "
+                             "models have 19-60 blocks, SD3-medium 24)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads in each child, pinned (default 2)")
     parser.add_argument("--methods", type=lambda t: _choices(t, METHODS, "--methods"), default=list(METHODS),
                         help=f"comma-separated, of {','.join(METHODS)} (default all)")
@@ -157,7 +161,14 @@ def measure(args: argparse.Namespace, mode: str, method: str) -> dict:
 
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
-    model, description = load_demo_model()
+    if args.layers:
+        from ..reference.model import ClassConditionalMMDiT
+
+        torch.manual_seed(0)
+        model = ClassConditionalMMDiT(transformer_config={"num_layers": args.layers})
+        description = f"reference architecture with {args.layers} blocks, random weights"
+    else:
+        model, description = load_demo_model()
     model = model.eval()
     cfg = model.transformer.config
     labels, noise = make_groups(args.batch_size, args.batch_size, model.num_classes,
@@ -202,7 +213,8 @@ def child_main(args: argparse.Namespace) -> int:
 def _child_command(args: argparse.Namespace, mode: str, method: str) -> list[str]:
     return [sys.executable, "-m", "specdiff_fx.bench.compile_time", "--child", f"{mode},{method}",
             "--steps", str(args.steps), "--batch-size", str(args.batch_size), "--guidance", repr(args.guidance),
-            "--repeats", str(args.repeats), "--threads", str(args.threads), "--compiler", args.compiler]
+            "--repeats", str(args.repeats), "--threads", str(args.threads), "--compiler", args.compiler] + \
+        (["--layers", str(args.layers)] if args.layers else [])
 
 
 def _dir_bytes(path: str) -> int:
@@ -335,6 +347,7 @@ def report(args: argparse.Namespace, rows: list[dict], commit: str | None) -> di
                      platform=platform.platform()),
         git_commit=commit,  # read when the run started: the code the children ran
         workload=dict(steps=args.steps, batch_size=args.batch_size, guidance=args.guidance, repeats=args.repeats,
+                      layers=args.layers,
                       threads=args.threads, compiler=args.compiler),
         definition="compile_s = first sample() call - median of the --repeats later calls, each call one "
                    "trajectory; cold: new empty TORCHINDUCTOR_CACHE_DIR; warm: the next process on it",
@@ -372,7 +385,7 @@ def run(args: argparse.Namespace) -> int:
         if getattr(args, key) < 1:
             print(f"specdiff-fx compile-time: --{key.replace('_', '-')} must be >= 1", file=sys.stderr)
             return 2
-    print(f"compile time: {args.steps} steps, batch {args.batch_size}, CFG {args.guidance:g} (batched), "
+    print(f"compile time: {f'{args.layers} blocks (random weights), ' if args.layers else ''}{args.steps} steps, batch {args.batch_size}, CFG {args.guidance:g} (batched), "
           f"{args.repeats} repeat(s) after the first call, {args.threads} thread(s), compiler {args.compiler}; "
           "one process per measurement", flush=True)
     rows, commit = [], _git_commit()
