@@ -9,6 +9,7 @@ never an exception inside dynamo, never a silently wrong result.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import weakref
 from typing import Any, Callable, Sequence
@@ -32,6 +33,9 @@ from .runtime import FULL, ClockFollower, PipelineClock, SpecDiffRuntime, StepCl
 log = logging.getLogger("specdiff_fx")
 
 
+NO_BRANCHES = "no residual branches found in the graph"
+
+
 def _has_symbolic_shapes(example_inputs: Sequence[Any]) -> bool:
     for x in example_inputs:
         if isinstance(x, torch.SymInt):
@@ -52,6 +56,8 @@ class SpecDiffBackend:
         self._leader: weakref.ref | None = None
         # the pipeline's clock when compile_pipeline drives this backend (docs/pipelines.md)
         self.pipeline_clock: PipelineClock | None = None
+        # every frame is a block compiled on its own (regional.py): its steps come from the clock
+        self.regional = False
         # least-squares sums every forecast runtime feeds while fit_forecaster runs (calibrate.py)
         self.forecast_calibration = None
 
@@ -82,7 +88,7 @@ class SpecDiffBackend:
         policy = POLICIES[cfg.policy]
         if _has_symbolic_shapes(example_inputs):
             raise UnsupportedGraph("symbolic shapes; compile with dynamic=False")
-        inputs = find_graph_inputs(gm, cfg.timestep_input)
+        inputs = self._graph_inputs(gm)
         common = dict(
             timestep_index=inputs.timestep_index,
             signature_indices=inputs.user_indices,
@@ -126,12 +132,20 @@ class SpecDiffBackend:
         # adds in its own forward are residuals (find_residual_branches)
         ctx.branches = find_residual_branches(gm, frame_root_adds=inputs.timestep_index is None)
         if not ctx.branches:
-            raise UnsupportedGraph("no residual branches found in the graph")
+            raise UnsupportedGraph(NO_BRANCHES)
         log.info("specdiff: %d residual branches found (%s)", len(ctx.branches),
                  ", ".join(f"{k} {n}" for k, n in sorted(count_kinds(ctx.branches).items())))
         runtime = policy.build(ctx)
         log.info("specdiff: policy %s built variants %s", policy.name, sorted(runtime.variants))
         return runtime
+
+    def _graph_inputs(self, gm: fx.GraphModule):
+        inputs = find_graph_inputs(gm, self.config.timestep_input)
+        if self.regional:
+            # a block's input named like a timestep is its conditioning (PixArt's BasicTransformerBlock
+            # takes the adaLN-single embedding as ``timestep``), never the denoising clock
+            inputs = dataclasses.replace(inputs, timestep_index=None, timestep_name=None)
+        return inputs
 
     def compile(self, gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable:
         gm = _for_context_parallel(gm)
@@ -142,13 +156,17 @@ class SpecDiffBackend:
         return compile_fx(gm, _static_fakes(example_inputs), config_patches=dict(self.config.inductor_config) or None)
 
     def _fallback(self, gm: fx.GraphModule, example_inputs: Sequence[Any], reason: str) -> SpecDiffRuntime:
-        warn_fallback(reason)
         try:  # a plain graph that has the timestep still counts the model's steps for its other graphs
-            timestep_index = None if _has_symbolic_shapes(example_inputs) else \
-                find_graph_inputs(gm, self.config.timestep_input).timestep_index
+            timestep_index = None if _has_symbolic_shapes(example_inputs) else self._graph_inputs(gm).timestep_index
         except Exception:
             timestep_index = None
-        return SpecDiffRuntime(
+        # The model's own frame without blocks (Lumina2: its blocks run after a graph break) is
+        # no loss of caching when the model's other frames cache: they compile after it, so the
+        # runtime settles the warning at its next call (SpecDiffRuntime.settle_fallback_warning).
+        deferred = reason == NO_BRANCHES and timestep_index is not None
+        if not deferred:
+            warn_fallback(reason)
+        runtime = SpecDiffRuntime(
             policy=self.config.policy,
             variants={FULL: self.compile(gm, example_inputs)},
             fallback=reason,
@@ -160,6 +178,13 @@ class SpecDiffBackend:
             pipeline_clock=self.pipeline_clock,
             example_inputs=example_inputs,
         )
+        if deferred:
+            runtime.pending_warning = self._any_caching
+        return runtime
+
+    def _any_caching(self) -> bool:
+        """Some graph this backend compiled caches (no fallback)."""
+        return any(runtime.fallback is None for runtime in self.all_runtimes())
 
     def _follower(self) -> ClockFollower | None:
         """A view of the steps of the latest graph with a timestep (None if there is none)."""

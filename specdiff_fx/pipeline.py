@@ -118,6 +118,7 @@ def compile_pipeline(pipe: Any, config: SpecDiffConfig | None = None, *, denoise
         if name in user_compiled:  # the user's own regional compile: only the clock is ours
             for backend in user_compiled[name]:
                 backend.pipeline_clock = clock
+                backend.regional = True  # it compiled the model's blocks, each on its own
                 caching.attached.append(backend)
             caching.backends[name] = user_compiled[name][0]
             continue

@@ -77,6 +77,7 @@ def compile_blocks(model: torch.nn.Module, backend: SpecDiffBackend, *, fullgrap
     """Compile each of ``model``'s repeated blocks in place with ``backend`` (one dynamo frame
     per block class); returns the blocks."""
     blocks = repeated_blocks(model)
+    backend.regional = True
     for block in blocks:
         block.compile(backend=backend, fullgraph=fullgraph, dynamic=dynamic)
     log.info("specdiff: %d blocks of %s compiled on their own (%s)", len(blocks), type(model).__name__,

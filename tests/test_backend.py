@@ -186,8 +186,12 @@ def test_model_without_branches_falls_back_loudly():
     model = PlainMLP()
     compiled, _ = compile_with(model, compiler="eager")
     x, t = torch.randn(2, 8), torch.ones(2, 1)
+    # said at the next call: a frame without branches warns only if no other frame of the
+    # model caches (Lumina2's embedding frame is no loss), and those compile after it
     with pytest.warns(RuntimeWarning, match="no residual branches") as record:
         out = compiled(x, timestep=t)
+        compiled(x, timestep=t * 0.5)
+        compiled(x, timestep=t * 0.25)
     assert len([w for w in record if "specdiff" in str(w.message)]) == 1
     torch.testing.assert_close(out, model(x, timestep=t))
     assert get_runtime(compiled).stats()["fallback"] == "no residual branches found in the graph"

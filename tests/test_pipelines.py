@@ -97,7 +97,8 @@ def test_pipeline_policy(name, policy):
         assert torch.equal(first, plain)
     expected = _expected_fallback(name, policy)
     if expected is None:
-        assert not fallbacks or name == "lumina2", fallbacks  # Lumina2's embedding frame has no blocks
+        # Lumina2's embedding frame has no blocks, but its block frames cache: no false alarm
+        assert not fallbacks, fallbacks
     else:
         assert any(expected in f for f in fallbacks), fallbacks
     for denoiser in case.denoisers:

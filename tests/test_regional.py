@@ -69,6 +69,20 @@ def test_regional_caches_every_block_and_equals_the_whole_model(name, policy):
     assert all(getattr(b, "_compiled_call_impl", None) is None for b in blocks)
 
 
+@pytest.mark.parametrize("name", ["pixart_sigma", "wan21", "sd15", "chroma"])
+def test_regional_fora_caches_the_blocks_of_other_families(name):
+    """Block classes found by diffusers' list (Wan, Chroma, the UNet's BasicTransformerBlock) or by
+    the stack (PixArt): every block caches, through each pipeline's own scheduler and CFG."""
+    case, outs, warned = _compiled(name, "fora", regional=True)
+    assert not warned, warned
+    assert torch.equal(outs[0], outs[2]) and torch.isfinite(outs[0]).all()
+    runtimes = _block_runtimes(next(getattr(case.pipe, d) for d in case.denoisers))
+    assert len(runtimes) >= 2
+    for rt in runtimes:
+        s = rt.stats()
+        assert s["fallback"] is None and s["steps"] == 3 * case.steps and s["cached_steps"] > 0, s["plan"]
+
+
 def test_regional_serves_other_sizes_and_each_equals_a_fresh_compile():
     case, _, _ = _compiled("flux", "taylor", regional=True)
     sizes = (96, 64, 128)
@@ -238,3 +252,33 @@ def test_regional_taylor_under_inductor_matches_eager():
     out = case(0)
     torch.testing.assert_close(out, eager[0], rtol=1e-4, atol=1e-4)
     assert all(rt.stats()["cached_steps"] > 0 for rt in _block_runtimes(case.pipe.transformer))
+
+
+@pytest.mark.parametrize("regional", [False, True])
+def test_caching_that_stops_at_the_recompile_limit_says_so_once(regional):
+    """Past dynamo's recompile limit a frame runs eagerly, uncompiled and uncached, with one torch
+    log line as its only sign; the pipeline's clock sees scheduler steps that reached no compiled
+    graph and warns once, and report() counts them."""
+    case = build_pipeline("flux")
+    compile_pipeline(case.pipe, policy="fora", compiler="eager", regional=regional, **SCHEDULES["fora"])
+    with torch._dynamo.config.patch(recompile_limit=2), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for size in (64, 96):  # two graphs per code object: both compiled, both cache
+            case(0, height=size, width=size)
+        assert not [w for w in caught if "specdiff" in str(w.message)]
+        case(0, height=128, width=128)  # a third: dynamo runs it uncompiled
+        case(0, height=128, width=128)
+    said = [str(w.message) for w in caught if "specdiff" in str(w.message)]
+    assert len(said) == 1 and "recompile limit" in said[0], said
+    view = get_runtime(case.pipe.transformer)
+    assert view.stats()["uncompiled_steps"] == 2 * case.steps
+    assert "steps run uncompiled" in view.report()
+
+
+def test_an_eager_stance_says_caching_stopped():
+    case = build_pipeline("sd3")
+    compile_pipeline(case.pipe, policy="taylor", compiler="eager", **SCHEDULES["taylor"])
+    case(0)
+    with torch.compiler.set_stance("force_eager"), pytest.warns(RuntimeWarning, match="runs eagerly"):
+        case(0)
+    assert get_runtime(case.pipe.transformer).stats()["uncompiled_steps"] == case.steps

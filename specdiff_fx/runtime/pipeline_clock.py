@@ -17,6 +17,11 @@ Steps are counted per runtime from its first call in the trajectory, so a denois
 a trajectory late (the second expert of Wan 2.2, a graph compiled mid-trajectory for a call of
 another shape) starts with its own warm-up instead of reading caches it never wrote.
 
+A step the scheduler takes with no runtime's call in it means the denoiser ran outside every
+compiled graph -- dynamo's recompile limit reached (past it, a frame runs eagerly with no sign
+but one log line), or an eager stance -- so nothing was cached: the clock warns once and counts
+such steps (``uncompiled_steps``, shown by ``report()``).
+
 The clock also lends the pipeline's sampler to the self-speculative draft (``draft``): a copy
 of the pipeline's scheduler set to a few steps, so the draft advances as the pipeline does
 (DPM-Solver, DDPM with epsilon or v prediction, PNDM, flow matching) instead of assuming one.
@@ -25,6 +30,7 @@ of the pipeline's scheduler set to a few steps, so the draft advances as the pip
 from __future__ import annotations
 
 import logging
+import warnings
 import weakref
 from dataclasses import dataclass
 from typing import Callable
@@ -72,6 +78,10 @@ class PipelineClock:
         # the timestep of the clock's current step (compile_pipeline reads the scheduler's list):
         # what a block frame, which receives no timestep, reports in its events
         self.timestep_source: Callable[[], float | None] | None = None
+        # steps the scheduler took with no call reaching a compiled graph (module docstring)
+        self.uncompiled_steps = 0
+        self._reached = False
+        self._warned = False
         self._users: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
     # ---------------------------------------------------------------- pipeline side
@@ -79,6 +89,7 @@ class PipelineClock:
         self.stopped = False
         self.trajectory += 1
         self.step = 0
+        self._reached = False
         log.debug("pipeline clock: trajectory %d begins", self.trajectory)
 
     def stop(self) -> None:
@@ -88,8 +99,31 @@ class PipelineClock:
         self.stopped = True
 
     def end_step(self) -> None:
+        if self.running:
+            if not self._reached:
+                self._uncompiled_step()
+            self._reached = False
         if self.trajectory >= 0:
             self.step += 1
+
+    def reached(self) -> None:
+        """A call reached a compiled graph (any runtime, caching or not) in this step."""
+        self._reached = True
+
+    def _uncompiled_step(self) -> None:
+        """The scheduler stepped and no denoiser call reached a compiled graph: dynamo ran the
+        denoiser itself, uncompiled and uncached.  Said once, counted always."""
+        self.uncompiled_steps += 1
+        if self._warned:
+            return
+        self._warned = True
+        log.info("pipeline clock: step %d of trajectory %d ran no compiled graph", self.step, self.trajectory)
+        warnings.warn(
+            "specdiff: the pipeline stepped its scheduler without the denoiser reaching its compiled graph, so "
+            "dynamo ran it uncompiled and uncached: its recompile limit was reached (torch._dynamo.config."
+            "recompile_limit graphs per code object; with dynamic=False every new image size, batch size, frame "
+            "count or text length is a graph of its own), or the model runs eagerly (torch.compiler.set_stance, "
+            "torch._dynamo.disable).  get_runtime(model).report() counts these steps", RuntimeWarning, stacklevel=4)
 
     # ---------------------------------------------------------------- runtime side
     @property

@@ -144,6 +144,9 @@ class SpecDiffRuntime:
         self.root = self  # the runtime dynamo called; a sibling's root is the one it was made from
         self._initial_signature = _signature(example_inputs, self.signature_indices) if example_inputs else None
         self._warned: set[str] = set()
+        # a fallback whose warning waits for the model's other frames: asked at the next call
+        # whether any of them caches (backend._fallback); None: said already, or nothing to say
+        self.pending_warning: Callable[[], bool] | None = None
         self._init_state()
 
     def _init_state(self) -> None:
@@ -168,6 +171,7 @@ class SpecDiffRuntime:
             sibling.param_ptrs = frozenset(a.data_ptr() for a in args
                                            if isinstance(a, torch.nn.Parameter) and a.data_ptr())
             sibling._warned = set()
+            sibling.pending_warning = None  # the frame's warning is the root's to settle
             sibling._init_state()
             if len(self.siblings) >= MAX_SIBLINGS:  # modules that are gone keep no caches alive
                 self.siblings.pop(next(iter(self.siblings)))
@@ -175,18 +179,33 @@ class SpecDiffRuntime:
             log.info("specdiff: another module through this %s graph gets its own runtime state", self.policy)
         return sibling
 
+    def settle_fallback_warning(self) -> None:
+        """This frame has no residual branches.  If the model's other frames cache (its blocks,
+        after a graph break), that is a frame without blocks: an INFO line, and ``report()``'s
+        frames table names it.  If none does, caching is off for the model: the warning."""
+        others_cache, self.pending_warning = self.pending_warning, None
+        if others_cache():
+            log.info("specdiff: a frame without residual branches (%s); the model's other frames cache",
+                     self.fallback)
+        else:
+            warn_fallback(self.fallback)
+
     def all_runtimes(self) -> list["SpecDiffRuntime"]:
         """This runtime and the siblings made for other modules through the same graph."""
         return [self, *self.siblings.values()]
 
     # ------------------------------------------------------------------ calls
     def __call__(self, *args: Any) -> Any:
+        if self.pipeline_clock is not None:
+            self.pipeline_clock.reached()
         if self.owner is not None:
             owner = args[self._param_index].data_ptr()
             if owner != self.owner:
                 return self._sibling(owner, args)(*args)
         if self.fallback is not None or (self.timestep_index is None and self.follow is None
                                          and not self.block_frame):
+            if self.pending_warning is not None and self._calls:
+                self.settle_fallback_warning()
             if self.clock is not None and self.timestep_index is not None:
                 # a plain graph that still counts the model's steps for its other graphs
                 event = self._event(args)
@@ -355,6 +374,8 @@ class SpecDiffRuntime:
             "cache_bytes": self.slots.allocated_bytes,
             "plan": [_plain_entry(e) for e in self._plan],
             "host_ms_per_call": self._host_stats(),
+            # steps of the pipeline that reached no compiled graph (runtime/pipeline_clock.py)
+            "uncompiled_steps": self.pipeline_clock.uncompiled_steps if self.pipeline_clock is not None else 0,
             **self._extra_stats(),
             **self._cuda_graph_stats(),
             **self.info,
@@ -395,6 +416,9 @@ class SpecDiffRuntime:
             ["calls", s["calls"]],
             ["cache memory", f"{s['cache_bytes'] / 2**20:.2f} MiB in {s['cache_slots']} slot(s)"],
         ]
+        if s["uncompiled_steps"]:
+            head.append(["steps run uncompiled", f"{s['uncompiled_steps']} (no compiled graph reached: recompile "
+                                                  "limit or an eager frame)"])
         for key in ("branches", "branch_kinds", "draft_steps", "partial_steps", "image_tokens",
                     "subset_tokens", "attention_sites"):
             if key in s:
