@@ -282,3 +282,34 @@ def test_an_eager_stance_says_caching_stopped():
     with torch.compiler.set_stance("force_eager"), pytest.warns(RuntimeWarning, match="runs eagerly"):
         case(0)
     assert get_runtime(case.pipe.transformer).stats()["uncompiled_steps"] == case.steps
+
+
+@pytest.mark.parametrize("regional", [False, True])
+def test_lora_hotswap_compiles_nothing_and_equals_a_fresh_compile(regional):
+    """diffusers' hotswap (``enable_lora_hotswap`` before the first load, then
+    ``load_lora_weights(..., hotswap=True)``) swaps weights in place: no new graph, the caches of
+    the new trajectory are the new LoRA's; ``joint_attention_kwargs={"scale": s}`` scales it (a
+    whole-model graph guards on the scale's value, so a new scale is a new graph there)."""
+    pytest.importorskip("peft")
+    loras = [_lora(build_pipeline("flux").pipe.transformer, seed) for seed in (1, 2)]
+
+    def pipeline(lora):
+        case = build_pipeline("flux")
+        case.pipe.enable_lora_hotswap(target_rank=4)
+        case.pipe.load_lora_weights(dict(lora), adapter_name="a")
+        compile_pipeline(case.pipe, policy="taylor", compiler="eager", regional=regional, **SCHEDULES["taylor"])
+        return case
+
+    served = pipeline(loras[0])
+    first = served(0)
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    served.pipe.load_lora_weights(dict(loras[1]), adapter_name="a", hotswap=True)
+    swapped = served(0)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs, "a hotswap compiled a graph"
+    scaled = served(0, joint_attention_kwargs={"scale": 0.5})  # (the whole model guards on the scale)
+    assert not torch.equal(first, swapped)
+    assert all(rt.stats()["cached_steps"] > 0 for rt in _block_runtimes(served.pipe.transformer))
+    torch._dynamo.reset()
+    fresh = pipeline(loras[1])
+    assert torch.equal(swapped, fresh(0))
+    assert torch.equal(scaled, fresh(0, joint_attention_kwargs={"scale": 0.5}))
