@@ -36,6 +36,12 @@ log = logging.getLogger("specdiff_fx")
 NO_BRANCHES = "no residual branches found in the graph"
 
 
+class NothingToCache(UnsupportedGraph):
+    """A frame with no residual branches: no loss of caching when the model's other frames
+    cache (Lumina2's and HiDream's frames around their graph breaks), so its warning waits
+    for them (SpecDiffRuntime.settle_fallback_warning)."""
+
+
 def _has_symbolic_shapes(example_inputs: Sequence[Any]) -> bool:
     for x in example_inputs:
         if isinstance(x, torch.SymInt):
@@ -72,7 +78,7 @@ class SpecDiffBackend:
             runtime.graphs = {name: g if name == "original" else _for_context_parallel(g)
                               for name, g in runtime.graphs.items()}
         except UnsupportedGraph as exc:
-            runtime = self._fallback(gm, example_inputs, str(exc))
+            runtime = self._fallback(gm, example_inputs, str(exc), deferred=isinstance(exc, NothingToCache))
         except Exception as exc:  # a bug of ours must not break the user's compile
             runtime = self._fallback(gm, example_inputs, f"internal error {type(exc).__name__}: {exc}")
         self._register(runtime, example_inputs)
@@ -121,7 +127,8 @@ class SpecDiffBackend:
                     "compile the whole model (compile_pipeline(pipe) without regional=True), or use policy "
                     "'fora' or 'taylor'")
             else:
-                raise UnsupportedGraph(
+                no_branches = not find_residual_branches(gm, frame_root_adds=True)
+                raise (NothingToCache if no_branches else UnsupportedGraph)(
                     "no timestep input found (set SpecDiffConfig.timestep_input to its name; a block compiled on "
                     "its own, e.g. by diffusers' compile_repeated_blocks, takes its steps from the pipeline: "
                     "specdiff_fx.compile_pipeline(pipe, regional=True); if the model's "
@@ -132,7 +139,7 @@ class SpecDiffBackend:
         # adds in its own forward are residuals (find_residual_branches)
         ctx.branches = find_residual_branches(gm, frame_root_adds=inputs.timestep_index is None)
         if not ctx.branches:
-            raise UnsupportedGraph(NO_BRANCHES)
+            raise NothingToCache(NO_BRANCHES)
         log.info("specdiff: %d residual branches found (%s)", len(ctx.branches),
                  ", ".join(f"{k} {n}" for k, n in sorted(count_kinds(ctx.branches).items())))
         runtime = policy.build(ctx)
@@ -155,15 +162,15 @@ class SpecDiffBackend:
 
         return compile_fx(gm, _static_fakes(example_inputs), config_patches=dict(self.config.inductor_config) or None)
 
-    def _fallback(self, gm: fx.GraphModule, example_inputs: Sequence[Any], reason: str) -> SpecDiffRuntime:
+    def _fallback(self, gm: fx.GraphModule, example_inputs: Sequence[Any], reason: str,
+                  deferred: bool = False) -> SpecDiffRuntime:
         try:  # a plain graph that has the timestep still counts the model's steps for its other graphs
             timestep_index = None if _has_symbolic_shapes(example_inputs) else self._graph_inputs(gm).timestep_index
         except Exception:
             timestep_index = None
-        # The model's own frame without blocks (Lumina2: its blocks run after a graph break) is
-        # no loss of caching when the model's other frames cache: they compile after it, so the
+        # A frame without blocks (Lumina2's embedding frame, the frames around its graph break) is
+        # no loss of caching when the model's other frames cache: they may compile after it, so the
         # runtime settles the warning at its next call (SpecDiffRuntime.settle_fallback_warning).
-        deferred = reason == NO_BRANCHES and timestep_index is not None
         if not deferred:
             warn_fallback(reason)
         runtime = SpecDiffRuntime(

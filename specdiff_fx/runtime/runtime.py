@@ -147,6 +147,7 @@ class SpecDiffRuntime:
         # a fallback whose warning waits for the model's other frames: asked at the next call
         # whether any of them caches (backend._fallback); None: said already, or nothing to say
         self.pending_warning: Callable[[], bool] | None = None
+        self._plain_calls = 0
         self._init_state()
 
     def _init_state(self) -> None:
@@ -204,8 +205,10 @@ class SpecDiffRuntime:
                 return self._sibling(owner, args)(*args)
         if self.fallback is not None or (self.timestep_index is None and self.follow is None
                                          and not self.block_frame):
-            if self.pending_warning is not None and self._calls:
-                self.settle_fallback_warning()
+            if self.pending_warning is not None:
+                if self._plain_calls:
+                    self.settle_fallback_warning()
+                self._plain_calls += 1
             if self.clock is not None and self.timestep_index is not None:
                 # a plain graph that still counts the model's steps for its other graphs
                 event = self._event(args)
