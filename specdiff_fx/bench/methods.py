@@ -126,7 +126,6 @@ def _backend_method(name: str, label: str, config_text: str, fit: bool = False, 
         from .. import compile_regional, get_runtime, make_backend
 
         compiler = "inductor" if wl.compiler == "inductor" else "eager"
-        context, callback = contextlib.nullcontext, None
         if regional:
             compiled = copy.deepcopy(wl.model.transformer)
             handle = compile_regional(compiled, compiler=compiler, fullgraph=True, **backend_kwargs)
@@ -139,6 +138,7 @@ def _backend_method(name: str, label: str, config_text: str, fit: bool = False, 
             def callback(step, t, x):
                 handle.end_step()
         else:
+            context, callback = contextlib.nullcontext, None
             backend = make_backend(compiler=compiler, **backend_kwargs)
             compiled = torch.compile(wl.model.transformer, backend=backend, fullgraph=True, dynamic=False)
         if fit:
