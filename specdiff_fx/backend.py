@@ -19,13 +19,9 @@ import torch.fx as fx
 
 from .config import SpecDiffConfig
 from .passes import count_kinds, find_graph_inputs, find_residual_branches
-from .passes.collectives import (
-    has_collectives,
-    has_rank_partials,
-    output_group,
-    prune_dead_collectives,
-    reduce_rank_partials,
-)
+from .passes.collectives import has_collectives, output_group
+from .passes.prune_collectives import prune_dead_collectives
+from .passes.rank_partials import has_rank_partials, reduce_rank_partials
 from .policies import POLICIES, BuildContext, UnsupportedGraph
 from .runtime import FULL, ClockFollower, PipelineClock, SpecDiffRuntime, StepClock, warn_fallback
 

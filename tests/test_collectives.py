@@ -14,17 +14,10 @@ import torch.distributed as dist
 import torch.distributed._functional_collectives  # noqa: F401  (registers the ops)
 import torch.fx as fx
 
-from specdiff_fx.passes.collectives import (
-    RANK_PARTIAL,
-    collectives_summary,
-    find_collectives,
-    has_collectives,
-    has_rank_partials,
-    is_wait,
-    output_group,
-    prune_dead_collectives,
-    reduce_rank_partials,
-)
+from specdiff_fx.inspect.collective_traffic import collectives_summary
+from specdiff_fx.passes.collectives import find_collectives, has_collectives, is_wait, output_group
+from specdiff_fx.passes.prune_collectives import prune_dead_collectives
+from specdiff_fx.passes.rank_partials import RANK_PARTIAL, has_rank_partials, reduce_rank_partials
 from specdiff_fx.passes.residual_branches import ResidualBranch
 
 c10d = torch.ops._c10d_functional

@@ -110,7 +110,7 @@ def _rank_main(rank: int, init_file: str, out_dir: str, family: str, config: dic
     from torch.profiler import ProfilerActivity, profile
 
     from specdiff_fx import get_runtime
-    from specdiff_fx.passes.collectives import collectives_summary
+    from specdiff_fx.inspect.collective_traffic import collectives_summary
 
     torch.set_num_threads(1)
     device = f"cuda:{rank}" if backend_name == "nccl" else "cpu"

@@ -33,7 +33,6 @@ import torch.nn.functional as F
 
 from ..backend import UnsupportedGraph, get_runtime, make_backend
 from ..passes import block_of, find_residual_branches, group_nodes_by_block, module_path_of
-from ..passes.collectives import CollectivesSummary, collectives_summary
 from ..passes.graph_inputs import find_graph_inputs
 from ..passes.graph_queries import is_attention, is_conv, is_heavy, tensor_meta
 from ..passes.residual_branches import ResidualBranch
@@ -42,6 +41,7 @@ from ..policies import POLICIES
 from ..passes.token_variants import INDEX
 from ..runtime import FULL, SpecDiffRuntime
 from .capture import GraphBreaks, capture_graph
+from .collective_traffic import CollectivesSummary, collectives_summary
 from .cost import (
     N,
     T,

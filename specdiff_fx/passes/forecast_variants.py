@@ -43,7 +43,7 @@ import torch
 import torch.fx as fx
 
 from ..buffers import BufferRole, BufferSpec
-from .collectives import RANK_PARTIAL
+from .rank_partials import RANK_PARTIAL
 from .graph_copy import (
     add_static_input,
     copy_graph_module,

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from . import (
     branch_cache_variants,
-    collectives,
     forecast_variants,
+    rank_partials,
     token_forecast,
     token_lines,
     token_select,
@@ -20,7 +20,7 @@ from . import (
 )
 
 _PASSES = (branch_cache_variants, forecast_variants, token_variants, token_forecast, token_select, token_lines,
-           collectives)
+           rank_partials)
 
 
 def _merge() -> dict[str, str]:

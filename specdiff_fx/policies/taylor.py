@@ -13,7 +13,7 @@ import dataclasses
 import warnings
 
 from ..passes import count_kinds
-from ..passes.collectives import has_collectives, has_rank_partials, output_group
+from ..passes.collectives import has_collectives, output_group
 from ..passes.forecast_variants import (
     ForecastError,
     build_forecast_record_variant,
@@ -21,6 +21,7 @@ from ..passes.forecast_variants import (
     lite_targets,
     probe_targets,
 )
+from ..passes.rank_partials import has_rank_partials
 from ..runtime import FORECAST, FULL, ForecastRuntime, FullStepSchedule
 from ..runtime.forecast_runtime import VARIABLES
 from ..runtime.forecasters import FORECASTERS
