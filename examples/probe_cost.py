@@ -1,7 +1,7 @@
 """What taylor's error probe costs, as a share of a full step, in FLOPs.
 
 Why: the probe (``probe=True`` / ``tolerance``) makes every forecast step compute the first
-block again.  This counts matmul-like FLOPs (``specdiff_fx.backend.count_flops``: the
+block again.  This counts matmul-like FLOPs (``specdiff_fx.policies.flops.count_flops``: the
 ``torch.utils.flop_counter`` on fake tensors, attention through the math kernel) of the
 original graph (a full step) and of the forecast variants the backend builds: lite without
 and with the probe, and per branch without and with it.  The probe's cost is the difference
@@ -17,9 +17,9 @@ import argparse
 
 import torch
 
-from specdiff_fx.policies.base import count_flops
 from specdiff_fx.passes import find_residual_branches
 from specdiff_fx.passes.forecast_variants import build_forecast_variant, lite_targets, probe_targets
+from specdiff_fx.policies.flops import count_flops
 from specdiff_fx.tiny_models import build_tiny
 
 

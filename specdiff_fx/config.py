@@ -22,7 +22,8 @@ import dataclasses
 from typing import Any
 
 from .policies import POLICIES, owners
-from .policies.base import CACHE_DTYPES, Field, a_bool, a_dict, an_int, one_of, step_list
+from .policies.base import CACHE_DTYPES, Field
+from .policies.checks import a_bool, a_dict, an_int, one_of, step_list
 
 COMPILERS = ("inductor", "eager")
 DIRECTIONS = ("auto", "down", "up")

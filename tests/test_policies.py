@@ -11,7 +11,7 @@ from specdiff_fx import SpecDiffConfig, make_backend
 from specdiff_fx import policies as registry
 from specdiff_fx.config import COMMON_FIELDS, FIELDS
 from specdiff_fx.policies import POLICIES, Field, Policy, get_policy, owners, register
-from specdiff_fx.policies.base import an_int
+from specdiff_fx.policies.checks import an_int
 
 
 def test_builtin_policies_are_registered_in_order():

@@ -96,7 +96,7 @@ def test_lite_probe_costs_one_block(capture):
     """FLOPs (count_flops, as the backend counts them): on DiT's two identical blocks the lite
     probe adds exactly one block to the forecast step, half of what the blocks cost at a full
     step (examples/probe_cost.py measures the share on larger models)."""
-    from specdiff_fx.policies.base import count_flops
+    from specdiff_fx.policies.flops import count_flops
 
     case = build_tiny("dit")
     gm, example = capture(case.model, case.make_inputs())

@@ -2,7 +2,7 @@
 rewrite, FLOP counts.
 
 Why one: verification (passes/verify.py), the inspection report's costs (inspect/cost.py) and
-the runtime's FLOP estimates (policies/base.py) each ran their own interpreter over fake
+the runtime's FLOP estimates (policies/flops.py) each ran their own interpreter over fake
 tensors, with three ways to fail.  :class:`FakeRun` is torch's ``FakeTensorProp`` (the pass
 Inductor and export use to keep ``meta["val"]`` true) plus what they need:
 

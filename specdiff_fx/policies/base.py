@@ -18,13 +18,15 @@ Contracts a policy keeps:
 * what it cannot handle raises :class:`UnsupportedGraph` with a reason a user can act on:
   the backend then compiles the plain graph and warns once, naming it.
 
+The checks a :class:`Field` uses are in ``policies/checks.py``, FLOP counts in
+``policies/flops.py``.
+
 Imports: torch, passes/, runtime/, buffers.  Never the backend, config, inspect or bench.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Sequence
 
@@ -34,9 +36,9 @@ import torch.fx as fx
 from ..buffers import BufferRole, BufferSpec
 from ..passes.graph_inputs import GraphInputs
 from ..passes.residual_branches import ResidualBranch
-from ..passes.fake_run import FakeRun
 from ..passes.verify import VariantVerificationError, output_signature, verify_variant, with_fake_values
 from ..runtime import SpecDiffRuntime
+from .checks import one_of
 
 log = logging.getLogger("specdiff_fx")
 
@@ -61,92 +63,6 @@ class Field:
     check: Callable[[Any], Any]
     doc: str
     type: str = "Any"
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def an_int(low: int | None = None, none: bool = False) -> Callable[[Any], Any]:
-    """An int >= ``low`` (or None where ``none``): TypeError for another type, ValueError below ``low``."""
-    def check(value: Any) -> Any:
-        if value is None and none:
-            return value
-        bound = f" >= {low}" if low is not None else ""
-        if not _is_int(value):
-            raise TypeError(f"must be an int{bound}{' or None' if none else ''}, got {value!r}")
-        if low is not None and value < low:
-            raise ValueError(f"must be an int{bound}{' or None' if none else ''}, got {value!r}")
-        return value
-    return check
-
-
-def a_number(low: float | None = None, high: float | None = None, low_open: bool = False,
-             high_open: bool = True, none: bool = False, finite: bool = True) -> Callable[[Any], Any]:
-    """A number in the interval (ends open or closed as asked; finite unless ``finite`` is
-    False, then +inf passes where the interval allows it), or None where ``none``."""
-    def check(value: Any) -> Any:
-        if value is None and none:
-            return value
-        ok = _is_number(value) and not math.isnan(value) and (math.isfinite(value) or not finite)
-        if ok and low is not None:
-            ok = value > low if low_open else value >= low
-        if ok and high is not None:
-            ok = value < high if high_open else value <= high
-        if not ok:
-            lo = "" if low is None else ("(" if low_open else "[") + f"{low:g}"
-            hi = "" if high is None else f"{high:g}" + (")" if high_open else "]")
-            where = f" in {lo}, {hi}" if lo and hi else (f" {'>' if low_open else '>='} {low:g}" if lo else "")
-            kind = "a finite number" if finite else "a number"
-            raise ValueError(f"must be {kind}{where}{' or None' if none else ''}, got {value!r}")
-        return value
-    return check
-
-
-def one_of(*choices: Any) -> Callable[[Any], Any]:
-    def check(value: Any) -> Any:
-        # same type too: True is not the choice 1
-        if not any(value == c and type(value) is type(c) for c in choices):
-            raise ValueError(f"must be one of {choices}, got {value!r}")
-        return value
-    return check
-
-
-def a_bool(none: bool = False) -> Callable[[Any], Any]:
-    def check(value: Any) -> Any:
-        if not isinstance(value, bool) and not (none and value is None):
-            raise TypeError(f"must be a bool{' or None' if none else ''}, got {value!r}")
-        return value
-    return check
-
-
-def a_dict(value: Any) -> Any:
-    if not isinstance(value, dict):
-        raise TypeError(f"must be a dict, got {value!r}")
-    return dict(value)
-
-
-def a_callable_or_none(value: Any) -> Any:
-    if value is not None and not callable(value):
-        raise TypeError("must be callable")
-    return value
-
-
-def step_list(value: Any) -> Any:
-    """Non-negative step indices, stored as a tuple (None: the policy's default)."""
-    if value is None:
-        return value
-    try:
-        steps = tuple(value)
-    except TypeError:
-        steps = None
-    if steps is None or any(not _is_int(s) or s < 0 for s in steps):
-        raise ValueError(f"must be non-negative ints, got {value!r}")
-    return steps
 
 
 # ----------------------------------------------------------------------------- building
@@ -260,16 +176,6 @@ def example_buffer(spec: BufferSpec, num_tokens: int | None = None) -> torch.Ten
 def with_buffers(example_inputs: Sequence[Any], specs: Sequence[BufferSpec]) -> list[Any]:
     """The graph's example inputs followed by an example of each buffer."""
     return list(example_inputs) + [example_buffer(s) for s in specs]
-
-
-def count_flops(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> int | None:
-    """Matmul-like FLOPs of one call (passes/fake_run.py: torch.utils.flop_counter on fake tensors)."""
-    runner = FakeRun(gm, count_flops=True)
-    try:
-        runner.run_fake(example_inputs)
-    except VariantVerificationError:  # the estimate is informative only
-        return None
-    return runner.total_flops
 
 
 CACHE_DTYPES = ("bfloat16", "float16", "float32")

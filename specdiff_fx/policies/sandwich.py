@@ -24,7 +24,8 @@ from ..passes.forecast_variants import (
     lite_targets,
 )
 from ..runtime import FORECAST, FULL, ForecastRuntime, FullStepSchedule
-from .base import BuildContext, Field, Policy, UnsupportedGraph, an_int, trace_artifacts, verify_variants, with_buffers
+from .base import BuildContext, Field, Policy, UnsupportedGraph, trace_artifacts, verify_variants, with_buffers
+from .checks import an_int
 
 
 class Sandwich(Policy):

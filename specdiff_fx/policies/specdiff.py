@@ -27,21 +27,9 @@ from ..passes.token_variants import (
 )
 from ..runtime import DRAFT, FORECAST, FULL, PARTIAL, FullStepSchedule, TokenRuntime
 from ..runtime.token_runtime import C3_MODES
-from .base import (
-    BuildContext,
-    Field,
-    Policy,
-    UnsupportedGraph,
-    a_bool,
-    a_callable_or_none,
-    a_number,
-    an_int,
-    count_flops,
-    one_of,
-    trace_artifacts,
-    verify_variants,
-    with_buffers,
-)
+from .base import BuildContext, Field, Policy, UnsupportedGraph, trace_artifacts, verify_variants, with_buffers
+from .checks import a_bool, a_callable_or_none, a_number, an_int, one_of
+from .flops import count_flops
 
 
 class SpecDiff(Policy):

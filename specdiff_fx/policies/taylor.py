@@ -31,17 +31,13 @@ from .base import (
     Field,
     Policy,
     UnsupportedGraph,
-    a_bool,
-    a_dict,
-    a_number,
-    an_int,
     cache_dtype,
-    count_flops,
-    one_of,
     trace_artifacts,
     verify_variants,
     with_buffers,
 )
+from .checks import a_bool, a_dict, a_number, an_int, one_of
+from .flops import count_flops
 
 
 class Taylor(Policy):
