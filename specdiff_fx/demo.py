@@ -17,6 +17,7 @@ import time
 import torch
 
 from . import get_runtime, make_backend
+from .device_sync import synchronize as _synchronize
 
 
 def psnr(images: torch.Tensor, reference: torch.Tensor, data_range: float = 2.0) -> float:
@@ -34,11 +35,6 @@ def load_demo_model():
     except FileNotFoundError:
         torch.manual_seed(0)
         return ClassConditionalMMDiT().eval(), "reference MMDiT architecture, RANDOM weights (no committed weights found)"
-
-
-def _synchronize() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
 
 
 def time_sampling(sample_fn, repeats: int) -> tuple[float, float, torch.Tensor]:

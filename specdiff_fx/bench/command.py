@@ -34,6 +34,7 @@ from typing import Callable
 
 import torch
 
+from ..device_sync import synchronize as _sync
 from .methods import COMPILERS, Method, Prepared, SkipMethod, StepCounts, Workload
 
 ROW_KEYS = ("method", "label", "family", "status", "reason", "config", "speedup", "time_s", "times_s",
@@ -250,11 +251,6 @@ def make_groups(num_images: int, batch_size: int, num_classes: int, image_shape:
                            for i in idx])
         groups.append((labels, noise))
     return groups
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _own_backend(compiler: str) -> Callable:

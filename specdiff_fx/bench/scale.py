@@ -44,6 +44,8 @@ from typing import Any, Callable
 
 import torch
 
+from ..device_sync import synchronize as _sync
+
 # published shapes: (layers, heads, head_dim, text tokens as the pipeline pads them)
 FAMILIES = {
     "sd3-medium": dict(layers=24, heads=24, head_dim=64, text_tokens=333),
@@ -176,11 +178,6 @@ def capture_graph(case: ScaleModel) -> tuple[torch.fx.GraphModule, list]:
     with torch.no_grad():
         compiled(**case.inputs)
     return store["gm"], store["inputs"]
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def time_round_robin(fns: dict[str, Callable[[], Any]], *, repeats: int, calls: int, warmup: int,
