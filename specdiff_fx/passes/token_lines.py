@@ -66,22 +66,6 @@ def _stamp_view(stamp: torch.Tensor, like: torch.Tensor, axis: int) -> torch.Ten
     return stamp.reshape(shape)
 
 
-def _entry_index(positions: torch.Tensor, axis: int, like: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """Broadcast indices of the entries at ``positions`` (batch, count) of a tensor whose token
-    axis is ``axis`` (the layout of token_ops.complete_kv)."""
-    batch, count = positions.shape
-    index = []
-    for dim in range(axis):
-        size = batch if dim == 0 else like.shape[dim]
-        shape = [1] * (axis + 1)
-        shape[dim] = size
-        index.append(torch.arange(size, device=positions.device).reshape(shape))
-    shape = [1] * (axis + 1)
-    shape[0], shape[axis] = batch, count
-    index.append(positions.reshape(shape))
-    return tuple(index)
-
-
 def record_line(value: torch.Tensor, slope: torch.Tensor, stamp: torch.Tensor, line: torch.Tensor,
                 fresh: torch.Tensor, axis: int) -> torch.Tensor:
     """Full step, every entry computed: ``slope = valid · (fresh − value) / (x − stamp)`` over each
@@ -110,7 +94,7 @@ def forecast_line(value: torch.Tensor, slope: torch.Tensor, stamp: torch.Tensor,
     place (what the step reads), and the fresh entries start a new line at ``x`` (only they are
     written)."""
     x = line[0]
-    index = _entry_index(positions, axis, value)
+    index = token_ops.entry_index(positions, axis, value)
     fresh = fresh.to(value.dtype)
     rows = torch.arange(positions.shape[0], device=positions.device).unsqueeze(1)
     since = (x - stamp[rows, positions]).clamp_min(1e-6)           # (batch, count)

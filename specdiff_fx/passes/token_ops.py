@@ -50,6 +50,23 @@ def layout_positions(index: torch.Tensor, segments: tuple[tuple[str, int], ...])
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
 
+def entry_index(positions: torch.Tensor, axis: int, like: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Broadcast indices of the entries at ``positions`` (batch, count) of ``like``, a tensor
+    whose token axis is ``axis``: one ``arange`` per leading dim (the batch dim sized by
+    ``positions``), then the positions; ``like[index]`` holds those entries, ``count`` along ``axis``."""
+    batch, count = positions.shape
+    index = []
+    for dim in range(axis):
+        size = batch if dim == 0 else like.shape[dim]
+        shape = [1] * (axis + 1)
+        shape[dim] = size
+        index.append(torch.arange(size, device=positions.device).reshape(shape))
+    shape = [1] * (axis + 1)
+    shape[0], shape[axis] = batch, count
+    index.append(positions.reshape(shape))
+    return tuple(index)
+
+
 def complete_kv(cache: torch.Tensor, fresh: torch.Tensor, positions: torch.Tensor, axis: int) -> torch.Tensor:
     """Write the freshly computed keys/values into the per-layer cache, in place, and
     return the whole cache: the other tokens keep the values of the last full step.
@@ -60,17 +77,7 @@ def complete_kv(cache: torch.Tensor, fresh: torch.Tensor, positions: torch.Tenso
     re-inplace: two full passes over every K and V cache per partial step, 1.6 ms of 16.6 ms
     on an H100 at SD3-medium shape (examples/profile_steps.py).
     """
-    batch, count = positions.shape
-    index = []
-    for dim in range(axis):
-        size = batch if dim == 0 else cache.shape[dim]
-        shape = [1] * (axis + 1)
-        shape[dim] = size
-        index.append(torch.arange(size, device=positions.device).reshape(shape))
-    shape = [1] * (axis + 1)
-    shape[0], shape[axis] = batch, count
-    index.append(positions.reshape(shape))
-    cache.index_put_(tuple(index), fresh.to(cache.dtype))
+    cache.index_put_(entry_index(positions, axis, cache), fresh.to(cache.dtype))
     return cache
 
 
