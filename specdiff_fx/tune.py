@@ -40,11 +40,12 @@ from .calibrate import fit_forecaster
 from .config import SpecDiffConfig
 from .demo import psnr
 from .runtime.forecast_runtime import ForecastRuntime
+from .runtime.forecasters import FORECASTERS, tune_candidates
 from .runtime.schedule import FullStepSchedule
 
 log = logging.getLogger("specdiff_fx")
 
-DEFAULT_FORECASTERS = (("taylor", {}), ("hermite", {"sigma": 0.7}), ("fitted", {}))
+DEFAULT_FORECASTERS = tune_candidates()  # the registry entries with tune_options (runtime/forecasters.py)
 DEFAULT_SHAPES = (0.8, 0.9, 1.0, 1.15, 1.3)
 SPEED_SLACK = 0.03  # a prediction this far below the request still meets it (the timings' own spread)
 
@@ -261,7 +262,7 @@ def tune(target: Any, run: Callable[[Sequence[int]], torch.Tensor], reference: S
             full = sched.full_steps(n)
             for name, options in forecasters:
                 configure(target, forecaster="taylor", forecaster_options={}, **sched.config())
-                if name == "fitted":
+                if FORECASTERS[name].fitted:
                     table = fit_forecaster(target, lambda: run(fit_batches))
                     options = {"coefficients": {int(k): list(v) for k, v in table.items()}}
                 else:

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from specdiff_fx import SpecDiffConfig, compile_pipeline, fit_forecaster, get_runtime, restore_pipeline
-from specdiff_fx.runtime.forecasters import FORECASTERS, LeastSquares, coefficients, register
+from specdiff_fx.runtime.forecasters import FORECASTERS, LeastSquares, coefficients, register, tune_candidates
 from specdiff_fx.tiny_pipelines import build_pipeline
 
 SCHEDULE = dict(warmup_steps=2, interval=3)  # full 0, 1, 2, 5, 8, ...: cached steps at k = 1, 2
@@ -103,6 +103,30 @@ def test_least_squares_gives_a2_zero_where_d2_has_no_history_yet():
 
 
 # ----------------------------------------------------------------------------- config
+def test_a_new_forecaster_is_one_entry_the_config_and_tune_read():
+    def check(options):
+        if not 0 < options.get("damping", 0.5) < 1:
+            raise ValueError(f"['damping'] must be in (0, 1), got {options['damping']!r}")
+        return dict(options)
+
+    @register("test_damped", 1, "for this test", options=("damping",), check=check, tune_options={"damping": 0.5})
+    def _damped(k, gap, step, options):
+        return options.get("damping", 0.5) * k, 0.0
+
+    try:
+        cfg = SpecDiffConfig(forecaster="test_damped", forecaster_options={"damping": 0.25})
+        assert cfg.forecaster_options == {"damping": 0.25}
+        assert coefficients("test_damped", 2.0, None, 3, cfg.forecaster_options) == (0.5, 0.0)
+        with pytest.raises(ValueError, match=r"forecaster_options of forecaster 'test_damped': \['damping'\]"):
+            SpecDiffConfig(forecaster="test_damped", forecaster_options={"damping": 2})
+        with pytest.raises(ValueError, match=r"\['sigma'\] do not apply to forecaster 'test_damped'"):
+            SpecDiffConfig(forecaster="test_damped", forecaster_options={"sigma": 0.5})
+        assert ("test_damped", {"damping": 0.5}) in tune_candidates()
+    finally:
+        FORECASTERS.pop("test_damped")
+    assert [name for name, _ in tune_candidates()] == ["taylor", "hermite", "fitted"]
+
+
 def test_config_names_what_is_wrong_with_a_forecaster():
     with pytest.raises(ValueError, match="forecaster must be one of"):
         SpecDiffConfig(forecaster="bdf9")

@@ -40,6 +40,11 @@ from .checks import a_bool, a_dict, a_number, an_int, one_of
 from .flops import count_flops
 
 
+def _forecaster_doc(f) -> str:
+    notes = ([f"order {f.min_order}"] if f.min_order > 1 else []) + [f"option ``{o}``" for o in sorted(f.options)]
+    return f"``\"{f.name}\"``" + (f" ({', '.join(notes)})" if notes else "")
+
+
 class Taylor(Policy):
     name = "taylor"
     order = 2
@@ -49,10 +54,9 @@ class Taylor(Policy):
               "1 (default) or 2, the order of the Taylor terms recorded (2 keeps a second difference, "
               "which ``newton`` and a fitted order-2 forecaster use).", "int"),
         Field("forecaster", "taylor", lambda v: v,  # checked against the registry in resolve()
-              "how cached steps weigh the recorded terms (runtime/forecasters.py): ``\"taylor\"``, "
-              "``\"newton\"`` (order 2), ``\"hermite\"`` (damped, option ``sigma``) or ``\"fitted\"`` "
-              "(per-step coefficients from :func:`specdiff_fx.fit_forecaster`).  Every choice runs the "
-              "same compiled graphs (docs/forecasting.md, \"Forecasters\").", "str"),
+              "how cached steps weigh the recorded terms, a forecaster of runtime/forecasters.py: "
+              + ", ".join(_forecaster_doc(f) for f in FORECASTERS.values())
+              + ".  Every choice runs the same compiled graphs (docs/forecasting.md, \"Forecasters\").", "str"),
         Field("forecaster_options", {}, a_dict,
               "the forecaster's options, e.g. ``{\"sigma\": 0.7}`` or ``{\"coefficients\": {step: (a1, a2)}}``.",
               "dict"),
@@ -142,6 +146,8 @@ class Taylor(Policy):
 
 
 def _check_forecaster(values: dict) -> None:
+    """The forecaster's entry decides (runtime/forecasters.py): its name, the Taylor order it
+    needs, the option keys it reads and its own check of their values."""
     name, options = values["forecaster"], values["forecaster_options"]
     if name not in FORECASTERS:
         raise ValueError(f"SpecDiffConfig.forecaster must be one of {sorted(FORECASTERS)}, got {name!r}")
@@ -153,21 +159,12 @@ def _check_forecaster(values: dict) -> None:
     if unknown:
         raise ValueError(f"SpecDiffConfig.forecaster_options {sorted(unknown)} do not apply to forecaster "
                          f"{name!r} (it takes {sorted(allowed) or 'none'})")
-    if "sigma" in options:
-        sigma = options["sigma"]
-        if not isinstance(sigma, (int, float)) or isinstance(sigma, bool) or not 0 < sigma <= 2:
-            raise ValueError(f"SpecDiffConfig.forecaster_options['sigma'] must be in (0, 2], got {sigma!r}")
-    if name == "fitted":
-        table = options.get("coefficients")
-        if not isinstance(table, dict) or not table:
-            raise ValueError("SpecDiffConfig.forecaster='fitted' needs forecaster_options={'coefficients': "
-                             "{step: (a1, a2)}} (from specdiff_fx.fit_forecaster)")
-        try:  # JSON turns the step keys into strings
-            clean = {int(step): (float(a[0]), float(a[1])) for step, a in table.items()}
-        except (TypeError, ValueError, IndexError) as exc:
-            raise ValueError("SpecDiffConfig.forecaster_options['coefficients'] must map step -> (a1, a2), "
-                             f"got {table!r}") from exc
-        values["forecaster_options"] = dict(options, coefficients=clean)
+    check = FORECASTERS[name].check
+    if check is not None:
+        try:
+            values["forecaster_options"] = check(options)
+        except ValueError as exc:
+            raise ValueError(f"SpecDiffConfig.forecaster_options of forecaster {name!r}: {exc}") from exc
 
 
 def probe_flops_share(full: int | None, with_probe: int | None, without: int | None) -> float | None:

@@ -11,6 +11,12 @@ here, a host function of the step geometry; the compiled graphs are the same for
 them and no choice of forecaster or schedule recompiles (docs/forecasting.md,
 "Forecasters").
 
+An entry also carries what the rest of the package needs to know about it, so adding a
+forecaster is one :func:`register` call: the option keys it reads and its own check of their
+values (policy ``taylor`` checks the name, the order and the keys from the entry, then calls
+the check), and how ``tune`` tries it (the options it tries by default, or that its options
+come from :func:`specdiff_fx.fit_forecaster`).
+
 Geometry handed to a law, in the runtime's position unit (steps, or timestep distance):
 
 * ``k``: distance from the last full step to this step;
@@ -25,6 +31,7 @@ from dataclasses import dataclass
 from typing import Callable, Mapping
 
 CoefficientLaw = Callable[[float, "float | None", int, Mapping], "tuple[float, float]"]
+OptionCheck = Callable[[Mapping], dict]
 
 
 @dataclass(frozen=True)
@@ -36,25 +43,59 @@ class Forecaster:
     law: CoefficientLaw  # (k, gap, step, options) -> (a1, a2)
     summary: str
     options: frozenset = frozenset()  # the keys of SpecDiffConfig.forecaster_options it reads
+    check: OptionCheck | None = None
+    """``check(options) -> options``: the values of its option keys, normalised, or a ValueError
+    saying what is wrong (the config names the field and the forecaster); None: any value."""
+    tune_options: Mapping | None = None
+    """The options ``tune`` tries it with by default (None: not among tune's default candidates)."""
+    fitted: bool = False
+    """Its options come from :func:`specdiff_fx.fit_forecaster` (``tune`` fits it on its fit
+    batches before scoring it)."""
 
 
 FORECASTERS: dict[str, Forecaster] = {}
 
 
-def register(name: str, min_order: int, summary: str, options: tuple[str, ...] = ()):
+def register(name: str, min_order: int, summary: str, options: tuple[str, ...] = (), *,
+             check: OptionCheck | None = None, tune_options: Mapping | None = None, fitted: bool = False):
     """Decorator: add a coefficient law to :data:`FORECASTERS` under ``name``, reading the
-    ``options`` keys of ``SpecDiffConfig.forecaster_options`` (any other key is refused there)."""
+    ``options`` keys of ``SpecDiffConfig.forecaster_options`` (any other key is refused there),
+    their values checked by ``check``; ``tune_options`` and ``fitted`` as in :class:`Forecaster`."""
 
     def wrap(law: CoefficientLaw) -> CoefficientLaw:
         if name in FORECASTERS:
             raise ValueError(f"forecaster {name!r} is registered twice")
-        FORECASTERS[name] = Forecaster(name, min_order, law, summary, frozenset(options))
+        FORECASTERS[name] = Forecaster(name, min_order, law, summary, frozenset(options), check,
+                                       None if tune_options is None else dict(tune_options), fitted)
         return law
 
     return wrap
 
 
-@register("taylor", 1, "TaylorSeer: F + k·D1 (+ k²/2·D2)")
+def tune_candidates() -> tuple[tuple[str, dict], ...]:
+    """``(name, options)`` of every forecaster ``tune`` tries by default, in registration order."""
+    return tuple((f.name, dict(f.tune_options)) for f in FORECASTERS.values() if f.tune_options is not None)
+
+
+def _check_sigma(options: Mapping) -> dict:
+    sigma = options.get("sigma", 0.7)
+    if not isinstance(sigma, (int, float)) or isinstance(sigma, bool) or not 0 < sigma <= 2:
+        raise ValueError(f"['sigma'] must be in (0, 2], got {sigma!r}")
+    return dict(options)
+
+
+def _check_coefficients(options: Mapping) -> dict:
+    table = options.get("coefficients")
+    if not isinstance(table, dict) or not table:
+        raise ValueError("needs {'coefficients': {step: (a1, a2)}} (from specdiff_fx.fit_forecaster)")
+    try:  # JSON turns the step keys into strings
+        clean = {int(step): (float(a[0]), float(a[1])) for step, a in table.items()}
+    except (TypeError, ValueError, IndexError) as exc:
+        raise ValueError(f"['coefficients'] must map step -> (a1, a2), got {table!r}") from exc
+    return dict(options, coefficients=clean)
+
+
+@register("taylor", 1, "TaylorSeer: F + k·D1 (+ k²/2·D2)", tune_options={})
 def _taylor(k, gap, step, options):
     return k, 0.5 * k * k
 
@@ -66,7 +107,8 @@ def _newton(k, gap, step, options):
     return k, 0.5 * k * (k + (gap if gap is not None else 0.0))
 
 
-@register("hermite", 1, "damped series (HiCache-type scaling σ): F + σ²k·D1 + σ²(σ²k²−1)/2·D2", options=("sigma",))
+@register("hermite", 1, "damped series (HiCache-type scaling σ): F + σ²k·D1 + σ²(σ²k²−1)/2·D2", options=("sigma",),
+          check=_check_sigma, tune_options={"sigma": 0.7})
 def _hermite(k, gap, step, options):
     # The probabilists' Hermite polynomials He1(x) = x, He2(x) = x² − 1 of the contracted
     # distance σk, each term shrunk by σⁿ: σ < 1 damps the extrapolation, and the −1 of He2
@@ -76,7 +118,7 @@ def _hermite(k, gap, step, options):
 
 
 @register("fitted", 1, "per-step (a1, a2) fitted by least squares on calibration trajectories",
-          options=("coefficients",))
+          options=("coefficients",), check=_check_coefficients, tune_options={}, fitted=True)
 def _fitted(k, gap, step, options):
     table = options.get("coefficients") or {}
     if step in table:
