@@ -1,4 +1,4 @@
-"""Finding the collectives in a graph: which nodes issue one, which wait on one, and the
+"""Finding the collectives in a graph: which nodes call one, which wait on one, and the
 process group the graph's output is gathered over.
 
 Why this module exists.  Under diffusers' context parallelism (``ContextParallelConfig`` +

@@ -3,7 +3,7 @@
 Why this pass exists.  Under context parallelism each rank holds a shard of the tokens, so a
 value summed over tokens inside the graph (the forecast probe's error sums,
 passes/forecast_variants.py) is only this rank's part.  A decision made from it (refresh the
-next step or not) would differ between ranks, and a rank that refreshed alone would issue
+next step or not) would differ between ranks, and a rank that refreshed alone would run
 collectives the others do not (a hang).  A pass that computes such a value tags it
 ``meta[RANK_PARTIAL]``; :func:`reduce_rank_partials` inserts its all-reduce over the group
 the output is gathered over (:func:`.collectives.output_group`), so every rank reads the same
