@@ -21,7 +21,7 @@ import torch
 
 from specdiff_fx import compile_pipeline, compile_regional, get_runtime, make_backend, restore_pipeline
 from specdiff_fx.regional import repeated_blocks
-from specdiff_fx.tiny_pipelines import build_pipeline
+from tiny_pipelines import build_pipeline
 
 SCHEDULES = {"fora": dict(warmup_steps=2, interval=2), "taylor": dict(warmup_steps=2, interval=3)}
 

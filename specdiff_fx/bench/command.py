@@ -34,7 +34,7 @@ from typing import Callable
 
 import torch
 
-from .methods import COMPILERS, Method, Prepared, SkipMethod, StepCounts, Workload
+from .methods import COMPILERS, Method, Prepared, SkipMethod, StepCounts, Workload, make_groups
 
 ROW_KEYS = ("method", "label", "family", "status", "reason", "config", "speedup", "time_s", "times_s",
             "baseline_time_s", "baseline_times_s", "ms_per_image",
@@ -238,20 +238,6 @@ def select_methods(methods: list[Method], spec: str | None) -> list[Method]:
 
 
 # ----------------------------------------------------------------------------- workload
-def make_groups(num_images: int, batch_size: int, num_classes: int, image_shape: tuple[int, ...],
-                seed_offset: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """(labels, noise) per sample() call: image i has seed ``seed_offset + i`` (its noise is what
-    ``sample(..., seed=seed)`` draws for one image) and label i mod num_classes."""
-    groups = []
-    for start in range(0, num_images, batch_size):
-        idx = list(range(start, min(num_images, start + batch_size)))
-        labels = torch.tensor([i % num_classes for i in idx], dtype=torch.long)
-        noise = torch.cat([torch.randn((1, *image_shape), generator=torch.Generator().manual_seed(seed_offset + i))
-                           for i in idx])
-        groups.append((labels, noise))
-    return groups
-
-
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)

@@ -77,3 +77,29 @@ def pareto_plot(rows: list[dict], path: str, title: str | None = None) -> None:
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+def tune_plot(result, path: str) -> None:
+    """The trials of a tune (``TuneResult``): predicted speed-up against PSNR, per forecaster, the
+    Pareto front and the chosen one."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 5), dpi=130)
+    for name in sorted({t.forecaster for t in result.trials}):
+        pts = [(t.predicted_speedup, t.psnr) for t in result.trials if t.forecaster == name]
+        ax.scatter(*zip(*pts), s=14, label=name, alpha=0.7)
+    front = pareto_front([(t.predicted_speedup, t.psnr) for t in result.trials])
+    ax.plot(*zip(*front), color="0.3", lw=1, label="Pareto front")
+    ax.scatter([result.chosen.predicted_speedup], [result.chosen.psnr], s=120, facecolors="none", edgecolors="red",
+               label="chosen")
+    ax.set_xlabel("predicted speed-up vs uncached (measured step costs)")
+    ax.set_ylabel("PSNR dB vs uncached (evaluation batches)")
+    ax.set_title(f"specdiff-fx tune: {result.request}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
