@@ -177,6 +177,7 @@ def test_pareto_front_and_plot(tmp_path):
     assert "SKIPPED: package missing" in table and "inf" in table and "ref" in table
 
 
+@pytest.mark.slow
 def test_each_row_is_timed_against_its_own_paired_baseline_whose_compile_is_not_counted(tmp_path):
     from specdiff_fx.cli import main
 

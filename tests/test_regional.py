@@ -119,6 +119,7 @@ def _lora(transformer, seed, rank=2):
             for part, shape in (("lora_A", (rank, mod.in_features)), ("lora_B", (mod.out_features, rank)))}
 
 
+@pytest.mark.slow
 def test_regional_lora_changes_each_equal_a_fresh_compile():
     pytest.importorskip("peft")
     loras = [_lora(build_pipeline("flux").pipe.transformer, seed) for seed in (1, 2)]
