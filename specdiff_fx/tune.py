@@ -180,7 +180,8 @@ def configure(target: Any, **changes: Any) -> None:
         cfg = backend.config
         for rt in backend.all_runtimes():
             if isinstance(rt, ForecastRuntime):
-                rt.schedule = FullStepSchedule(cfg.warmup_steps, cfg.interval or None, cfg.reset_steps)
+                rt.schedule = FullStepSchedule(cfg.warmup_steps, cfg.interval or None, cfg.reset_steps,
+                                               full_at=cfg.full_at)
                 rt.forecaster, rt.forecaster_options = cfg.forecaster, dict(cfg.forecaster_options)
                 rt.reset()
 
