@@ -16,8 +16,9 @@ import torch
 from tabulate import tabulate
 
 from specdiff_fx import fit_forecaster, get_runtime, make_backend
-from specdiff_fx.bench.command import CALIBRATION_SEED_OFFSET, make_groups
-from specdiff_fx.demo import psnr
+from specdiff_fx.bench.command import CALIBRATION_SEED_OFFSET
+from specdiff_fx.bench.methods import make_groups
+from specdiff_fx.quality import psnr
 from specdiff_fx.reference.model import load_reference_model, sample
 
 SCHEDULES = {

@@ -20,7 +20,7 @@ import torch
 from specdiff_fx.passes import find_residual_branches
 from specdiff_fx.passes.forecast_variants import build_forecast_variant, lite_targets, probe_targets
 from specdiff_fx.policies.flops import count_flops
-from specdiff_fx.tiny_models import build_tiny
+from specdiff_fx.testing.tiny_models import build_tiny
 
 
 def capture(model: torch.nn.Module, kwargs: dict):

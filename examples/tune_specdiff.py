@@ -17,7 +17,7 @@ import torch
 from tabulate import tabulate
 
 from specdiff_fx import get_runtime, make_backend
-from specdiff_fx.demo import psnr
+from specdiff_fx.quality import psnr
 from specdiff_fx.reference.classifier import classify
 from specdiff_fx.reference.model import load_reference_model, sample
 

@@ -22,7 +22,7 @@ seconds on a small model); only Inductor's compile is skipped.
 Each process needs its own interpreter; the default mode runs A and B as subprocesses, each
 with its own fresh temporary ``TORCHINDUCTOR_CACHE_DIR`` so B's hits can only come from the
 artifacts.  ``--policy`` and ``--family`` pick the policy and the tiny model
-(specdiff_fx/tiny_models.py); with a real model, compile it the same way (same shapes,
+(specdiff_fx/testing/tiny_models.py); with a real model, compile it the same way (same shapes,
 ``dynamic=False``, same backend config, same torch version): anything that changes the
 graph or Inductor's config changes the cache keys.
 """
@@ -43,7 +43,7 @@ def run(policy: str, family: str, load: str | None, save: str | None, steps: int
     from torch._dynamo.utils import counters
 
     from specdiff_fx import get_runtime, make_backend
-    from specdiff_fx.tiny_models import build_tiny
+    from specdiff_fx.testing.tiny_models import build_tiny
 
     if load:  # before anything compiles
         with open(load, "rb") as f:
@@ -81,7 +81,7 @@ def child(args: list[str], cache_dir: str) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--policy", default="taylor", help="taylor (default), fora, specdiff, ...")
-    parser.add_argument("--family", default="dit", help="tiny model family (specdiff_fx/tiny_models.py)")
+    parser.add_argument("--family", default="dit", help="tiny model family (specdiff_fx/testing/tiny_models.py)")
     parser.add_argument("--save", help="process A: compile, then write the mega-cache artifacts here")
     parser.add_argument("--load", help="process B: load the artifacts from here before compiling")
     parser.add_argument("--json", action="store_true", help="print one JSON line (used by the default mode)")

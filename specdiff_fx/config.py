@@ -28,6 +28,7 @@ from .policies.checks import a_bool, a_dict, an_int, one_of, step_list
 COMPILERS = ("inductor", "eager")
 DIRECTIONS = ("auto", "down", "up")
 SCHEDULE = ("warmup_steps", "interval", "reset_steps")
+"""The schedule fields every policy gives a default for (``full_at`` defaults to none)."""
 
 
 def _policy(value: Any) -> Any:
@@ -45,6 +46,17 @@ def _cudagraphs(value: Any) -> Any:
             raise ValueError("SpecDiffConfig(cudagraphs=True) needs a CUDA device; this machine has none "
                              "(torch.cuda.is_available() is False). Leave cudagraphs off on CPU.")
     return value
+
+
+def _progress_points(value: Any) -> Any:
+    """Points in (0, 1), stored sorted as a tuple of floats."""
+    try:
+        points = tuple(float(u) for u in value)
+    except (TypeError, ValueError):
+        points = None
+    if points is None or any(not 0.0 < u < 1.0 for u in points):
+        raise ValueError(f"must be progress points in (0, 1) (0: pure noise, 1: the clean sample), got {value!r}")
+    return tuple(sorted(set(points)))
 
 
 def _timestep_input(value: Any) -> Any:
@@ -66,6 +78,11 @@ COMMON_FIELDS: tuple[Field, ...] = (
           "``reset_steps`` only; None: the policy's default).", "int | None"),
     Field("reset_steps", None, step_list,
           "extra steps that are always full (None: the policy's default).", "tuple[int, ...] | None"),
+    Field("full_at", (), _progress_points,
+          "full steps in the sampler's time: progress points in (0, 1) through the noise schedule (read "
+          "from the timesteps); the first step to reach each is full, at any step count or scheduler shift "
+          "(runtime/schedule.py).  Combine with ``interval=0`` for a schedule of warm-up plus these points.",
+          "tuple[float, ...]"),
     Field("compiler", "inductor", one_of(*COMPILERS),
           "``\"inductor\"`` or ``\"eager\"`` (the rewritten graphs uncompiled, for tests and debugging).", "str"),
     Field("cudagraphs", False, _cudagraphs,

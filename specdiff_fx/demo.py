@@ -18,12 +18,7 @@ import torch
 
 from . import get_runtime, make_backend
 from .device_sync import synchronize as _synchronize
-
-
-def psnr(images: torch.Tensor, reference: torch.Tensor, data_range: float = 2.0) -> float:
-    """PSNR in dB of images in [-1, 1] (clamped) against a reference."""
-    mse = torch.mean((images.clamp(-1, 1) - reference.clamp(-1, 1)) ** 2).item()
-    return float("inf") if mse == 0 else 10.0 * torch.log10(torch.tensor(data_range**2 / mse)).item()
+from .quality import psnr
 
 
 def load_demo_model():

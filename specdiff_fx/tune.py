@@ -38,7 +38,7 @@ import torch
 from .backend import SpecDiffBackend, backend_of
 from .calibrate import fit_forecaster
 from .config import SpecDiffConfig
-from .demo import psnr
+from .quality import psnr
 from .runtime.forecast_runtime import ForecastRuntime
 from .runtime.forecasters import FORECASTERS, tune_candidates
 from .runtime.schedule import FullStepSchedule
@@ -158,30 +158,6 @@ class TuneResult:
                         headers=["", "schedule", "forecaster", "full", "predicted", "measured", "PSNR dB"],
                         tablefmt="github")
 
-    def plot(self, path: str) -> None:
-        import matplotlib
-
-        matplotlib.use("Agg", force=True)
-        import matplotlib.pyplot as plt
-
-        from .bench.plot import pareto_front
-
-        fig, ax = plt.subplots(figsize=(7.5, 5), dpi=130)
-        for name in sorted({t.forecaster for t in self.trials}):
-            pts = [(t.predicted_speedup, t.psnr) for t in self.trials if t.forecaster == name]
-            ax.scatter(*zip(*pts), s=14, label=name, alpha=0.7)
-        front = pareto_front([(t.predicted_speedup, t.psnr) for t in self.trials])
-        ax.plot(*zip(*front), color="0.3", lw=1, label="Pareto front")
-        ax.scatter([self.chosen.predicted_speedup], [self.chosen.psnr], s=120, facecolors="none", edgecolors="red",
-                   label="chosen")
-        ax.set_xlabel("predicted speed-up vs uncached (measured step costs)")
-        ax.set_ylabel("PSNR dB vs uncached (evaluation batches)")
-        ax.set_title(f"specdiff-fx tune: {self.request}")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(path)
-        plt.close(fig)
 
 
 def load_config(path: str) -> SpecDiffConfig:
@@ -205,7 +181,8 @@ def configure(target: Any, **changes: Any) -> None:
         cfg = backend.config
         for rt in backend.all_runtimes():
             if isinstance(rt, ForecastRuntime):
-                rt.schedule = FullStepSchedule(cfg.warmup_steps, cfg.interval or None, cfg.reset_steps)
+                rt.schedule = FullStepSchedule(cfg.warmup_steps, cfg.interval or None, cfg.reset_steps,
+                                               full_at=cfg.full_at)
                 rt.forecaster, rt.forecaster_options = cfg.forecaster, dict(cfg.forecaster_options)
                 rt.reset()
 

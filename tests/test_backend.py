@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from specdiff_fx import SpecDiffConfig, get_runtime, make_backend, specdiff_backend
-from specdiff_fx.tiny_models import build_tiny
+from specdiff_fx.testing.tiny_models import build_tiny
 
 from helpers import HOOKED_MODULES, TIMESTEPS_10, PlainMLP, assert_all_close, compile_with, hook_reference, run_steps
 

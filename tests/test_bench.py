@@ -12,7 +12,7 @@ from specdiff_fx.bench import command
 from specdiff_fx.bench.anchors import auto_threshold, skip_share
 from specdiff_fx.bench.methods import Method, StepCounts
 from specdiff_fx.bench.metrics import peak_memory_mb, ssim
-from specdiff_fx.bench.plot import pareto_front, pareto_plot
+from specdiff_fx.bench.plot import _numbered, _spread, pareto_front, pareto_plot
 
 EXPECTED_LABELS = [
     "baseline", "specdiff cr=0.5", "specdiff cr=0.7", "specdiff cr=0.8", "specdiff-forecast cr=0.7",
@@ -177,6 +177,17 @@ def test_pareto_front_and_plot(tmp_path):
     assert "SKIPPED: package missing" in table and "inf" in table and "ref" in table
 
 
+def test_plot_numbers_rows_in_bench_order_and_spreads_coincident_labels():
+    rows = [_row("baseline", "baseline", 1.0, None), _row("a", "specdiff-fx", 1.8, 31.0),
+            _row("skipped", "cache-dit", None, None, status="skipped"), _row("b", "diffusers", 1.2, 30.0),
+            _row("c", "diffusers", 1.3, None, identical=True)]
+    assert [(n, r["label"]) for n, r in _numbered(rows)] == [(1, "a"), (2, "b"), (3, "c")]
+    # three markers on one spot and one far away: the three labels get three different offsets
+    offsets = _spread([(100.0, 100.0), (101.0, 99.0), (100.0, 100.0), (300.0, 300.0)], 9.0)
+    assert len(set(offsets[:3])) == 3 and offsets[3] == offsets[0]
+
+
+@pytest.mark.slow
 def test_each_row_is_timed_against_its_own_paired_baseline_whose_compile_is_not_counted(tmp_path):
     from specdiff_fx.cli import main
 

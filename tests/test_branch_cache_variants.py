@@ -7,7 +7,7 @@ from specdiff_fx.passes.branch_cache_variants import (
 )
 from specdiff_fx.passes.graph_queries import is_attention
 from specdiff_fx.passes.residual_branches import find_residual_branches
-from specdiff_fx.tiny_models import build_tiny
+from specdiff_fx.testing.tiny_models import build_tiny
 
 FAMILIES = ["dit", "pixart", "sd3", "flux", "unet"]
 

@@ -14,7 +14,7 @@ from specdiff_fx.passes.token_axis import analyze_token_axis
 from specdiff_fx.passes.token_forecast import build_token_forecast_variant
 from specdiff_fx.passes.token_variants import build_token_partial_variant, build_token_record_variant
 from specdiff_fx.runtime.token_runtime import TokenSlot
-from specdiff_fx.tiny_models import build_tiny
+from specdiff_fx.testing.tiny_models import build_tiny
 
 CPU = torch.device("cpu")
 

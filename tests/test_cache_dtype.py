@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from specdiff_fx import SpecDiffConfig, get_runtime
-from specdiff_fx.tiny_models import build_tiny
+from specdiff_fx.testing.tiny_models import build_tiny
 
 from helpers import TIMESTEPS_10, compile_with, run_steps
 

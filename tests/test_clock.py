@@ -114,7 +114,7 @@ def test_pipeline_clock_without_steps_stays_bounded():
     assert events[-1] is None and max(e.slot for e in events if e is not None) < 2 * MAX_CALL_SLOTS
 
 
-# timesteps real pipelines pass (specdiff_fx/tiny_pipelines.py): none of them is doubted
+# timesteps real pipelines pass (tests/tiny_pipelines.py): none of them is doubted
 REAL_SCHEDULES = {
     "sd3": [1000.0, 900.359, 751.121, 502.985, 8.929],
     "sd3_heun": [1000.0, 857.692, 857.692, 602.151, 602.151, 8.929, 8.929],

@@ -41,6 +41,7 @@ def test_unknown_method_is_refused():
     assert args.methods == ["plain", "taylor"] and args.modes == ["regional"]
 
 
+@pytest.mark.slow
 def test_eager_run_end_to_end(tmp_path, capsys):
     """Two child processes (cold, warm) of the regional row of the default policy: the
     plumbing, the regional clock driven by the sampler's callback, the JSON."""

@@ -28,7 +28,9 @@ import torch.multiprocessing as mp
 from specdiff_fx import make_backend
 from specdiff_fx.config import POLICIES
 from specdiff_fx.passes.collectives import COLLECTIVE_OPS
-from specdiff_fx.tiny_models import TinyCase, build_tiny
+from specdiff_fx.testing.tiny_models import TinyCase, build_tiny
+
+pytestmark = pytest.mark.slow  # two spawned ranks per test: ~20 s each on 2 cores
 
 WORLD = 2
 TIMEOUT_S = 60

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from specdiff_fx import SpecDiffConfig, get_runtime, make_backend
-from specdiff_fx.tiny_models import TinyCase, build_tiny
+from specdiff_fx.testing.tiny_models import TinyCase, build_tiny
 
 from helpers import TIMESTEPS_10, assert_all_close
 

@@ -1,6 +1,6 @@
 """Both policies on every diffusers 0.42.1 transformer class that serves a text-to-image or
 text-to-video pipeline (plus DiT, class-conditional), as a new user would meet them: tiny
-random-init configs (specdiff_fx/tiny_models.py), batch 2, text padding masks where the
+random-init configs (specdiff_fx/testing/tiny_models.py), batch 2, text padding masks where the
 pipeline passes one.
 
 For each class, policy ``specdiff`` either builds and passes partial exactness, cache
@@ -21,7 +21,7 @@ from torch._dynamo.utils import counters
 
 from specdiff_fx import get_runtime, make_backend
 from specdiff_fx.passes.token_axis import analyze_token_axis
-from specdiff_fx.tiny_models import build_tiny
+from specdiff_fx.testing.tiny_models import build_tiny
 
 from helpers import assert_all_close, run_steps
 from test_token_variants import assert_partial_exact, record_at

@@ -18,7 +18,7 @@ from specdiff_fx.passes.forecast_variants import (
 )
 from specdiff_fx.passes.graph_queries import is_attention
 from specdiff_fx.passes.residual_branches import find_residual_branches
-from specdiff_fx.tiny_models import build_tiny
+from specdiff_fx.testing.tiny_models import build_tiny
 
 from helpers import HOOKED_MODULES, TIMESTEPS_10, assert_all_close, compile_with, run_steps, stack_forecast_reference
 

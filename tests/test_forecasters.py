@@ -13,7 +13,7 @@ import torch
 
 from specdiff_fx import SpecDiffConfig, compile_pipeline, fit_forecaster, get_runtime, restore_pipeline
 from specdiff_fx.runtime.forecasters import FORECASTERS, LeastSquares, coefficients, register, tune_candidates
-from specdiff_fx.tiny_pipelines import build_pipeline
+from tiny_pipelines import build_pipeline
 
 SCHEDULE = dict(warmup_steps=2, interval=3)  # full 0, 1, 2, 5, 8, ...: cached steps at k = 1, 2
 
@@ -224,8 +224,9 @@ def test_fitted_forecast_beats_taylor_with_six_full_steps_on_the_reference_model
     """Fitted on calibration seeds, measured on others (the reference bench's 6-full-step
     schedule, lite): docs/forecasting.md, "Forecasters", has the full-size numbers."""
     from specdiff_fx import make_backend
-    from specdiff_fx.bench.command import CALIBRATION_SEED_OFFSET, make_groups
-    from specdiff_fx.demo import psnr
+    from specdiff_fx.bench.command import CALIBRATION_SEED_OFFSET
+    from specdiff_fx.bench.methods import make_groups
+    from specdiff_fx.quality import psnr
     from specdiff_fx.reference.model import load_reference_model, sample
 
     torch._dynamo.reset()

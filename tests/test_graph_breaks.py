@@ -9,7 +9,7 @@ import torch
 
 from specdiff_fx import get_runtime, make_backend
 from specdiff_fx.runtime import ClockFollower, StepClock, StepTracker
-from specdiff_fx.tiny_models import TinyCase, build_tiny
+from specdiff_fx.testing.tiny_models import TinyCase, build_tiny
 
 from helpers import TIMESTEPS_10, assert_all_close, hook_reference, run_steps
 

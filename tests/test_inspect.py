@@ -25,7 +25,7 @@ from specdiff_fx.passes.token_variants import (
     build_token_partial_variant,
     build_token_record_variant,
 )
-from specdiff_fx.tiny_models import build_tiny
+from specdiff_fx.testing.tiny_models import build_tiny
 from test_residual_branches import EXPECTED
 
 FAMILIES = sorted(EXPECTED)

@@ -10,7 +10,7 @@ import torch
 from specdiff_fx.cli import main as cli_main
 from specdiff_fx.inspect.html import render_html
 from specdiff_fx.inspect.report import inspect_model
-from specdiff_fx.tiny_models import build_tiny
+from specdiff_fx.testing.tiny_models import build_tiny
 
 
 def test_report_of_a_fallback_names_the_reason_and_keeps_branches_and_sites():

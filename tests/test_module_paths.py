@@ -1,5 +1,5 @@
 from specdiff_fx.passes.module_paths import block_of, group_nodes_by_block, module_path_of, normalize_module_path
-from specdiff_fx.tiny_models import tiny_dit
+from specdiff_fx.testing.tiny_models import tiny_dit
 
 
 def test_normalize_dynamo_paths():

@@ -8,7 +8,7 @@ import torch
 from specdiff_fx import make_backend
 from specdiff_fx.passes.tags import CACHING_LEVELS
 from specdiff_fx.passes.verify import output_signature
-from specdiff_fx.tiny_models import build_tiny
+from specdiff_fx.testing.tiny_models import build_tiny
 
 POLICIES = {
     "fora": dict(policy="fora"),

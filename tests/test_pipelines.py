@@ -1,4 +1,4 @@
-"""Real diffusers pipelines (specdiff_fx/tiny_pipelines.py) with their own ``__call__``, schedulers and
+"""Real diffusers pipelines (tests/tiny_pipelines.py) with their own ``__call__``, schedulers and
 CFG, every pipeline x policy through ``compile_pipeline``, and the raw path (``torch.compile(model,
 backend=...)`` inside the pipeline) where its inputs can tell the clock.
 
@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from specdiff_fx import compile_pipeline, get_runtime, make_backend, restore_pipeline
-from specdiff_fx.tiny_pipelines import PIPELINES, SLG_EXTRA_CALL_STEPS, WAN22_EXPERT_STEPS, build_pipeline
+from tiny_pipelines import PIPELINES, SLG_EXTRA_CALL_STEPS, WAN22_EXPERT_STEPS, build_pipeline
 
 POLICIES = ("off", "fora", "taylor", "specdiff")
 # schedules that cache within the tiny cases' 5-7 steps

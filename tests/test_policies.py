@@ -127,7 +127,7 @@ def test_the_backends_decisions_are_logged(caplog):
     import warnings
 
     from specdiff_fx.inspect.capture import capture_graph
-    from specdiff_fx.tiny_models import build_tiny
+    from specdiff_fx.testing.tiny_models import build_tiny
 
     case = build_tiny("sd3")
     gm, example = capture_graph(case.model, case.make_inputs())

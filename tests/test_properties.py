@@ -5,7 +5,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from specdiff_fx import get_runtime
-from specdiff_fx.tiny_models import build_tiny
+from specdiff_fx.testing.tiny_models import build_tiny
 
 from helpers import HOOKED_MODULES, TIMESTEPS_10, assert_all_close, compile_with, hook_reference, run_steps
 

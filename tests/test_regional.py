@@ -21,7 +21,7 @@ import torch
 
 from specdiff_fx import compile_pipeline, compile_regional, get_runtime, make_backend, restore_pipeline
 from specdiff_fx.regional import repeated_blocks
-from specdiff_fx.tiny_pipelines import build_pipeline
+from tiny_pipelines import build_pipeline
 
 SCHEDULES = {"fora": dict(warmup_steps=2, interval=2), "taylor": dict(warmup_steps=2, interval=3)}
 
@@ -119,6 +119,7 @@ def _lora(transformer, seed, rank=2):
             for part, shape in (("lora_A", (rank, mod.in_features)), ("lora_B", (mod.out_features, rank)))}
 
 
+@pytest.mark.slow
 def test_regional_lora_changes_each_equal_a_fresh_compile():
     pytest.importorskip("peft")
     loras = [_lora(build_pipeline("flux").pipe.transformer, seed) for seed in (1, 2)]

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from specdiff_fx.passes.residual_branches import count_kinds, find_residual_branches
-from specdiff_fx.tiny_models import build_tiny
+from specdiff_fx.testing.tiny_models import build_tiny
 
 from helpers import PlainMLP
 

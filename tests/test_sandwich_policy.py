@@ -10,8 +10,8 @@ from specdiff_fx import compile_pipeline, get_runtime, make_backend, restore_pip
 from specdiff_fx.inspect.capture import capture_graph
 from specdiff_fx.inspect.report import inspect_runtime
 from specdiff_fx.policies import POLICIES
-from specdiff_fx.tiny_models import build_tiny
-from specdiff_fx.tiny_pipelines import build_pipeline
+from specdiff_fx.testing.tiny_models import build_tiny
+from tiny_pipelines import build_pipeline
 
 SCHEDULE = dict(warmup_steps=2, interval=3)
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from specdiff_fx import get_runtime
-from specdiff_fx.tiny_models import build_tiny
+from specdiff_fx.testing.tiny_models import build_tiny
 
 from helpers import TIMESTEPS_10, assert_all_close, compile_with, run_steps
 

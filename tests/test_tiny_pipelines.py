@@ -6,7 +6,7 @@ import functools
 import pytest
 import torch
 
-from specdiff_fx.tiny_pipelines import PIPELINES, SLG_EXTRA_CALL_STEPS, WAN22_EXPERT_STEPS, build_pipeline
+from tiny_pipelines import PIPELINES, SLG_EXTRA_CALL_STEPS, WAN22_EXPERT_STEPS, build_pipeline
 
 # batch of each denoiser call: 2 where cond and uncond are batched into one call, else 1
 # (sd3_slg's extra skip-layer calls are batch 1, checked separately)

@@ -2,7 +2,7 @@ import pytest
 import sympy
 
 from specdiff_fx.passes.token_axis import IMAGE, TEXT, N, TokenAxisError, analyze_token_axis
-from specdiff_fx.tiny_models import build_tiny
+from specdiff_fx.testing.tiny_models import build_tiny
 
 # (family, attention sites with image keys, sites total, joint text tokens in the layout)
 EXPECTED = {

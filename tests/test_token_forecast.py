@@ -11,7 +11,7 @@ from specdiff_fx.passes.token_forecast import build_token_forecast_variant
 from specdiff_fx.passes.token_variants import build_token_record_variant
 from specdiff_fx.runtime import FullStepSchedule
 from specdiff_fx.passes.token_lines import extrapolate, forecast_line, record_line
-from specdiff_fx.tiny_models import build_tiny
+from specdiff_fx.testing.tiny_models import build_tiny
 
 from helpers import TIMESTEPS_10, compile_with, run_steps
 

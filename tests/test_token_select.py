@@ -9,7 +9,7 @@ from specdiff_fx.passes.token_axis import analyze_token_axis
 from specdiff_fx.passes.token_ops import select_tokens
 from specdiff_fx.passes.token_select import TokenSelectError, select_tokens_in_graph
 from specdiff_fx.passes.token_variants import build_token_partial_variant, build_token_record_variant
-from specdiff_fx.tiny_models import build_tiny
+from specdiff_fx.testing.tiny_models import build_tiny
 
 
 def _first(out):

@@ -14,7 +14,7 @@ from specdiff_fx.passes.token_variants import (
     build_token_partial_variant,
     build_token_record_variant,
 )
-from specdiff_fx.tiny_models import build_tiny
+from specdiff_fx.testing.tiny_models import build_tiny
 
 FAMILIES = ["dit", "pixart", "sd3", "flux"]
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from specdiff_fx import compile_pipeline, get_runtime, restore_pipeline
-from specdiff_fx.tiny_pipelines import build_pipeline
+from tiny_pipelines import build_pipeline
 from specdiff_fx.tune import SPEED_SLACK, Schedule, StepCosts, candidate_schedules, configure, load_config, tune
 
 

@@ -23,7 +23,7 @@ from specdiff_fx.passes.forecast_variants import (
 from specdiff_fx.passes.graph_queries import is_attention, is_heavy
 from specdiff_fx.passes.module_paths import block_of, group_nodes_by_block, module_path_of
 from specdiff_fx.passes.residual_branches import find_residual_branches
-from specdiff_fx.tiny_models import build_tiny
+from specdiff_fx.testing.tiny_models import build_tiny
 
 from helpers import TIMESTEPS_10, assert_all_close, compile_with, run_steps, stack_forecast_reference
 
@@ -286,7 +286,7 @@ def test_config_lite_probe_and_tolerance_growth():
 def test_lite_probe_through_a_pipeline():
     """compile_pipeline with lite and a tolerance: the probe runs, refreshes follow the estimate."""
     from specdiff_fx import compile_pipeline
-    from specdiff_fx.tiny_pipelines import build_pipeline
+    from tiny_pipelines import build_pipeline
 
     case = build_pipeline("sd3")
     plain = case(0)

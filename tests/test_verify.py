@@ -15,7 +15,7 @@ from specdiff_fx.passes.verify import (
     verify_variant,
     with_fake_values,
 )
-from specdiff_fx.tiny_models import build_tiny
+from specdiff_fx.testing.tiny_models import build_tiny
 
 from helpers import compile_with, run_steps
 

@@ -40,7 +40,7 @@ import json, sys, time
 import torch
 from torch._dynamo.utils import counters
 from specdiff_fx import get_runtime, make_backend
-from specdiff_fx.tiny_models import build_tiny
+from specdiff_fx.testing.tiny_models import build_tiny
 
 args = json.loads(sys.argv[1])
 if args["load"]:

@@ -35,7 +35,7 @@ from typing import Callable
 import torch
 
 from ..device_sync import synchronize as _sync
-from .methods import COMPILERS, Method, Prepared, SkipMethod, StepCounts, Workload
+from .methods import COMPILERS, Method, Prepared, SkipMethod, StepCounts, Workload, make_groups
 
 ROW_KEYS = ("method", "label", "family", "status", "reason", "config", "speedup", "time_s", "times_s",
             "baseline_time_s", "baseline_times_s", "ms_per_image",
@@ -236,21 +236,6 @@ def select_methods(methods: list[Method], spec: str | None) -> list[Method]:
     if unknown:
         raise ValueError(f"unknown --methods {sorted(unknown)}; known: {sorted(known)}")
     return [m for m in methods if m.name == "baseline" or m.name in wanted or m.label in wanted]
-
-
-# ----------------------------------------------------------------------------- workload
-def make_groups(num_images: int, batch_size: int, num_classes: int, image_shape: tuple[int, ...],
-                seed_offset: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """(labels, noise) per sample() call: image i has seed ``seed_offset + i`` (its noise is what
-    ``sample(..., seed=seed)`` draws for one image) and label i mod num_classes."""
-    groups = []
-    for start in range(0, num_images, batch_size):
-        idx = list(range(start, min(num_images, start + batch_size)))
-        labels = torch.tensor([i % num_classes for i in idx], dtype=torch.long)
-        noise = torch.cat([torch.randn((1, *image_shape), generator=torch.Generator().manual_seed(seed_offset + i))
-                           for i in idx])
-        groups.append((labels, noise))
-    return groups
 
 
 def _own_backend(compiler: str) -> Callable:

@@ -157,7 +157,7 @@ def measure(args: argparse.Namespace, mode: str, method: str) -> dict:
 
     from ..demo import load_demo_model
     from ..reference.model import sample
-    from .command import make_groups
+    from .methods import make_groups
 
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()

@@ -104,13 +104,26 @@ def baseline_method() -> Method:
     return Method("baseline", "baseline", "baseline", build)
 
 
+def make_groups(num_images: int, batch_size: int, num_classes: int, image_shape: tuple[int, ...],
+                seed_offset: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(labels, noise) per sample() call: image i has seed ``seed_offset + i`` (its noise is what
+    ``sample(..., seed=seed)`` draws for one image) and label i mod num_classes."""
+    groups = []
+    for start in range(0, num_images, batch_size):
+        idx = list(range(start, min(num_images, start + batch_size)))
+        labels = torch.tensor([i % num_classes for i in idx], dtype=torch.long)
+        noise = torch.cat([torch.randn((1, *image_shape), generator=torch.Generator().manual_seed(seed_offset + i))
+                           for i in idx])
+        groups.append((labels, noise))
+    return groups
+
+
 FIT_SEED_OFFSET = 10_500  # seeds the fitted forecaster's rows fit on (never evaluated)
 
 
 def _fit_on_other_seeds(wl: Workload, compiled) -> None:
     """Fit the ``fitted`` forecaster on one batch of images of seeds never evaluated."""
     from .. import fit_forecaster
-    from .command import make_groups
 
     labels, noise = wl.groups[0]
     groups = make_groups(labels.shape[0], labels.shape[0], wl.model.num_classes, tuple(noise.shape[1:]),

@@ -14,7 +14,7 @@ from typing import Callable
 
 import torch
 
-from ..demo import psnr
+from ..quality import psnr
 
 
 def ssim(images: torch.Tensor, reference: torch.Tensor) -> float:

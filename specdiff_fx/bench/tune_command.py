@@ -43,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
     from ..demo import load_demo_model
     from ..reference.model import sample
     from ..tune import measure_costs, tune
-    from .command import make_groups
+    from .methods import make_groups
 
     if args.seeds < 2 * args.batch_size or args.seeds % args.batch_size:
         raise ValueError("--seeds must be a multiple of --batch-size and hold at least two batches")
@@ -105,5 +105,7 @@ def run(args: argparse.Namespace) -> int:
         with open(args.report, "w") as f:
             f.write(f"# specdiff-fx tune {result.request}\n\n{result.table()}\n")
     if args.plot:
-        result.plot(args.plot)
+        from .plot import tune_plot
+
+        tune_plot(result, args.plot)
     return 0

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from ..tiny_models import TINY_FAMILIES, build_tiny
+from ..testing.tiny_models import TINY_FAMILIES, build_tiny
 
 
 class GraphBreaks(RuntimeError):

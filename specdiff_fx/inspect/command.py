@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from ..policies import POLICIES
-from ..tiny_models import TINY_FAMILIES
+from ..testing.tiny_models import TINY_FAMILIES
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -138,7 +138,7 @@ class SpecDiff(Policy):
             policy=self.name,
             variants=variants,
             schedule=FullStepSchedule(cfg.warmup_steps, None, cfg.reset_steps,
-                                      cfg.partial_every if FORECAST in built else None),
+                                      cfg.partial_every if FORECAST in built else None, full_at=cfg.full_at),
             record_specs=built[FULL][1],
             partial_specs=built[PARTIAL][1],
             draft_specs=built[DRAFT][1] if DRAFT in built else [],

@@ -10,7 +10,7 @@ masks and the negative prompt's are passed directly; VAEs are left out too where
 pipeline returns latents without one.  No weights or downloads are needed, every case runs
 on a CPU in well under a second, and two builds of a case are identical.
 
-Denoiser configs follow :mod:`specdiff_fx.tiny_models`.  Text embeddings are 5 tokens wide
+Denoiser configs follow :mod:`specdiff_fx.testing.tiny_models`.  Text embeddings are 5 tokens wide
 (6 for HunyuanDiT's T5 stream); where the pipeline hands a text mask to its denoiser, the prompt's
 last token is padding and the negative prompt is padded differently, so masked rows really differ.
 """
@@ -22,7 +22,7 @@ from typing import Any, Callable
 
 import torch
 
-from . import tiny_models
+from specdiff_fx.testing import tiny_models
 
 __all__ = ["TinyPipeline", "PIPELINES", "build_pipeline", "SLG_EXTRA_CALL_STEPS", "WAN22_EXPERT_STEPS"]
 
