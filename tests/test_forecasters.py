@@ -65,7 +65,7 @@ def test_fitted_reads_its_table_per_step_and_falls_back_to_taylor():
 
 def test_a_law_that_is_not_finite_is_a_clear_error():
     @register("test_nan_law", 1, "for this test")
-    def _nan(k, gap, step, options):
+    def _nan(k, gap, step, options, progress):
         return math.nan, 0.0
 
     try:
@@ -102,6 +102,40 @@ def test_least_squares_gives_a2_zero_where_d2_has_no_history_yet():
     assert sums.solve()[3] == pytest.approx((0.5, 0.0))
 
 
+def test_fitted_in_the_samplers_time_scales_the_taylor_terms_by_interpolated_ratios():
+    at = {"progress": [0.2, 0.6], "ratios": [[0.5, 0.0], [1.0, 2.0]]}
+    opts = {"coefficients_at": at}
+    assert coefficients("fitted", 2.0, 1.0, 7, opts, progress=0.2) == pytest.approx((1.0, 0.0))
+    assert coefficients("fitted", 2.0, 1.0, 7, opts, progress=0.4) == pytest.approx((1.5, 2.0))  # halfway
+    assert coefficients("fitted", 4.0, 1.0, 9, opts, progress=0.9) == pytest.approx((4.0, 16.0))  # past the end
+    assert coefficients("fitted", 2.0, 1.0, 7, opts, progress=None) == coefficients("taylor", 2.0, 1.0, 7, {})
+    # the same ratio at twice the distance in steps (50 steps instead of 25): twice the coefficient
+    assert coefficients("fitted", 4.0, 2.0, 14, opts, progress=0.2)[0] == 2 * coefficients(
+        "fitted", 2.0, 1.0, 7, opts, progress=0.2)[0]
+    cfg = SpecDiffConfig(forecaster="fitted", forecaster_options={"coefficients_at": dict(at, step_counts=[28, 20])})
+    assert cfg.forecaster_options["coefficients_at"]["step_counts"] == [20, 28]
+    for bad in ({"progress": [0.6, 0.2], "ratios": [[1, 0], [1, 0]]}, {"progress": [0.2], "ratios": []},
+                {"progress": [0.2]}):
+        with pytest.raises(ValueError, match="coefficients_at"):
+            SpecDiffConfig(forecaster="fitted", forecaster_options={"coefficients_at": bad})
+    with pytest.raises(ValueError, match="one table"):
+        SpecDiffConfig(forecaster="fitted", forecaster_options={"coefficients_at": at, "coefficients": {3: (1, 0)}})
+
+
+def test_least_squares_in_the_samplers_time_fits_ratios_per_progress_point():
+    sums = LeastSquares(order=1, sampler_time=True)
+    d1 = torch.linspace(-1, 1, 20)
+    # at progress 0.25 the residual is 0.6·k·D1 whether k is 2 (one trajectory) or 4 (a longer one)
+    sums.add(5, [(0.6 * 2 * d1, d1, None)], progress=0.25, k=2.0)
+    sums.add(9, [(0.6 * 4 * d1, d1, None)], progress=0.25, k=4.0)
+    sums.add(11, [(1.5 * 3 * d1, d1, None)], progress=0.5, k=3.0)
+    sums.add(12, [(d1, d1, None)], progress=None, k=1.0)  # no place in the sampler's time: ignored
+    sums.step_counts.update({20, 40})
+    table = sums.solve_at()
+    assert table["progress"] == [0.25, 0.5] and table["step_counts"] == [20, 40]
+    assert table["ratios"][0] == pytest.approx([0.6, 0.0]) and table["ratios"][1] == pytest.approx([1.5, 0.0])
+
+
 # ----------------------------------------------------------------------------- config
 def test_a_new_forecaster_is_one_entry_the_config_and_tune_read():
     def check(options):
@@ -110,7 +144,7 @@ def test_a_new_forecaster_is_one_entry_the_config_and_tune_read():
         return dict(options)
 
     @register("test_damped", 1, "for this test", options=("damping",), check=check, tune_options={"damping": 0.5})
-    def _damped(k, gap, step, options):
+    def _damped(k, gap, step, options, progress):
         return options.get("damping", 0.5) * k, 0.0
 
     try:

@@ -21,16 +21,25 @@ Geometry handed to a law, in the runtime's position unit (steps, or timestep dis
 
 * ``k``: distance from the last full step to this step;
 * ``gap``: distance between the last two full steps (None before there are two);
-* ``step``: this step's index in its trajectory (for per-step tables).
+* ``step``: this step's index in its trajectory (for per-step tables);
+* ``progress``: this step's progress through the noise schedule in [0, 1]
+  (runtime/schedule.py; None where the clock has no timestep).
+
+A per-step table is tied to the step count it was fitted at (step 13 is the middle of 28 steps
+and a quarter of 50).  ``fitted`` therefore also takes a table in the sampler's time,
+``coefficients_at``: ratios to the Taylor terms (``a1 = ρ1·k``, ``a2 = ρ2·k²/2``) at progress
+points, interpolated linearly between them.  A ratio does not depend on the position unit or
+the step count, so one table serves 20, 28 or 50 steps.
 """
 
 from __future__ import annotations
 
+import bisect
 import math
 from dataclasses import dataclass
-from typing import Callable, Mapping
+from typing import Any, Callable, Mapping
 
-CoefficientLaw = Callable[[float, "float | None", int, Mapping], "tuple[float, float]"]
+CoefficientLaw = Callable[[float, "float | None", int, Mapping, "float | None"], "tuple[float, float]"]
 OptionCheck = Callable[[Mapping], dict]
 
 
@@ -40,7 +49,7 @@ class Forecaster:
 
     name: str
     min_order: int       # Taylor terms the graphs must hold (2: the law uses D2)
-    law: CoefficientLaw  # (k, gap, step, options) -> (a1, a2)
+    law: CoefficientLaw  # (k, gap, step, options, progress) -> (a1, a2)
     summary: str
     options: frozenset = frozenset()  # the keys of SpecDiffConfig.forecaster_options it reads
     check: OptionCheck | None = None
@@ -85,9 +94,14 @@ def _check_sigma(options: Mapping) -> dict:
 
 
 def _check_coefficients(options: Mapping) -> dict:
+    if "coefficients_at" in options:
+        if "coefficients" in options:
+            raise ValueError("takes one table: 'coefficients' (per step) or 'coefficients_at' (in the sampler's time)")
+        return dict(options, coefficients_at=_check_table_at(options["coefficients_at"]))
     table = options.get("coefficients")
     if not isinstance(table, dict) or not table:
-        raise ValueError("needs {'coefficients': {step: (a1, a2)}} (from specdiff_fx.fit_forecaster)")
+        raise ValueError("needs {'coefficients': {step: (a1, a2)}} or {'coefficients_at': {'progress': [...], "
+                         "'ratios': [[r1, r2], ...]}} (from specdiff_fx.fit_forecaster)")
     try:  # JSON turns the step keys into strings
         clean = {int(step): (float(a[0]), float(a[1])) for step, a in table.items()}
     except (TypeError, ValueError, IndexError) as exc:
@@ -95,13 +109,42 @@ def _check_coefficients(options: Mapping) -> dict:
     return dict(options, coefficients=clean)
 
 
+def _check_table_at(table: Any) -> dict:
+    try:
+        points = [float(p) for p in table["progress"]]
+        ratios = [(float(r[0]), float(r[1])) for r in table["ratios"]]
+    except (TypeError, ValueError, IndexError, KeyError) as exc:
+        raise ValueError(f"['coefficients_at'] must be {{'progress': [p, ...], 'ratios': [[r1, r2], ...]}}, "
+                         f"got {table!r}") from exc
+    if not points or len(points) != len(ratios) or points != sorted(points) or not 0 <= points[0] <= points[-1] <= 1:
+        raise ValueError(f"['coefficients_at'] needs as many ratios as progress points, the points rising in [0, 1]; "
+                         f"got {table!r}")
+    out = {"progress": points, "ratios": [list(r) for r in ratios]}
+    if table.get("step_counts"):  # the trajectory lengths it was fitted on (the runtime warns outside them)
+        out["step_counts"] = sorted(int(n) for n in table["step_counts"])
+    return out
+
+
+def _at(table: Mapping, progress: float) -> tuple[float, float]:
+    """The ratios of a sampler-time table at ``progress``: linear between its points, the end
+    values beyond them."""
+    points, ratios = table["progress"], table["ratios"]
+    i = bisect.bisect_left(points, progress)
+    if i == 0:
+        return tuple(ratios[0])
+    if i == len(points):
+        return tuple(ratios[-1])
+    w = (progress - points[i - 1]) / (points[i] - points[i - 1])
+    return tuple((1 - w) * a + w * b for a, b in zip(ratios[i - 1], ratios[i]))
+
+
 @register("taylor", 1, "TaylorSeer: F + k·D1 (+ k²/2·D2)", tune_options={})
-def _taylor(k, gap, step, options):
+def _taylor(k, gap, step, options, progress):
     return k, 0.5 * k * k
 
 
 @register("newton", 2, "the parabola through the last three full steps: F + k·D1 + k(k+gap)/2·D2")
-def _newton(k, gap, step, options):
+def _newton(k, gap, step, options, progress):
     # Newton's form at x1 + k with nodes x1, x0 = x1 - gap: k·f[x1,x0] + k(k + gap)·f[x1,x0,x_] ;
     # D2 holds 2·f[x1,x0,x_], hence the 1/2.
     return k, 0.5 * k * (k + (gap if gap is not None else 0.0))
@@ -109,7 +152,7 @@ def _newton(k, gap, step, options):
 
 @register("hermite", 1, "damped series (HiCache-type scaling σ): F + σ²k·D1 + σ²(σ²k²−1)/2·D2", options=("sigma",),
           check=_check_sigma, tune_options={"sigma": 0.7})
-def _hermite(k, gap, step, options):
+def _hermite(k, gap, step, options, progress):
     # The probabilists' Hermite polynomials He1(x) = x, He2(x) = x² − 1 of the contracted
     # distance σk, each term shrunk by σⁿ: σ < 1 damps the extrapolation, and the −1 of He2
     # pulls the quadratic term back where k is small.
@@ -117,19 +160,27 @@ def _hermite(k, gap, step, options):
     return s * s * k, 0.5 * s * s * (s * s * k * k - 1.0)
 
 
-@register("fitted", 1, "per-step (a1, a2) fitted by least squares on calibration trajectories",
-          options=("coefficients",), check=_check_coefficients, tune_options={}, fitted=True)
-def _fitted(k, gap, step, options):
+@register("fitted", 1, "(a1, a2) fitted by least squares on calibration trajectories: per step, or as ratios "
+          "to the Taylor terms along the sampler's progress (coefficients_at)",
+          options=("coefficients", "coefficients_at"), check=_check_coefficients, tune_options={}, fitted=True)
+def _fitted(k, gap, step, options, progress):
+    at = options.get("coefficients_at")
+    if at is not None:
+        if progress is None:  # a clock without timesteps: no place on the table
+            return _taylor(k, gap, step, options, progress)
+        r1, r2 = _at(at, progress)
+        return r1 * k, r2 * 0.5 * k * k
     table = options.get("coefficients") or {}
     if step in table:
         a1, a2 = table[step]
         return float(a1), float(a2)
-    return _taylor(k, gap, step, options)  # a step the calibration did not see
+    return _taylor(k, gap, step, options, progress)  # a step the calibration did not see
 
 
-def coefficients(name: str, k: float, gap: float | None, step: int, options: Mapping) -> tuple[float, float]:
+def coefficients(name: str, k: float, gap: float | None, step: int, options: Mapping,
+                 progress: float | None = None) -> tuple[float, float]:
     """``(a1, a2)`` of forecaster ``name`` (finite, or a ValueError naming the law)."""
-    a1, a2 = FORECASTERS[name].law(k, gap, step, options)
+    a1, a2 = FORECASTERS[name].law(k, gap, step, options, progress)
     if not (math.isfinite(a1) and math.isfinite(a2)):
         raise ValueError(f"forecaster {name!r} gave non-finite coefficients {(a1, a2)} at k={k}, step={step}")
     return float(a1), float(a2)
@@ -140,19 +191,31 @@ class LeastSquares:
     target and calibration trajectory, where ``r = g − F`` is what the forecast should have
     added to the last full step's value.  Accumulated in float64 from fp32 dot products."""
 
-    def __init__(self, order: int) -> None:
+    def __init__(self, order: int, sampler_time: bool = False) -> None:
         self.order = order
-        self.sums: dict[int, list[float]] = {}  # step -> [D1·D1, D1·D2, D2·D2, D1·r, D2·r, n]
+        # sampler_time: fit ratios to the Taylor terms (k·D1, k²/2·D2) per progress point,
+        # pooled over every step count the calibration runs (module docstring)
+        self.sampler_time = sampler_time
+        self.sums: dict = {}  # step (or progress) -> [D1·D1, D1·D2, D2·D2, D1·r, D2·r, n]
+        self.step_counts: set[int] = set()  # trajectory lengths seen (runtimes report them)
 
-    def add(self, step: int, terms: list[tuple[object, object, object | None]]) -> None:
-        """``terms``: per target ``(r, D1, D2 or None)`` tensors of one slot at one step."""
-        s = self.sums.setdefault(step, [0.0] * 6)
+    def add(self, step: int, terms: list[tuple[object, object, object | None]], progress: float | None = None,
+            k: float | None = None) -> None:
+        """``terms``: per target ``(r, D1, D2 or None)`` tensors of one slot at one step (at
+        ``progress``, ``k`` from the last full step: needed in sampler time)."""
+        if self.sampler_time:
+            if progress is None or not k:
+                return  # no place in the sampler's time (a clock without timesteps)
+            key, u1, u2 = round(progress, 6), k, 0.5 * k * k
+        else:
+            key, u1, u2 = step, 1.0, 1.0
+        s = self.sums.setdefault(key, [0.0] * 6)
         for r, d1, d2 in terms:
-            r, d1 = r.float().flatten(), d1.float().flatten()
+            r, d1 = r.float().flatten(), u1 * d1.float().flatten()
             s[0] += float(d1 @ d1)
             s[3] += float(d1 @ r)
             if d2 is not None:
-                d2 = d2.float().flatten()
+                d2 = u2 * d2.float().flatten()
                 s[1] += float(d1 @ d2)
                 s[2] += float(d2 @ d2)
                 s[4] += float(d2 @ r)
@@ -175,3 +238,12 @@ class LeastSquares:
                 continue
             out[step] = ((ee_ * dr - de * er) / det, (dd_ * er - de * dr) / det)
         return out
+
+    def solve_at(self, ridge: float = 1e-6) -> dict:
+        """The sampler-time table (``sampler_time=True``): ``{"progress": [...], "ratios": [[r1, r2], ...]}``,
+        with ``"step_counts"`` the trajectory lengths it was fitted on."""
+        if not self.sampler_time:
+            raise ValueError("solve_at needs LeastSquares(sampler_time=True)")
+        table = self.solve(ridge)
+        points = sorted(table)
+        return {"progress": points, "ratios": [list(table[p]) for p in points], "step_counts": sorted(self.step_counts)}
