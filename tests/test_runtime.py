@@ -8,7 +8,7 @@ from specdiff_fx.runtime import (
     BufferSpec,
     CacheSlots,
     FullStepSchedule,
-    SpecDiffRuntime,
+    CachingRuntime,
     StepTracker,
 )
 
@@ -79,7 +79,7 @@ class Recorder:
 def make_runtime(**kw):
     rec = Recorder()
     spec = BufferSpec("c0", "branch_cache", (2,), torch.float32, torch.device("cpu"))
-    rt = SpecDiffRuntime(
+    rt = CachingRuntime(
         policy="fora", variants={FULL: rec.full, REUSE: rec.reuse}, buffer_specs=[spec],
         schedule=FullStepSchedule(1, 2), timestep_index=1, signature_indices=[0],
         example_inputs=[torch.ones(2), torch.tensor(1.0)], **kw,
@@ -121,4 +121,4 @@ def test_runtime_reset():
 
 def test_runtime_needs_a_full_variant():
     with pytest.raises(ValueError, match="full"):
-        SpecDiffRuntime(policy="fora", variants={REUSE: lambda *a: None})
+        CachingRuntime(policy="fora", variants={REUSE: lambda *a: None})

@@ -5,17 +5,18 @@ Knows torch only; the backend hands it compiled variants and buffer descriptions
 
 from ..buffers import BufferRole, BufferSpec
 from .cache_slots import CacheSlot, CacheSlots
-from .forecast_runtime import FORECAST, ForecastRuntime
-from .runtime import FULL, REUSE, SpecDiffRuntime, warn_fallback
+from ..variants import DRAFT, FORECAST, FULL, PARTIAL, REUSE
+from .forecast_runtime import ForecastRuntime
+from .runtime import CachingRuntime, warn_fallback
 from .pipeline_clock import Draft, PipelineClock
 from .schedule import AlwaysFull, FullStepSchedule
 from .step_tracker import ClockFollower, StepClock, StepEvent, StepTracker
-from .token_runtime import DRAFT, PARTIAL, TokenRuntime, TokenSlot, flow_matching_update
+from .token_runtime import TokenRuntime, TokenSlot, flow_matching_update
 
 __all__ = [
     "FORECAST", "ForecastRuntime",
     "DRAFT", "PARTIAL", "TokenRuntime", "TokenSlot", "flow_matching_update",
     "AlwaysFull", "BufferRole", "BufferSpec", "CacheSlot", "CacheSlots", "FULL", "FullStepSchedule",
-    "REUSE", "SpecDiffRuntime", "StepEvent", "StepTracker", "warn_fallback",
+    "REUSE", "CachingRuntime", "StepEvent", "StepTracker", "warn_fallback",
     "ClockFollower", "StepClock", "Draft", "PipelineClock",
 ]

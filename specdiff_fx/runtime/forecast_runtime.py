@@ -35,11 +35,11 @@ from typing import Any, Sequence
 from ..buffers import BufferRole
 from .forecasters import LeastSquares, coefficients
 from .host_values import write_values
-from .runtime import FULL, SpecDiffRuntime
+from ..variants import FORECAST, FULL
+from .runtime import CachingRuntime
 
 log = logging.getLogger("specdiff_fx")
 
-FORECAST = "forecast"
 VARIABLES = ("step", "timestep")
 
 
@@ -52,7 +52,7 @@ class _SlotForecast:
         self.pending_error = False               # error buffer written by the last call
 
 
-class ForecastRuntime(SpecDiffRuntime):
+class ForecastRuntime(CachingRuntime):
     """Branch-level forecasting between full steps (policy ``taylor``)."""
 
     def __init__(self, *, order: int = 1, variable: str = "step", tolerance: float | None = None,

@@ -17,6 +17,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from ..buffers import BufferSpec
+from ..variants import FULL, REUSE
 from .cache_slots import CacheSlots
 from .cuda_graphs import CudaGraphVariant
 from .pipeline_clock import PipelineClock
@@ -25,8 +26,6 @@ from .step_tracker import ClockFollower, StepClock, StepTracker
 
 log = logging.getLogger("specdiff_fx")
 
-FULL = "full"
-REUSE = "reuse"
 MAX_SIBLINGS = 512
 """Other modules through one graph with state of their own (the oldest is dropped beyond it).
 Regional compilation sends every block of a stack through one graph (FLUX: 57, Qwen-Image: 60),
@@ -63,23 +62,23 @@ def _plain_entry(entry: dict) -> dict:
 
 
 class _TimedVariant:
-    """A compiled variant that adds its wall time to its runtime's per-call clock, so the
+    """A compiled variant that adds its wall time to its runtime's per-call counter, so the
     runtime's own Python (host work) per call is the call's time minus the variants' time."""
 
-    __slots__ = ("fn", "clock")
+    __slots__ = ("fn", "seconds")
 
-    def __init__(self, fn: Callable, clock: list[float]) -> None:
-        self.fn, self.clock = fn, clock
+    def __init__(self, fn: Callable, seconds: list[float]) -> None:
+        self.fn, self.seconds = fn, seconds
 
     def __call__(self, *args: Any) -> Any:
         start = time.perf_counter()
         try:
             return self.fn(*args)
         finally:
-            self.clock[0] += time.perf_counter() - start
+            self.seconds[0] += time.perf_counter() - start
 
 
-class SpecDiffRuntime:
+class CachingRuntime:
     """Runs one dynamo graph's variants across denoising steps.
 
     ``variants`` maps ``"full"`` (and, for caching policies, ``"reuse"``) to compiled
@@ -109,12 +108,12 @@ class SpecDiffRuntime:
         if FULL not in variants:
             raise ValueError("a runtime needs a 'full' variant")
         self.policy = policy
-        self._variant_clock = [0.0]  # seconds spent inside compiled variants during this call
+        self._variant_seconds = [0.0]  # seconds spent inside compiled variants during this call
         if cudagraphs:  # one capture per cache slot (runtime/cuda_graphs.py)
             num_inputs = len(example_inputs) if example_inputs else None
             variants = {name: CudaGraphVariant(fn, num_inputs, name) for name, fn in variants.items()}
         self._cuda_graphs = {name: fn for name, fn in variants.items() if isinstance(fn, CudaGraphVariant)}
-        self.variants = {name: _TimedVariant(fn, self._variant_clock) for name, fn in variants.items()}
+        self.variants = {name: _TimedVariant(fn, self._variant_seconds) for name, fn in variants.items()}
         self.schedule = schedule if schedule is not None else AlwaysFull()
         self.timestep_index = timestep_index
         self.latent_index = latent_index
@@ -140,7 +139,7 @@ class SpecDiffRuntime:
         self.owner = _owner_key(example_inputs, self._param_index)
         self.param_ptrs = frozenset(x.data_ptr() for x in example_inputs
                                     if isinstance(x, torch.nn.Parameter) and x.data_ptr())
-        self.siblings: dict[int, SpecDiffRuntime] = {}
+        self.siblings: dict[int, CachingRuntime] = {}
         self.root = self  # the runtime dynamo called; a sibling's root is the one it was made from
         self._initial_signature = _signature(example_inputs, self.signature_indices) if example_inputs else None
         self._warned: set[str] = set()
@@ -160,7 +159,7 @@ class SpecDiffRuntime:
         self._source: str | None = None
         self._reset_stats()
 
-    def _sibling(self, owner: int, args: Sequence[Any]) -> "SpecDiffRuntime":
+    def _sibling(self, owner: int, args: Sequence[Any]) -> "CachingRuntime":
         """The runtime of another module that reaches this graph: the same compiled variants,
         state of its own (never a cache of this module's)."""
         sibling = self.siblings.get(owner)
@@ -191,7 +190,7 @@ class SpecDiffRuntime:
         else:
             warn_fallback(self.fallback)
 
-    def all_runtimes(self) -> list["SpecDiffRuntime"]:
+    def all_runtimes(self) -> list["CachingRuntime"]:
         """This runtime and the siblings made for other modules through the same graph."""
         return [self, *self.siblings.values()]
 
@@ -216,7 +215,7 @@ class SpecDiffRuntime:
                 self._record(event, FULL)
             return self.variants[FULL](*args)
         start = time.perf_counter()
-        self._variant_clock[0] = 0.0
+        self._variant_seconds[0] = 0.0
         sig = _signature(args, self.signature_indices)
         if sig != self._signature:
             # Dynamo guards make this rare; with dynamic shapes it is the last line of defence.
@@ -235,7 +234,7 @@ class SpecDiffRuntime:
                 self.clock.publish(self.root, event)
         out, kind, details = self._run_step(args, event)
         self._record(event, kind, details)
-        self._host_s.append(time.perf_counter() - start - self._variant_clock[0])
+        self._host_s.append(time.perf_counter() - start - self._variant_seconds[0])
         return out
 
     def _run_uncached(self, args: Sequence[Any]) -> Any:

@@ -15,16 +15,14 @@ import torch
 
 from ..buffers import RING, BufferRole, BufferSpec
 from .host_values import write_values
-from .runtime import FULL, SpecDiffRuntime
+from ..variants import DRAFT, FORECAST, FULL, PARTIAL
+from .runtime import CachingRuntime
 from .scoring import (
     draft_timesteps,
     future_importance,
     history_mix_weights,
 )
 
-PARTIAL = "partial"
-DRAFT = "draft"
-FORECAST_TOKENS = "forecast"
 # how C3 tokens are composed: the paper's weighted history, or each token's own forecast
 C3_MODES = ("history", "forecast")
 _LINE_ROLES = (BufferRole.LINE_VALUE, BufferRole.LINE_SLOPE, BufferRole.LINE_STAMP)
@@ -125,7 +123,7 @@ class TokenSlot:
         return sum(t.numel() * t.element_size() for t in self.kv.values())
 
 
-class TokenRuntime(SpecDiffRuntime):
+class TokenRuntime(CachingRuntime):
     """SpecDiff: full+record, partial and draft variants chosen per call."""
 
     def __init__(
@@ -186,7 +184,7 @@ class TokenRuntime(SpecDiffRuntime):
         fresh_trajectory = slot.trajectory != event.trajectory
         if fresh_trajectory or self.schedule.is_full(event.step) or not slot.ring_timesteps:
             return self._full_step(args, event, slot, fresh_trajectory)
-        if self.schedule.kind(event.step) == "cached" and FORECAST_TOKENS in self.variants:
+        if self.schedule.kind(event.step) == "cached" and FORECAST in self.variants:
             return self._forecast_step(args, event, slot)
         return self._partial_step(args, event, slot)
 
@@ -282,17 +280,17 @@ class TokenRuntime(SpecDiffRuntime):
     def _forecast_step(self, args, event, slot: TokenSlot):
         """No token computed: every token's own forecast, blocks skipped (token forecast variant)."""
         slot.set_line(float(event.step), valid=True)
-        out = self.variants[FORECAST_TOKENS](*args, *slot.buffers_for(self.forecast_specs))
+        out = self.variants[FORECAST](*args, *slot.buffers_for(self.forecast_specs))
         self._forecast_calls += 1
         slot.push_history(event.timestep)
         slot.count += 1
-        return out, FORECAST_TOKENS, {"c1": 0, "c2": self.n, "c3": 0, "refresh_ratio": 0.0,
-                                      "est_flops_saved": 1.0 - self.flops[FORECAST_TOKENS] / self.flops[FULL]
-                                      if self.flops.get(FULL) and self.flops.get(FORECAST_TOKENS) else 1.0}
+        return out, FORECAST, {"c1": 0, "c2": self.n, "c3": 0, "refresh_ratio": 0.0,
+                                      "est_flops_saved": 1.0 - self.flops[FORECAST] / self.flops[FULL]
+                                      if self.flops.get(FULL) and self.flops.get(FORECAST) else 1.0}
 
     def buffer_specs_for(self, variant: str) -> list[BufferSpec]:
         specs = {FULL: self.record_specs, PARTIAL: self.partial_specs, DRAFT: self.draft_specs,
-                 FORECAST_TOKENS: self.forecast_specs}
+                 FORECAST: self.forecast_specs}
         if variant not in self.variants:
             raise KeyError(f"no variant {variant!r}; have {sorted(self.variants)}")
         return list(specs[variant])
