@@ -8,10 +8,11 @@ from .cache_slots import CacheSlot, CacheSlots
 from ..variants import DRAFT, FORECAST, FULL, PARTIAL, REUSE
 from .forecast_runtime import ForecastRuntime
 from .runtime import CachingRuntime, warn_fallback
-from .pipeline_clock import Draft, PipelineClock
+from .draft import Draft, flow_matching_update
+from .pipeline_clock import PipelineClock
 from .schedule import AlwaysFull, FullStepSchedule
 from .step_tracker import ClockFollower, StepClock, StepEvent, StepTracker
-from .token_runtime import TokenRuntime, TokenSlot, flow_matching_update
+from .token_runtime import TokenRuntime, TokenSlot
 
 __all__ = [
     "FORECAST", "ForecastRuntime",

@@ -14,37 +14,15 @@ from typing import Any, Callable, Sequence
 import torch
 
 from ..buffers import RING, BufferRole, BufferSpec
+from .draft import default_draft_plan, pipeline_draft_plan, timestep_scale
 from .host_values import write_values
 from ..variants import DRAFT, FORECAST, FULL, PARTIAL
 from .runtime import CachingRuntime
-from .scoring import (
-    draft_timesteps,
-    future_importance,
-    history_mix_weights,
-)
+from .scoring import future_importance, history_mix_weights
 
 # how C3 tokens are composed: the paper's weighted history, or each token's own forecast
 C3_MODES = ("history", "forecast")
 _LINE_ROLES = (BufferRole.LINE_VALUE, BufferRole.LINE_SLOPE, BufferRole.LINE_STAMP)
-
-
-def flow_matching_update(x: torch.Tensor, model_output: torch.Tensor, t: float, t_next: float,
-                         scale: float) -> torch.Tensor:
-    """Euler step of a velocity (rectified-flow) model: x + (t_next - t) / scale * v.
-
-    If the model predicts more channels than the latent has (learned variance), the
-    first ones are taken as the prediction.
-    """
-    v = model_output[:, : x.shape[1]] if model_output.shape[1] != x.shape[1] else model_output
-    return x + (t_next - t) / scale * v.to(x.dtype)
-
-
-def _prediction_for(x: torch.Tensor, model_output: torch.Tensor) -> torch.Tensor:
-    """The part of a model output a sampler steps with (learned-variance models predict more
-    channels than the latent has: the first ones are the prediction)."""
-    if model_output.shape != x.shape and model_output.dim() == x.dim() and model_output.shape[1] > x.shape[1]:
-        model_output = model_output[:, : x.shape[1]]
-    return model_output.to(x.dtype)
 
 
 def _alloc(spec: BufferSpec) -> torch.Tensor:
@@ -230,23 +208,16 @@ class TokenRuntime(CachingRuntime):
             self._draft_calls += 1
 
     def _draft_plan(self, t0: float):
-        """The draft's timesteps (as the model receives them) and its update."""
+        """The draft's timesteps (as the model receives them) and its update (runtime/draft.py)."""
         draft = None
         if self.draft_update is None and self.pipeline_clock is not None and self._source == "pipeline":
             draft = self.pipeline_clock.draft(self.draft_steps)
-        if draft is not None and len(draft.timesteps) > 1:
-            first = draft.timesteps[0]
-            # model units per scheduler unit (FLUX passes t / 1000); a trajectory at 0 (inverted
-            # sigmas) starts at 0 in both
-            scale = t0 / first if first != 0 and t0 != 0 else 1.0 if first == t0 else None
-            if scale is not None:
-                ts = [t0] + [scale * t for t in draft.timesteps[1:]]
-                return ts, lambda x, pred, i: draft.advance(x, _prediction_for(x, pred), i)
+        plan = pipeline_draft_plan(t0, draft)
+        if plan is not None:
+            return plan
         if self._timestep_scale is None:
-            self._timestep_scale = 1000.0 if t0 > 1.5 else 1.0
-        ts = draft_timesteps(t0, self.draft_steps)
-        update = self.draft_update or flow_matching_update
-        return ts, lambda x, pred, i: update(x, pred, ts[i], ts[i + 1], self._timestep_scale)
+            self._timestep_scale = timestep_scale(t0)
+        return default_draft_plan(t0, self.draft_steps, self.draft_update, self._timestep_scale)
 
     def _partial_step(self, args, event, slot: TokenSlot):
         """The variant scores and picks the tokens itself (passes/token_select.py) from ``his``,
