@@ -20,9 +20,10 @@ from ..buffers import BufferSpec
 from ..variants import FULL, REUSE
 from .cache_slots import CacheSlots
 from .cuda_graphs import CudaGraphVariant
+from .events import EventSource, event_source
 from .pipeline_clock import PipelineClock
 from .schedule import AlwaysFull, FullStepSchedule
-from .step_tracker import ClockFollower, StepClock, StepTracker
+from .step_tracker import ClockFollower, StepClock
 
 log = logging.getLogger("specdiff_fx")
 
@@ -126,12 +127,13 @@ class CachingRuntime:
         # graph breaks: a graph with the timestep publishes its steps on ``clock``; a graph
         # without it follows them (``follow``) instead of reading a timestep
         self.clock = clock
-        self._follow_leader = follow.leader if follow is not None else None
         # the pipeline's own clock (compile_pipeline); None: inferred from the inputs
         self.pipeline_clock = pipeline_clock
-        # a frame with neither a timestep nor a leader to follow (a block compiled on its own,
-        # regional compilation) takes every event from the pipeline's clock
-        self.block_frame = timestep_index is None and follow is None and pipeline_clock is not None
+        # where this frame's step events come from, chosen once (runtime/events.py): each
+        # runtime state (reset, a sibling) makes its own; None: a plain frame with no steps
+        self._event_source = event_source(timestep_index=timestep_index, latent_index=latent_index,
+                                          direction=timestep_direction, follow=follow,
+                                          pipeline_clock=pipeline_clock)
         # One runtime per compiled module: two modules of one class through one backend share
         # dynamo's graph (their parameters are its inputs), so the parameters say whose call it is.
         self._param_index = next((i for i, x in enumerate(example_inputs) if isinstance(x, torch.nn.Parameter)),
@@ -153,10 +155,8 @@ class CachingRuntime:
         """Every piece of state one model's calls build up (caches, the inferred clock, stats).
         reset() and a sibling runtime (another module through the same graph) start from here."""
         self.slots = CacheSlots(self.buffer_specs)
-        self.tracker = StepTracker(self.timestep_direction)
-        self.follow = ClockFollower(self.clock, self._follow_leader) if self._follow_leader is not None else None
+        self.events: EventSource | None = self._event_source() if self._event_source is not None else None
         self._signature = self._initial_signature
-        self._source: str | None = None
         self._reset_stats()
 
     def _sibling(self, owner: int, args: Sequence[Any]) -> "CachingRuntime":
@@ -202,15 +202,14 @@ class CachingRuntime:
             owner = args[self._param_index].data_ptr()
             if owner != self.owner:
                 return self._sibling(owner, args)(*args)
-        if self.fallback is not None or (self.timestep_index is None and self.follow is None
-                                         and not self.block_frame):
+        if self.fallback is not None or self.events is None:
             if self.pending_warning is not None:
                 if self._plain_calls:
                     self.settle_fallback_warning()
                 self._plain_calls += 1
-            if self.clock is not None and self.timestep_index is not None:
+            if self.events is not None and self.events.leads and self.clock is not None:
                 # a plain graph that still counts the model's steps for its other graphs
-                event = self._event(args)
+                event = self.events.event(self, args)
                 self.clock.publish(self.root, event)
                 self._record(event, FULL)
             return self.variants[FULL](*args)
@@ -221,17 +220,11 @@ class CachingRuntime:
             # Dynamo guards make this rare; with dynamic shapes it is the last line of defence.
             self._signature = sig
             self.invalidate()
-        if self.follow is not None:
-            self._source = "leader frame"
-            event = self.follow.event()
-            if event is None:  # no step of our own leader to follow: never read a cache
-                return self._run_uncached(args)
-        else:
-            event = self._event(args)
-            if event is None:  # a block frame called outside a pipeline's trajectory
-                return self._run_uncached(args)
-            if self.clock is not None:
-                self.clock.publish(self.root, event)
+        event = self.events.event(self, args)
+        if event is None:  # no step to place the call in (no leader's step, no pipeline trajectory)
+            return self._run_uncached(args)
+        if self.events.leads and self.clock is not None:
+            self.clock.publish(self.root, event)
         out, kind, details = self._run_step(args, event)
         self._record(event, kind, details)
         self._host_s.append(time.perf_counter() - start - self._variant_seconds[0])
@@ -243,33 +236,11 @@ class CachingRuntime:
         slot.invalidate()
         return self.variants[FULL](*args, *slot.buffers)
 
-    def _event(self, args: Sequence[Any]):
-        """This call's step event: from the pipeline's clock while it runs a trajectory, else
-        inferred from the timestep and the latents (runtime/step_tracker.py).  A change of
-        source drops every cache: the two number trajectories differently.  A block frame has
-        no timestep to infer from: outside a pipeline's trajectory it gets None (no event)."""
-        if self.block_frame:
-            self._source = "pipeline"
-            return self.pipeline_clock.observe(self, None)
-        timestep = self._read_timestep(args)
-        event = self.pipeline_clock.observe(self, timestep) if self.pipeline_clock is not None else None
-        source = "pipeline" if event is not None else "inferred"
-        if source != self._source:
-            if self._source is not None:
-                log.info("specdiff: clock source %s -> %s; caches dropped", self._source, source)
-                self.invalidate()
-            self._source = source
-        if event is None:
-            latents = args[self.latent_index] if self.latent_index is not None else None
-            event = self.tracker.observe(timestep, latents if isinstance(latents, torch.Tensor) else None)
-            if event.doubt is not None and "doubt" not in self._warned:
-                self._warned.add("doubt")
-                warnings.warn(
-                    f"specdiff: the clock inferred from timesteps takes this call as the next step ({event.doubt}); "
-                    "if a new call starts here (e.g. a refine call right after a full one), call "
-                    "get_runtime(model).begin_trajectory() before it, or compile the pipeline with "
-                    "specdiff_fx.compile_pipeline(pipe) (docs/pipelines.md)", RuntimeWarning, stacklevel=3)
-        return event
+    @property
+    def clock_source(self) -> str | None:
+        """Where the latest step event came from (``stats()["clock"]``): ``"pipeline"``,
+        ``"inferred"``, ``"leader frame"``; None before the first or for a plain frame."""
+        return self.events.name if self.events is not None else None
 
     def begin_trajectory(self) -> None:
         """Start a new trajectory at the next call: for a loop of one's own where the inputs
@@ -280,7 +251,8 @@ class CachingRuntime:
         """Drop every cache; the next call starts a new trajectory."""
         self.slots.clear()
         self._drop_caches()
-        self.tracker.invalidate()
+        if self.events is not None:
+            self.events.invalidate()
         self._invalidations += 1
 
     def _drop_caches(self) -> None:
@@ -299,12 +271,6 @@ class CachingRuntime:
         if kind == FULL:
             slot.stamp(event.trajectory, event.step)
         return out, kind, None
-
-    def _read_timestep(self, args: Sequence[Any]) -> float:
-        t = args[self.timestep_index]
-        if isinstance(t, torch.Tensor):
-            return float(t.detach().reshape(-1)[0])
-        return float(t)
 
     # ------------------------------------------------------------------ state
     def reset(self) -> None:
@@ -343,7 +309,7 @@ class CachingRuntime:
     def _check_clock(self) -> None:
         """Warn once when an inferred clock looks wrong (runtime/step_tracker.py says what the
         inputs cannot show)."""
-        if self._source != "inferred" or not isinstance(self.schedule, FullStepSchedule):
+        if self.clock_source != "inferred" or not isinstance(self.schedule, FullStepSchedule):
             return
         recent = list(self._trajectory_steps)[-3:]
         if len(recent) == 3 and all(n <= 2 for n in recent) and "short" not in self._warned:
@@ -371,7 +337,7 @@ class CachingRuntime:
             "full_steps": self._steps - self._cached_steps,
             "cached_steps": self._cached_steps,
             "invalidations": self._invalidations,
-            "clock": self._source,
+            "clock": self.clock_source,
             "cache_slots": len(self.slots._slots),
             "cache_bytes": self.slots.allocated_bytes,
             "plan": [_plain_entry(e) for e in self._plan],

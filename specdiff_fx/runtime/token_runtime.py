@@ -210,7 +210,7 @@ class TokenRuntime(CachingRuntime):
     def _draft_plan(self, t0: float):
         """The draft's timesteps (as the model receives them) and its update (runtime/draft.py)."""
         draft = None
-        if self.draft_update is None and self.pipeline_clock is not None and self._source == "pipeline":
+        if self.draft_update is None and self.pipeline_clock is not None and self.clock_source == "pipeline":
             draft = self.pipeline_clock.draft(self.draft_steps)
         plan = pipeline_draft_plan(t0, draft)
         if plan is not None:
