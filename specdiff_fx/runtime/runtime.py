@@ -18,11 +18,11 @@ import torch
 
 from ..buffers import BufferSpec
 from ..variants import FULL, REUSE
-from .cache_slots import CacheSlots
 from .cuda_graphs import CudaGraphVariant
 from .events import EventSource, event_source
 from .pipeline_clock import PipelineClock
 from .schedule import AlwaysFull, FullStepSchedule
+from .slots import SlotState, Slots
 from .step_tracker import ClockFollower, StepClock
 
 log = logging.getLogger("specdiff_fx")
@@ -80,11 +80,17 @@ class _TimedVariant:
 
 
 class CachingRuntime:
-    """Runs one dynamo graph's variants across denoising steps.
+    """Runs one dynamo graph's variants across denoising steps: the base of every policy's
+    runtime (policy ``off`` and ``fora`` use it as it is).
 
     ``variants`` maps ``"full"`` (and, for caching policies, ``"reuse"``) to compiled
     callables taking the graph inputs followed by the cache buffers of ``buffer_specs``.
+    Each call slot's buffers and state are one :class:`SlotState` (runtime/slots.py); a
+    subclass with state of its own per slot sets :attr:`slot_state` to its factory.
     """
+
+    slot_state: Callable[[], Any] | None = None
+    """Makes the policy's own state of one call slot (None: buffers and stamp only)."""
 
     def __init__(
         self,
@@ -123,6 +129,8 @@ class CachingRuntime:
         self.info = dict(info or {})
         self.graphs = dict(graphs or {})  # the FX graphs behind each variant, for inspection
         self.buffer_specs = list(buffer_specs)
+        # the runtime-owned buffers each variant is called with (subclasses set their own)
+        self._variant_specs = {name: self.buffer_specs if fallback is None else [] for name in self.variants}
         self.timestep_direction = timestep_direction
         # graph breaks: a graph with the timestep publishes its steps on ``clock``; a graph
         # without it follows them (``follow``) instead of reading a timestep
@@ -154,7 +162,7 @@ class CachingRuntime:
     def _init_state(self) -> None:
         """Every piece of state one model's calls build up (caches, the inferred clock, stats).
         reset() and a sibling runtime (another module through the same graph) start from here."""
-        self.slots = CacheSlots(self.buffer_specs)
+        self.slots = Slots(self.slot_state)
         self.events: EventSource | None = self._event_source() if self._event_source is not None else None
         self._signature = self._initial_signature
         self._reset_stats()
@@ -234,7 +242,7 @@ class CachingRuntime:
         """A call with no step to place it in: the full variant on a scratch slot, never a cache read."""
         slot = self.slots[-1]
         slot.invalidate()
-        return self.variants[FULL](*args, *slot.buffers)
+        return self.variants[FULL](*args, *slot.buffers(self._variant_specs[FULL]))
 
     @property
     def clock_source(self) -> str | None:
@@ -250,13 +258,9 @@ class CachingRuntime:
     def invalidate(self) -> None:
         """Drop every cache; the next call starts a new trajectory."""
         self.slots.clear()
-        self._drop_caches()
         if self.events is not None:
             self.events.invalidate()
         self._invalidations += 1
-
-    def _drop_caches(self) -> None:
-        """Policy-owned per-slot state beyond ``slots`` (subclasses)."""
 
     def _run_step(self, args: Sequence[Any], event) -> tuple[Any, str, dict | None]:
         """Branch-level policy: reuse every cached branch output between full steps."""
@@ -267,7 +271,7 @@ class CachingRuntime:
             and slot.valid_for(event.trajectory)
         )
         kind = REUSE if use_cache else FULL
-        out = self.variants[kind](*args, *slot.buffers)
+        out = self.variants[kind](*args, *slot.buffers(self._variant_specs[kind]))
         if kind == FULL:
             slot.stamp(event.trajectory, event.step)
         return out, kind, None
@@ -338,8 +342,8 @@ class CachingRuntime:
             "cached_steps": self._cached_steps,
             "invalidations": self._invalidations,
             "clock": self.clock_source,
-            "cache_slots": len(self.slots._slots),
-            "cache_bytes": self.slots.allocated_bytes,
+            "cache_slots": len(self.slots),
+            "cache_bytes": self.slots.nbytes,
             "plan": [_plain_entry(e) for e in self._plan],
             "host_ms_per_call": self._host_stats(),
             # steps of the pipeline that reached no compiled graph (runtime/pipeline_clock.py)
@@ -367,10 +371,20 @@ class CachingRuntime:
         return {}
 
     def buffer_specs_for(self, variant: str) -> list[BufferSpec]:
-        """The runtime-owned buffers ``variant`` is called with, after the graph inputs."""
+        """The descriptions of the runtime-owned buffers ``variant`` is called with, after the
+        graph inputs."""
         if variant not in self.variants:
             raise KeyError(f"no variant {variant!r}; have {sorted(self.variants)}")
-        return list(self.buffer_specs) if self.fallback is None else []
+        return list(self._variant_specs[variant])
+
+    def slot(self, index: int) -> SlotState:
+        """The state of call slot ``index`` (0: a step's first call; made on first use)."""
+        return self.slots[index]
+
+    def buffers_for(self, variant: str, slot: int = 0) -> list[Any]:
+        """The buffers ``variant`` is called with in call slot ``slot``, in its order
+        (allocated on first use): what a benchmark or a test passes to the compiled variant."""
+        return self.slots[slot].buffers(self.buffer_specs_for(variant))
 
     def report(self) -> str:
         from tabulate import tabulate
