@@ -384,7 +384,9 @@ class CachingRuntime:
     def buffers_for(self, variant: str, slot: int = 0) -> list[Any]:
         """The buffers ``variant`` is called with in call slot ``slot``, in its order
         (allocated on first use): what a benchmark or a test passes to the compiled variant."""
-        return self.slots[slot].buffers(self.buffer_specs_for(variant))
+        if variant not in self.variants:
+            raise KeyError(f"no variant {variant!r}; have {sorted(self.variants)}")
+        return list(self.slots[slot].buffers(self._variant_specs[variant]))
 
     def report(self) -> str:
         from tabulate import tabulate

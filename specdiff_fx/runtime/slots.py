@@ -32,6 +32,11 @@ import torch
 from ..buffers import RING, BufferRole, BufferSpec
 
 
+_KEPT_LISTS = 8
+"""Buffer lists a slot keeps for reuse (one per variant's spec list; bounded so that lists
+asked for with throwaway spec lists never pile up)."""
+
+
 def _zeros(spec: BufferSpec) -> torch.Tensor:
     return torch.zeros(spec.shape, dtype=spec.dtype, device=spec.device)
 
@@ -51,6 +56,7 @@ class SlotState:
         self.policy_state: Any = policy_state() if policy_state is not None else None
         self._buffers: dict[str, tuple[BufferSpec, torch.Tensor]] = {}
         self._rings: dict[tuple, list[torch.Tensor]] = {}
+        self._lists: dict[int, tuple[Sequence[BufferSpec], list[torch.Tensor]]] = {}
 
     # ------------------------------------------------------------------ the stamp
     def valid_for(self, trajectory: int) -> bool:
@@ -80,8 +86,17 @@ class SlotState:
         return held[1]
 
     def buffers(self, specs: Sequence[BufferSpec]) -> list[torch.Tensor]:
-        """The buffers of ``specs`` in their order (a variant's, as its pass described them)."""
-        return [self.buffer(s) for s in specs]
+        """The buffers of ``specs`` in their order (a variant's, as its pass described them).
+
+        A list without history entries (which rotate) is kept for the next call with the same
+        ``specs`` object, so a call's host work does not grow with the number of buffers."""
+        kept = self._lists.get(id(specs))
+        if kept is not None and kept[0] is specs:
+            return kept[1]
+        out = [self.buffer(s) for s in specs]
+        if len(self._lists) < _KEPT_LISTS and not any(s.role == BufferRole.HISTORY for s in specs):
+            self._lists[id(specs)] = (specs, out)
+        return out
 
     def ring(self, spec: BufferSpec) -> list[torch.Tensor]:
         """The history ring of ``spec``'s layout, newest first (a variant writes the oldest)."""
