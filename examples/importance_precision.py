@@ -88,7 +88,7 @@ def main() -> None:
         runtime = make_backend(policy="specdiff", compiler="eager", importance_query_stride=args.stride,
                                draft_steps=0).build_runtime(gm, inputs)
         graph = runtime.graphs["full"]
-        buffers = runtime._slot(0).buffers_for(runtime.record_specs)
+        buffers = runtime.buffers_for("full", 0)
         n_user = len(inputs)
         for seed in range(args.seeds):
             captured = []

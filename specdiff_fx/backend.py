@@ -2,7 +2,7 @@
 
 ``torch.compile(model, backend=specdiff_backend)`` hands this module one torch-level FX
 graph per compiled frame.  We build the graph variants the policy needs, compile each
-(Inductor or eager), and return a :class:`SpecDiffRuntime` that picks a variant per call.
+(Inductor or eager), and return a :class:`CachingRuntime` that picks a variant per call.
 Anything we cannot handle compiles as the plain graph with one warning naming why:
 never an exception inside dynamo, never a silently wrong result.
 """
@@ -23,7 +23,7 @@ from .passes.collectives import has_collectives, output_group
 from .passes.prune_collectives import prune_dead_collectives
 from .passes.rank_partials import has_rank_partials, reduce_rank_partials
 from .policies import POLICIES, BuildContext, UnsupportedGraph
-from .runtime import FULL, ClockFollower, PipelineClock, SpecDiffRuntime, StepClock, warn_fallback
+from .runtime import FULL, ClockFollower, PipelineClock, CachingRuntime, StepClock, warn_fallback
 
 
 log = logging.getLogger("specdiff_fx")
@@ -35,7 +35,7 @@ NO_BRANCHES = "no residual branches found in the graph"
 class NothingToCache(UnsupportedGraph):
     """A frame with no residual branches: no loss of caching when the model's other frames
     cache (Lumina2's and HiDream's frames around their graph breaks), so its warning waits
-    for them (SpecDiffRuntime.settle_fallback_warning)."""
+    for them (CachingRuntime.settle_fallback_warning)."""
 
 
 def _has_symbolic_shapes(example_inputs: Sequence[Any]) -> bool:
@@ -83,7 +83,7 @@ class SpecDiffBackend:
                  f"variants {sorted(runtime.variants)}, {runtime.info.get('branches', 0)} branches")
         return runtime
 
-    def build_runtime(self, gm: fx.GraphModule, example_inputs: Sequence[Any]) -> SpecDiffRuntime:
+    def build_runtime(self, gm: fx.GraphModule, example_inputs: Sequence[Any]) -> CachingRuntime:
         """The runtime of one dynamo graph: what every policy needs (inputs, clock, branches),
         then the policy's own :meth:`~specdiff_fx.policies.Policy.build`."""
         cfg = self.config
@@ -159,17 +159,17 @@ class SpecDiffBackend:
         return compile_fx(gm, _static_fakes(example_inputs), config_patches=dict(self.config.inductor_config) or None)
 
     def _fallback(self, gm: fx.GraphModule, example_inputs: Sequence[Any], reason: str,
-                  deferred: bool = False) -> SpecDiffRuntime:
+                  deferred: bool = False) -> CachingRuntime:
         try:  # a plain graph that has the timestep still counts the model's steps for its other graphs
             timestep_index = None if _has_symbolic_shapes(example_inputs) else self._graph_inputs(gm).timestep_index
         except Exception:
             timestep_index = None
         # A frame without blocks (Lumina2's embedding frame, the frames around its graph break) is
         # no loss of caching when the model's other frames cache: they may compile after it, so the
-        # runtime settles the warning at its next call (SpecDiffRuntime.settle_fallback_warning).
+        # runtime settles the warning at its next call (CachingRuntime.settle_fallback_warning).
         if not deferred:
             warn_fallback(reason)
-        runtime = SpecDiffRuntime(
+        runtime = CachingRuntime(
             policy=self.config.policy,
             variants={FULL: self.compile(gm, example_inputs)},
             fallback=reason,
@@ -195,22 +195,22 @@ class SpecDiffBackend:
         return ClockFollower(self.clock, leader) if leader is not None else None
 
     # ----------------------------------------------------------------- runtimes
-    def _register(self, runtime: SpecDiffRuntime, example_inputs: Sequence[Any]) -> None:
+    def _register(self, runtime: CachingRuntime, example_inputs: Sequence[Any]) -> None:
         if runtime.timestep_index is not None and runtime.clock is self.clock:
             self._leader = weakref.ref(runtime)
         params = frozenset(id(x) for x in example_inputs if isinstance(x, torch.nn.Parameter))
         self._runtimes = [(r, p) for r, p in self._runtimes if r() is not None]
         self._runtimes.append((weakref.ref(runtime), params))
 
-    def all_runtimes(self) -> list[SpecDiffRuntime]:
+    def all_runtimes(self) -> list[CachingRuntime]:
         """Every live runtime this backend built, siblings included."""
         self._runtimes = [(r, p) for r, p in self._runtimes if r() is not None]
         return [rt for ref, _ in self._runtimes for rt in ref().all_runtimes()]
 
-    def runtimes_for(self, model: torch.nn.Module) -> list[SpecDiffRuntime]:
+    def runtimes_for(self, model: torch.nn.Module) -> list[CachingRuntime]:
         """Every live runtime of ``model``: one per graph it compiled to (frames of a model
         whose code breaks the graph, calls of other shapes), oldest first.  Two modules through
-        one graph each have their own (SpecDiffRuntime.siblings)."""
+        one graph each have their own (CachingRuntime.siblings)."""
         params = {p.data_ptr() for p in model.parameters() if p.data_ptr()}
         self._runtimes = [(r, p) for r, p in self._runtimes if r() is not None]
         found = []
@@ -230,7 +230,7 @@ class ModelRuntime:
     so a model whose code breaks the graph (HiDream, Lumina2, Qwen-Image) reports what each
     of its frames did; ``reset()`` and ``begin_trajectory()`` reach all of them."""
 
-    def __init__(self, runtimes: Sequence[SpecDiffRuntime]) -> None:
+    def __init__(self, runtimes: Sequence[CachingRuntime]) -> None:
         if not runtimes:
             raise ValueError("a model view needs at least one runtime")
         self.runtimes = list(runtimes)
@@ -245,7 +245,7 @@ class ModelRuntime:
         """A row per graph: modules that share one graph (blocks compiled on their own, one
         runtime each) are one row, with their count in ``modules`` and their calls summed;
         steps are the graph's first module's."""
-        groups: dict[int, list[SpecDiffRuntime]] = {}
+        groups: dict[int, list[CachingRuntime]] = {}
         for runtime in self.runtimes:
             groups.setdefault(id(runtime.root), []).append(runtime)
         rows = []

@@ -13,7 +13,7 @@ from specdiff_fx.buffers import BufferRole, BufferSpec
 from specdiff_fx.passes.token_axis import analyze_token_axis
 from specdiff_fx.passes.token_forecast import build_token_forecast_variant
 from specdiff_fx.passes.token_variants import build_token_partial_variant, build_token_record_variant
-from specdiff_fx.runtime.token_runtime import TokenSlot
+from specdiff_fx.runtime.slots import SlotState
 from specdiff_fx.testing.tiny_models import build_tiny
 
 CPU = torch.device("cpu")
@@ -71,7 +71,7 @@ def test_built_variants_give_history_buffers_their_ring_position(capture):
     assert all(s.ring is None for s in rspecs + pspecs + fspecs if s.role != BufferRole.HISTORY)
 
 
-def test_token_slot_hands_history_by_ring_position_not_name():
+def test_slot_hands_history_by_ring_position_not_name():
     def spec(name, role, shape, dtype=torch.float32, ring=None):
         return BufferSpec(name, role, shape, dtype, CPU, ring=ring)
 
@@ -79,9 +79,12 @@ def test_token_slot_hands_history_by_ring_position_not_name():
     partial = [spec("idx", "index", (1, 2), torch.long), spec("mask", "reuse_mask", (1, 4), torch.bool),
                spec("w", "mix_weights", (3,))] + [spec(f"ring_entry_{2 - i}", "history", (1, 4, 2), ring=i)
                                                   for i in range(3)]
-    slot = TokenSlot(record, partial)
-    assert slot.buffers_for(record)[0] is slot.ring[2]
-    assert all(got is want for got, want in zip(slot.buffers_for(partial)[3:], slot.ring))
+    slot = SlotState(0)
+    ring = slot.ring(record[0])
+    assert slot.buffers(record)[0] is ring[2]
+    assert all(got is want for got, want in zip(slot.buffers(partial)[3:], ring))
+    slot.rotate_rings()  # the entry just written becomes the newest
+    assert slot.buffers(partial)[3] is ring[2] and slot.buffers(record)[0] is ring[1]
 
 
 def test_buffers_module_imports_only_torch_and_the_standard_library():

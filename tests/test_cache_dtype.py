@@ -33,9 +33,9 @@ def test_narrow_caches_round_only_what_they_store(family, name):
     case = build_tiny(family)
     wide, wide_rt = _run(case, **CONFIGS[name])
     narrow, narrow_rt = _run(case, **CONFIGS[name], cache_dtype="bfloat16")
-    held = [s for s in narrow_rt.slots.specs if s.role in ("branch_cache", "taylor_term")]
+    held = [s for s in narrow_rt.buffer_specs_for("full") if s.role in ("branch_cache", "taylor_term")]
     assert held and all(s.dtype == torch.bfloat16 for s in held)
-    assert narrow_rt.slots.bytes_per_slot < 0.6 * wide_rt.slots.bytes_per_slot
+    assert narrow_rt.slot(0).nbytes < 0.6 * wide_rt.slot(0).nbytes
     plan = [e["calls"][0] for e in narrow_rt.stats()["plan"]]
     assert plan == [e["calls"][0] for e in wide_rt.stats()["plan"]]
     for i, (n, w) in enumerate(zip(narrow, wide)):

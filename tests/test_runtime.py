@@ -5,11 +5,14 @@ from specdiff_fx.runtime import (
     FULL,
     REUSE,
     AlwaysFull,
+    BlockEvents,
     BufferSpec,
-    CacheSlots,
+    CachingRuntime,
     FullStepSchedule,
-    SpecDiffRuntime,
+    PipelineClock,
+    Slots,
     StepTracker,
+    TimestepEvents,
 )
 
 
@@ -52,12 +55,17 @@ def test_schedule():
 
 def test_cache_slots_are_separate_and_stamped():
     spec = BufferSpec("c0", "branch_cache", (2, 3), torch.float32, torch.device("cpu"))
-    slots = CacheSlots([spec])
-    assert slots[0].buffers[0] is not slots[1].buffers[0]
+    slots = Slots(policy_state=list)
+    assert slots[0].buffers([spec])[0] is not slots[1].buffers([spec])[0]
+    assert slots[0].buffer(spec) is slots[0].buffers([spec])[0]  # allocated once, found by its spec
     assert not slots[0].valid_for(0)
     slots[0].stamp(0, 0)
     assert slots[0].valid_for(0) and not slots[0].valid_for(1)
-    assert slots.allocated_bytes == 2 * 2 * 3 * 4
+    assert slots.nbytes == 2 * 2 * 3 * 4
+    slots[0].policy_state.append("written")
+    slots[0].invalidate()  # the stamp and the policy's state go; the buffer stays, unread
+    assert not slots[0].valid_for(0) and slots[0].policy_state == []
+    assert slots.nbytes == 2 * 2 * 3 * 4
 
 
 class Recorder:
@@ -79,7 +87,7 @@ class Recorder:
 def make_runtime(**kw):
     rec = Recorder()
     spec = BufferSpec("c0", "branch_cache", (2,), torch.float32, torch.device("cpu"))
-    rt = SpecDiffRuntime(
+    rt = CachingRuntime(
         policy="fora", variants={FULL: rec.full, REUSE: rec.reuse}, buffer_specs=[spec],
         schedule=FullStepSchedule(1, 2), timestep_index=1, signature_indices=[0],
         example_inputs=[torch.ones(2), torch.tensor(1.0)], **kw,
@@ -121,4 +129,26 @@ def test_runtime_reset():
 
 def test_runtime_needs_a_full_variant():
     with pytest.raises(ValueError, match="full"):
-        SpecDiffRuntime(policy="fora", variants={REUSE: lambda *a: None})
+        CachingRuntime(policy="fora", variants={REUSE: lambda *a: None})
+
+
+def test_buffers_for_is_what_the_variant_was_called_with():
+    rt, rec = make_runtime()
+    rt(torch.ones(2), torch.tensor(4.0))
+    (cache,) = rt.buffers_for(FULL, 0)
+    assert torch.equal(cache, torch.full((2,), 4.0))  # written by the full call of slot 0
+    assert rt.buffers_for(REUSE, 0)[0] is cache and rt.slot(0).buffer(rt.buffer_specs_for(FULL)[0]) is cache
+    assert rt.buffers_for(FULL, 1)[0] is not cache
+    with pytest.raises(KeyError, match="partial"):
+        rt.buffers_for("partial", 0)
+
+
+def test_the_event_source_is_chosen_when_the_runtime_is_built():
+    rt, _ = make_runtime()
+    assert isinstance(rt.events, TimestepEvents) and rt.stats()["clock"] is None
+    rt(torch.ones(2), torch.tensor(4.0))
+    assert rt.stats()["clock"] == "inferred"
+    block = CachingRuntime(policy="fora", variants={FULL: lambda *a: None}, pipeline_clock=PipelineClock())
+    assert isinstance(block.events, BlockEvents)
+    plain = CachingRuntime(policy="fora", variants={FULL: lambda *a: None})
+    assert plain.events is None

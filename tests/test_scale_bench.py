@@ -153,13 +153,13 @@ def test_runtime_host_time_excludes_variant_time():
 
     import torch
 
-    from specdiff_fx.runtime import FULL, SpecDiffRuntime
+    from specdiff_fx.runtime import FULL, CachingRuntime
 
     def slow_variant(*args):
         time.sleep(0.02)
         return args[1]
 
-    runtime = SpecDiffRuntime(policy="off", variants={FULL: slow_variant}, timestep_index=0,
+    runtime = CachingRuntime(policy="off", variants={FULL: slow_variant}, timestep_index=0,
                               signature_indices=[1])
     x = torch.zeros(2, 3)
     for t in (900.0, 800.0, 700.0):

@@ -56,8 +56,8 @@ def test_no_recompiles_over_three_trajectories_with_varying_subsets():
     subsets = set()
     for seed in range(3):
         run_steps(case, compiled, TIMESTEPS_10, seed=seed)
-        slot = get_runtime(compiled).token_slots[0]
-        subsets.add(tuple(slot.index.flatten().tolist()))
+        slot = get_runtime(compiled).slot(0)
+        subsets.add(tuple(slot.find("index").flatten().tolist()))
     assert len(subsets) > 1, "different trajectories chose different C1 sets"
     assert counters["stats"]["unique_graphs"] == 1
     assert len(backend._runtimes) == 1
@@ -90,9 +90,9 @@ def test_draft_records_future_importance_and_can_be_disabled():
     case = build_tiny("sd3")
     compiled, _ = compile_with(case.model, **dict(CFG, draft_steps=3))
     run_steps(case, compiled, TIMESTEPS_10[:3])
-    slot = get_runtime(compiled).token_slots[0]
-    assert [t for t, _ in slot.fut] == pytest.approx([1000.0, 1000.0 * 2 / 3, 1000.0 / 3])
-    assert not torch.equal(slot.fut[0][1], slot.fut[1][1])
+    fut = get_runtime(compiled).slot(0).policy_state.fut
+    assert [t for t, _ in fut] == pytest.approx([1000.0, 1000.0 * 2 / 3, 1000.0 / 3])
+    assert not torch.equal(fut[0][1], fut[1][1])
     torch._dynamo.reset()
     compiled, _ = compile_with(case.model, **dict(CFG, draft_steps=0))
     run_steps(case, compiled, TIMESTEPS_10[:3])

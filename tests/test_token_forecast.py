@@ -159,16 +159,17 @@ def test_kv_forecast_rebases_per_entry(kv_forecast):
     runtime = get_runtime(model)
     s = runtime.stats()
     assert s["kv_forecast"] is kv_forecast and s["kv_horizon"] == 1.0 and s["partial_steps"] == 3
-    slot = runtime.token_slots[0]
-    kv_stamps = [t for name, t in slot.lines.items() if name.endswith("_stamp") and "cache" in name]
+    slot = runtime.slot(0)
+    lines = slot.named("line_value", "line_slope", "line_stamp")
+    kv_stamps = [t for name, t in lines.items() if name.endswith("_stamp") and "cache" in name]
     if kv_forecast:  # each partial step (2, 3, 4) re-based the entries it computed, only those
         stamps = set(torch.cat([t.flatten() for t in kv_stamps]).unique().tolist())
         assert 4.0 in stamps and len(stamps) > 1 and stamps <= {1.0, 2.0, 3.0, 4.0}
-        assert {f"{name}_slope" for name in slot.kv} <= set(slot.lines)
-        assert slot.nbytes > 2 * slot.kv_bytes  # the caches and their slopes (stamps are per token)
+        assert {f"{name}_slope" for name in slot.named("kv")} <= set(lines)
+        assert slot.nbytes > 2 * slot.nbytes_of("kv")  # the caches and their slopes (stamps are per token)
     else:
         assert not kv_stamps
-    token_stamp = slot.lines["specdiff_token_stamp"]  # c3="forecast": the tokens' own lines
+    token_stamp = lines["specdiff_token_stamp"]  # c3="forecast": the tokens' own lines
     assert set(token_stamp.unique().tolist()) <= {1.0, 2.0, 3.0, 4.0} and (token_stamp == 4.0).any()
     assert all(torch.isfinite(g).all() for g in got)
     assert SpecDiffConfig(policy="specdiff", c3="forecast").kv_forecast is True  # on with c3="forecast"

@@ -229,14 +229,15 @@ def fora_group(gm, inputs, compiler: str, cfg_extra: dict) -> Group:
     runtime = make_backend(policy="fora", compiler=compiler, **cfg_extra).build_runtime(gm, inputs)
     if runtime.fallback:
         raise RuntimeError(f"fora fell back: {runtime.fallback}")
-    buffers = runtime.slots[0].buffers
+    record, cached = runtime.buffers_for("full", 0), runtime.buffers_for("reuse", 0)
     full, reuse = _raw(runtime, "full"), _raw(runtime, "reuse")
     with torch.no_grad():
-        full(*inputs, *buffers)
-    return Group("fora", {"fora_full_record": lambda: full(*inputs, *buffers),
-                          "fora_reuse": lambda: reuse(*inputs, *buffers)},
-                 {"fora_full_record": 1.0, "fora_reuse": 0.0}, held_bytes=runtime.slots.bytes_per_slot,
-                 info={"cache_bytes": runtime.slots.bytes_per_slot, "branches": runtime.info.get("branches")})
+        full(*inputs, *record)
+    held = runtime.slot(0).nbytes
+    return Group("fora", {"fora_full_record": lambda: full(*inputs, *record),
+                          "fora_reuse": lambda: reuse(*inputs, *cached)},
+                 {"fora_full_record": 1.0, "fora_reuse": 0.0}, held_bytes=held,
+                 info={"cache_bytes": held, "branches": runtime.info.get("branches")})
 
 
 def specdiff_group(gm, inputs, compiler: str, ratio: float, with_full: bool, draft: bool,
@@ -248,23 +249,22 @@ def specdiff_group(gm, inputs, compiler: str, ratio: float, with_full: bool, dra
     if runtime.fallback:
         raise RuntimeError(f"specdiff fell back: {runtime.fallback}")
     slot = runtime.slot(0)
-    record = slot.buffers_for(runtime.record_specs)
-    partial = slot.buffers_for(runtime.partial_specs)
+    record, partial = runtime.buffers_for("full", 0), runtime.buffers_for("partial", 0)
     full_fn, partial_fn = _raw(runtime, "full"), _raw(runtime, "partial")
     with torch.no_grad():
         full_fn(*inputs, *record)  # fills the K/V caches and history, as a full step would
     # the partial variant picks its own tokens (passes/token_select.py) from the scores just recorded
-    slot.mix_weights.copy_(torch.tensor([0.6, 0.3, 0.1]))
+    slot.find("mix_weights").copy_(torch.tensor([0.6, 0.3, 0.1]))
     tag = f"specdiff_partial_cr{ratio:g}"
     group = Group(f"specdiff cr {ratio:g}", {tag: lambda: partial_fn(*inputs, *partial)},
                   {tag: runtime.k / runtime.n}, held_bytes=slot.nbytes,
-                  info={"cache_bytes": slot.nbytes, "kv_cache_bytes": slot.kv_bytes, "subset_tokens": runtime.k,
+                  info={"cache_bytes": slot.nbytes, "kv_cache_bytes": slot.nbytes_of("kv"), "subset_tokens": runtime.k,
                         "image_tokens": runtime.n, "flops": dict(runtime.flops)})
     if with_full:
         group.kinds["specdiff_full_record"] = lambda: full_fn(*inputs, *record)
         group.ideal["specdiff_full_record"] = 1.0
     if draft and "draft" in runtime.variants:
-        draft_fn, draft_buffers = _raw(runtime, "draft"), slot.buffers_for(runtime.draft_specs)
+        draft_fn, draft_buffers = _raw(runtime, "draft"), runtime.buffers_for("draft", 0)
         group.kinds["specdiff_draft"] = lambda: draft_fn(*inputs, *draft_buffers)
         group.ideal["specdiff_draft"] = 1.0
     return group
@@ -278,15 +278,16 @@ def taylor_group(gm, inputs, compiler: str, lite: bool, cfg_extra: dict) -> Grou
     runtime = make_backend(policy="taylor", lite=lite, compiler=compiler, **cfg_extra).build_runtime(gm, inputs)
     if runtime.fallback:
         raise RuntimeError(f"taylor ({mode}) fell back: {runtime.fallback}")
-    buffers = runtime.slots[0].buffers
+    recorded, forecast_buffers = runtime.buffers_for("full", 0), runtime.buffers_for("forecast", 0)
     record, forecast = _raw(runtime, "full"), _raw(runtime, "forecast")
     with torch.no_grad():
-        record(*inputs, *buffers)  # fills the Taylor terms, as a full step would
+        record(*inputs, *recorded)  # fills the Taylor terms, as a full step would
     rec, fc = f"taylor_{mode}_record", f"taylor_{mode}_forecast"
-    return Group(f"taylor {mode}", {rec: lambda: record(*inputs, *buffers),
-                                    fc: lambda: forecast(*inputs, *buffers)},
-                 {rec: 1.0, fc: 0.0}, held_bytes=runtime.slots.bytes_per_slot,
-                 info={"cache_bytes": runtime.slots.bytes_per_slot, "lite": lite,
+    held = runtime.slot(0).nbytes
+    return Group(f"taylor {mode}", {rec: lambda: record(*inputs, *recorded),
+                                    fc: lambda: forecast(*inputs, *forecast_buffers)},
+                 {rec: 1.0, fc: 0.0}, held_bytes=held,
+                 info={"cache_bytes": held, "lite": lite,
                        "branches": runtime.info.get("branches"),
                        "forecast_targets": runtime.info.get("forecast_targets")})
 

@@ -39,7 +39,7 @@ from ..passes.residual_branches import ResidualBranch
 from ..passes.tags import CACHING_LEVELS
 from ..policies import POLICIES
 from ..passes.token_variants import INDEX
-from ..runtime import FULL, SpecDiffRuntime
+from ..runtime import FULL, CachingRuntime
 from .capture import GraphBreaks, capture_graph
 from .collective_traffic import CollectivesSummary, collectives_summary
 from .cost import (
@@ -288,7 +288,7 @@ def _unmodelled_note(flops: Cost) -> str:
     return f"no symbolic rule for {ops}: counted as measured by FlopCounterMode"
 
 
-def inspect_runtime(runtime: SpecDiffRuntime, original: fx.GraphModule | None = None,
+def inspect_runtime(runtime: CachingRuntime, original: fx.GraphModule | None = None,
                     title: str = "graph") -> InspectionReport:
     """Report on the graphs a backend built: the variants and buffers of its runtime.
 
@@ -316,7 +316,7 @@ def fallback_report(original: fx.GraphModule, policy: str, title: str, reason: s
     return dataclasses.replace(report, fallback=reason)
 
 
-def _variant_buffers(runtime: SpecDiffRuntime, variants: dict[str, fx.GraphModule]) -> dict[str, list]:
+def _variant_buffers(runtime: CachingRuntime, variants: dict[str, fx.GraphModule]) -> dict[str, list]:
     """The runtime-owned buffers each variant is called with."""
     return {name: runtime.buffer_specs_for(name) for name in variants}
 
@@ -366,10 +366,10 @@ def inspect_frames(model: torch.nn.Module, example_kwargs: dict[str, Any], polic
     if not runtimes:
         raise ValueError(f"{why}; dynamo handed the backend no graph")
 
-    def size(r: SpecDiffRuntime) -> int:
+    def size(r: CachingRuntime) -> int:
         return len(r.graphs["original"].graph.nodes)
 
-    def branches(r: SpecDiffRuntime) -> int:
+    def branches(r: CachingRuntime) -> int:
         return r.stats().get("branches", 0)
 
     lines = []

@@ -37,7 +37,7 @@ from ..buffers import BufferRole, BufferSpec
 from ..passes.graph_inputs import GraphInputs
 from ..passes.residual_branches import ResidualBranch
 from ..passes.verify import VariantVerificationError, output_signature, verify_variant, with_fake_values
-from ..runtime import SpecDiffRuntime
+from ..runtime import CachingRuntime
 from .checks import one_of
 
 log = logging.getLogger("specdiff_fx")
@@ -70,7 +70,7 @@ class Field:
 class BuildContext:
     """What the backend hands a policy for one dynamo graph.
 
-    ``common`` holds the :class:`SpecDiffRuntime` keyword arguments every policy passes on (the
+    ``common`` holds the :class:`CachingRuntime` keyword arguments every policy passes on (the
     step clock, the graph's input positions, ...); ``compile(graph, examples)`` compiles a
     variant with the configured compiler; ``follow`` is set for a frame without a timestep
     that follows the model's steps (policies with ``follows_graph_breaks``).
@@ -121,7 +121,7 @@ class Policy:
         """``SpecDiffConfig.replace``: adjust ``changes`` (in place) before they apply, e.g. set a
         derived field back to None so :meth:`resolve` derives it again."""
 
-    def build(self, ctx: BuildContext) -> SpecDiffRuntime:
+    def build(self, ctx: BuildContext) -> CachingRuntime:
         """The runtime of graph ``ctx.gm``: its variants built, verified and compiled."""
         raise NotImplementedError
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 
 from ..passes import build_branch_record_variant, build_branch_reuse_variant, count_kinds
-from ..runtime import FULL, REUSE, FullStepSchedule, SpecDiffRuntime
+from ..runtime import FULL, REUSE, FullStepSchedule, CachingRuntime
 from .base import CACHE_DTYPE, BuildContext, Policy, cache_dtype, trace_artifacts, verify_variants, with_buffers
 
 
@@ -23,7 +23,7 @@ class Fora(Policy):
     runs_at = {FULL: "full steps (record every branch)", REUSE: "cached steps (every branch reused)"}
     follows_graph_breaks = True
 
-    def build(self, ctx: BuildContext) -> SpecDiffRuntime:
+    def build(self, ctx: BuildContext) -> CachingRuntime:
         cfg, gm, branches = ctx.config, ctx.gm, ctx.branches
         held = cache_dtype(cfg.cache_dtype)
         record, specs = build_branch_record_variant(gm, branches, held)
@@ -31,7 +31,7 @@ class Fora(Policy):
         trace_artifacts({FULL: record, REUSE: reuse}, {"branches": [dataclasses.asdict(b) for b in branches]})
         examples = with_buffers(ctx.example_inputs, specs)
         verify_variants({FULL: (record, examples), REUSE: (reuse, examples)}, gm)
-        return SpecDiffRuntime(
+        return CachingRuntime(
             policy=self.name,
             variants={FULL: ctx.compile(record, examples), REUSE: ctx.compile(reuse, examples)},
             buffer_specs=list(specs),

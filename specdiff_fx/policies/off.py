@@ -6,7 +6,7 @@ same ``stats()``), and a user can switch caching off without leaving the backend
 
 from __future__ import annotations
 
-from ..runtime import FULL, AlwaysFull, SpecDiffRuntime
+from ..runtime import FULL, AlwaysFull, CachingRuntime
 from .base import BuildContext, Policy
 
 
@@ -18,8 +18,8 @@ class Off(Policy):
     runs_at = {FULL: "every step"}
     needs_branches = False
 
-    def build(self, ctx: BuildContext) -> SpecDiffRuntime:
-        return SpecDiffRuntime(policy=self.name, variants={FULL: ctx.compile(ctx.gm, ctx.example_inputs)},
+    def build(self, ctx: BuildContext) -> CachingRuntime:
+        return CachingRuntime(policy=self.name, variants={FULL: ctx.compile(ctx.gm, ctx.example_inputs)},
                                schedule=AlwaysFull(), **ctx.common)
 
 

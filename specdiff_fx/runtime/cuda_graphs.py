@@ -5,7 +5,7 @@ host work, not by arithmetic (docs/scale.md). Replaying a captured graph launche
 variant at once.
 
 How it fits the runtime: every variant is called as ``fn(*graph_inputs, *buffers)``, where
-the buffers are the runtime's cache slot (runtime/cache_slots.py), allocated once per slot
+the buffers are the runtime's cache slot (runtime/slots.py), allocated once per slot
 and only ever written in place. So a variant is captured once per cache slot, keyed by the
 addresses of its buffers, with those very buffers as the graph's static inputs: the
 variant's in-place cache writes land where the runtime reads them, and nothing is copied.

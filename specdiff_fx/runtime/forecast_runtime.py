@@ -35,25 +35,27 @@ from typing import Any, Sequence
 from ..buffers import BufferRole
 from .forecasters import LeastSquares, coefficients
 from .host_values import write_values
-from .runtime import FULL, SpecDiffRuntime
+from ..variants import FORECAST, FULL
+from .runtime import CachingRuntime
 
 log = logging.getLogger("specdiff_fx")
 
-FORECAST = "forecast"
 VARIABLES = ("step", "timestep")
 
 
-class _SlotForecast:
-    """Per-slot forecast state: positions of the recorded full steps, last error estimate."""
+class ForecastSlotState:
+    """What a call slot keeps for forecasting beyond its buffers (``SlotState.policy_state``):
+    positions of the recorded full steps, and whether the last call left an error estimate."""
 
     def __init__(self) -> None:
-        self.trajectory: int | None = None
         self.full_positions: list[float] = []   # newest last, at most 2 kept
         self.pending_error = False               # error buffer written by the last call
 
 
-class ForecastRuntime(SpecDiffRuntime):
-    """Branch-level forecasting between full steps (policy ``taylor``)."""
+class ForecastRuntime(CachingRuntime):
+    """Branch-level forecasting between full steps (policies ``taylor`` and ``sandwich``)."""
+
+    slot_state = ForecastSlotState
 
     def __init__(self, *, order: int = 1, variable: str = "step", tolerance: float | None = None,
                  tolerance_growth: float = 0.0, probe: bool = False, forecaster: str = "taylor",
@@ -70,20 +72,16 @@ class ForecastRuntime(SpecDiffRuntime):
         self.tolerance = tolerance
         self.tolerance_growth = float(tolerance_growth)
         self.probe = probe
-        roles = [s.role for s in self.slots.specs]
-        self._coef_index = roles.index(BufferRole.TAYLOR_COEF)
-        self._error_index = roles.index(BufferRole.FORECAST_ERROR)
-        self._term_indices = [i for i, r in enumerate(roles) if r == BufferRole.TAYLOR_TERM]
+        by_role = {s.role: s for s in self.buffer_specs}
+        self._coef_spec = by_role[BufferRole.TAYLOR_COEF]
+        self._error_spec = by_role[BufferRole.FORECAST_ERROR]
+        self._term_specs = [s for s in self.buffer_specs if s.role == BufferRole.TAYLOR_TERM]
 
     def calibrate(self, sums: LeastSquares | None) -> None:
         """Turn calibration on (cached steps run exact and feed ``sums``) or off (None)."""
         if sums is not None and sums.order != self.order:
             raise ValueError(f"least-squares sums of order {sums.order} for a runtime of order {self.order}")
         self.calibration = sums
-
-    def _init_state(self) -> None:
-        super()._init_state()
-        self._states: dict[int, _SlotForecast] = {}
 
     def threshold(self, step: int) -> float | None:
         """The error threshold at ``step``: ``tolerance · (1 + tolerance_growth · step)``."""
@@ -96,15 +94,15 @@ class ForecastRuntime(SpecDiffRuntime):
 
     def _run_step(self, args: Sequence[Any], event) -> tuple[Any, str, dict | None]:
         slot = self.slots[event.slot]
-        state = self._states.setdefault(event.slot, _SlotForecast())
-        valid = slot.valid_for(event.trajectory) and state.trajectory == event.trajectory
+        valid = slot.valid_for(event.trajectory)
         if not valid:
-            state.__init__()
-            state.trajectory = event.trajectory
+            slot.invalidate()  # another trajectory's positions: start afresh
+        state: ForecastSlotState = slot.policy_state
+        buffers = slot.buffers(self.buffer_specs)
         details: dict = {}
         error = None
         if state.pending_error:
-            error = float(slot.buffers[self._error_index])  # written by the previous (forecast) call
+            error = float(slot.buffer(self._error_spec))  # written by the previous (forecast) call
             details["error"] = error
             state.pending_error = False
         refresh = False
@@ -121,13 +119,13 @@ class ForecastRuntime(SpecDiffRuntime):
                               "runs full; use forecast_variable='step'", RuntimeWarning, stacklevel=4)
             valid = False
         full = not valid or self.schedule.is_full(event.step) or refresh
-        coef = slot.buffers[self._coef_index]
+        coef = slot.buffer(self._coef_spec)
         if full:
             prev = state.full_positions
             c0 = 1.0 / (x - prev[-1]) if prev and x != prev[-1] else 0.0
             c1 = 2.0 / (x - prev[-2]) if self.order == 2 and len(prev) >= 2 and x != prev[-2] else 0.0
             write_values(coef, [c0, c1, 0.0, 0.0])
-            out = self.variants[FULL](*args, *slot.buffers)
+            out = self.variants[FULL](*args, *buffers)
             slot.stamp(event.trajectory, event.step)
             state.full_positions = (prev + [x])[-2:]
             if refresh:
@@ -137,21 +135,21 @@ class ForecastRuntime(SpecDiffRuntime):
             return out, FULL, details or None
         k = x - state.full_positions[-1]
         if self.calibration is not None:
-            return self._calibration_step(args, slot, event.step, k)
+            return self._calibration_step(args, slot, buffers, event.step, k)
         gap = state.full_positions[-1] - state.full_positions[-2] if len(state.full_positions) > 1 else None
         a1, a2 = coefficients(self.forecaster, k, gap, event.step, self.forecaster_options)
         write_values(coef, [0.0, 0.0, a1, a2])
-        out = self.variants[FORECAST](*args, *slot.buffers)
+        out = self.variants[FORECAST](*args, *buffers)
         state.pending_error = self.probe
         details["k"] = k
         return out, FORECAST, details
 
-    def _calibration_step(self, args, slot, step: int, k: float) -> tuple[Any, str, dict]:
+    def _calibration_step(self, args, slot, buffers, step: int, k: float) -> tuple[Any, str, dict]:
         """An exact step that measures what the forecast should have been (module docstring)."""
-        terms = [slot.buffers[i] for i in self._term_indices]
+        terms = slot.buffers(self._term_specs)
         before = [t.clone() for t in terms]
-        write_values(slot.buffers[self._coef_index], [1.0 / k, 0.0, 0.0, 0.0])
-        out = self.variants[FULL](*args, *slot.buffers)
+        write_values(slot.buffer(self._coef_spec), [1.0 / k, 0.0, 0.0, 0.0])
+        out = self.variants[FULL](*args, *buffers)
         per = self.order + 1
         rows = []
         for j in range(0, len(terms), per):
@@ -161,9 +159,6 @@ class ForecastRuntime(SpecDiffRuntime):
         for t, b in zip(terms, before):
             t.copy_(b)
         return out, FULL, {"calibration": True, "k": k}
-
-    def _drop_caches(self) -> None:
-        self._states.clear()
 
     def _extra_stats(self) -> dict:
         errors = [d["error"] for e in self._plan for d in e.get("details", []) if "error" in d]

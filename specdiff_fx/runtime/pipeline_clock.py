@@ -22,9 +22,10 @@ compiled graph -- dynamo's recompile limit reached (past it, a frame runs eagerl
 but one log line), or an eager stance -- so nothing was cached: the clock warns once and counts
 such steps (``uncompiled_steps``, shown by ``report()``).
 
-The clock also lends the pipeline's sampler to the self-speculative draft (``draft``): a copy
-of the pipeline's scheduler set to a few steps, so the draft advances as the pipeline does
-(DPM-Solver, DDPM with epsilon or v prediction, PNDM, flow matching) instead of assuming one.
+The clock also lends the pipeline's sampler to the self-speculative draft (``draft``, a
+:class:`~specdiff_fx.runtime.draft.Draft` that compile_pipeline builds from a copy of the
+pipeline's scheduler set to a few steps), so the draft advances as the pipeline does instead
+of assuming one (runtime/draft.py).
 """
 
 from __future__ import annotations
@@ -32,24 +33,12 @@ from __future__ import annotations
 import logging
 import warnings
 import weakref
-from dataclasses import dataclass
 from typing import Callable
 
-import torch
-
+from .draft import Draft
 from .step_tracker import MAX_CALL_SLOTS, StepEvent
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Draft:
-    """A short trajectory of the pipeline's own sampler: ``timesteps`` (as the model receives
-    them) and ``advance(x, model_output, i) -> x`` moving a sample from ``timesteps[i]`` to
-    ``timesteps[i + 1]``."""
-
-    timesteps: list[float]
-    advance: Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
 
 
 class _User:

@@ -17,16 +17,16 @@ from typing import Any, Callable, Sequence
 import torch
 
 from ..buffers import BufferSpec
-from .cache_slots import CacheSlots
+from ..variants import FULL, REUSE
 from .cuda_graphs import CudaGraphVariant
+from .events import EventSource, event_source
 from .pipeline_clock import PipelineClock
 from .schedule import AlwaysFull, FullStepSchedule
-from .step_tracker import ClockFollower, StepClock, StepTracker
+from .slots import SlotState, Slots
+from .step_tracker import ClockFollower, StepClock
 
 log = logging.getLogger("specdiff_fx")
 
-FULL = "full"
-REUSE = "reuse"
 MAX_SIBLINGS = 512
 """Other modules through one graph with state of their own (the oldest is dropped beyond it).
 Regional compilation sends every block of a stack through one graph (FLUX: 57, Qwen-Image: 60),
@@ -63,28 +63,34 @@ def _plain_entry(entry: dict) -> dict:
 
 
 class _TimedVariant:
-    """A compiled variant that adds its wall time to its runtime's per-call clock, so the
+    """A compiled variant that adds its wall time to its runtime's per-call counter, so the
     runtime's own Python (host work) per call is the call's time minus the variants' time."""
 
-    __slots__ = ("fn", "clock")
+    __slots__ = ("fn", "seconds")
 
-    def __init__(self, fn: Callable, clock: list[float]) -> None:
-        self.fn, self.clock = fn, clock
+    def __init__(self, fn: Callable, seconds: list[float]) -> None:
+        self.fn, self.seconds = fn, seconds
 
     def __call__(self, *args: Any) -> Any:
         start = time.perf_counter()
         try:
             return self.fn(*args)
         finally:
-            self.clock[0] += time.perf_counter() - start
+            self.seconds[0] += time.perf_counter() - start
 
 
-class SpecDiffRuntime:
-    """Runs one dynamo graph's variants across denoising steps.
+class CachingRuntime:
+    """Runs one dynamo graph's variants across denoising steps: the base of every policy's
+    runtime (policy ``off`` and ``fora`` use it as it is).
 
     ``variants`` maps ``"full"`` (and, for caching policies, ``"reuse"``) to compiled
     callables taking the graph inputs followed by the cache buffers of ``buffer_specs``.
+    Each call slot's buffers and state are one :class:`SlotState` (runtime/slots.py); a
+    subclass with state of its own per slot sets :attr:`slot_state` to its factory.
     """
+
+    slot_state: Callable[[], Any] | None = None
+    """Makes the policy's own state of one call slot (None: buffers and stamp only)."""
 
     def __init__(
         self,
@@ -109,12 +115,12 @@ class SpecDiffRuntime:
         if FULL not in variants:
             raise ValueError("a runtime needs a 'full' variant")
         self.policy = policy
-        self._variant_clock = [0.0]  # seconds spent inside compiled variants during this call
+        self._variant_seconds = [0.0]  # seconds spent inside compiled variants during this call
         if cudagraphs:  # one capture per cache slot (runtime/cuda_graphs.py)
             num_inputs = len(example_inputs) if example_inputs else None
             variants = {name: CudaGraphVariant(fn, num_inputs, name) for name, fn in variants.items()}
         self._cuda_graphs = {name: fn for name, fn in variants.items() if isinstance(fn, CudaGraphVariant)}
-        self.variants = {name: _TimedVariant(fn, self._variant_clock) for name, fn in variants.items()}
+        self.variants = {name: _TimedVariant(fn, self._variant_seconds) for name, fn in variants.items()}
         self.schedule = schedule if schedule is not None else AlwaysFull()
         self.timestep_index = timestep_index
         self.latent_index = latent_index
@@ -123,16 +129,19 @@ class SpecDiffRuntime:
         self.info = dict(info or {})
         self.graphs = dict(graphs or {})  # the FX graphs behind each variant, for inspection
         self.buffer_specs = list(buffer_specs)
+        # the runtime-owned buffers each variant is called with (subclasses set their own)
+        self._variant_specs = {name: self.buffer_specs if fallback is None else [] for name in self.variants}
         self.timestep_direction = timestep_direction
         # graph breaks: a graph with the timestep publishes its steps on ``clock``; a graph
         # without it follows them (``follow``) instead of reading a timestep
         self.clock = clock
-        self._follow_leader = follow.leader if follow is not None else None
         # the pipeline's own clock (compile_pipeline); None: inferred from the inputs
         self.pipeline_clock = pipeline_clock
-        # a frame with neither a timestep nor a leader to follow (a block compiled on its own,
-        # regional compilation) takes every event from the pipeline's clock
-        self.block_frame = timestep_index is None and follow is None and pipeline_clock is not None
+        # where this frame's step events come from, chosen once (runtime/events.py): each
+        # runtime state (reset, a sibling) makes its own; None: a plain frame with no steps
+        self._event_source = event_source(timestep_index=timestep_index, latent_index=latent_index,
+                                          direction=timestep_direction, follow=follow,
+                                          pipeline_clock=pipeline_clock)
         # One runtime per compiled module: two modules of one class through one backend share
         # dynamo's graph (their parameters are its inputs), so the parameters say whose call it is.
         self._param_index = next((i for i, x in enumerate(example_inputs) if isinstance(x, torch.nn.Parameter)),
@@ -140,7 +149,7 @@ class SpecDiffRuntime:
         self.owner = _owner_key(example_inputs, self._param_index)
         self.param_ptrs = frozenset(x.data_ptr() for x in example_inputs
                                     if isinstance(x, torch.nn.Parameter) and x.data_ptr())
-        self.siblings: dict[int, SpecDiffRuntime] = {}
+        self.siblings: dict[int, CachingRuntime] = {}
         self.root = self  # the runtime dynamo called; a sibling's root is the one it was made from
         self._initial_signature = _signature(example_inputs, self.signature_indices) if example_inputs else None
         self._warned: set[str] = set()
@@ -153,14 +162,12 @@ class SpecDiffRuntime:
     def _init_state(self) -> None:
         """Every piece of state one model's calls build up (caches, the inferred clock, stats).
         reset() and a sibling runtime (another module through the same graph) start from here."""
-        self.slots = CacheSlots(self.buffer_specs)
-        self.tracker = StepTracker(self.timestep_direction)
-        self.follow = ClockFollower(self.clock, self._follow_leader) if self._follow_leader is not None else None
+        self.slots = Slots(self.slot_state)
+        self.events: EventSource | None = self._event_source() if self._event_source is not None else None
         self._signature = self._initial_signature
-        self._source: str | None = None
         self._reset_stats()
 
-    def _sibling(self, owner: int, args: Sequence[Any]) -> "SpecDiffRuntime":
+    def _sibling(self, owner: int, args: Sequence[Any]) -> "CachingRuntime":
         """The runtime of another module that reaches this graph: the same compiled variants,
         state of its own (never a cache of this module's)."""
         sibling = self.siblings.get(owner)
@@ -191,7 +198,7 @@ class SpecDiffRuntime:
         else:
             warn_fallback(self.fallback)
 
-    def all_runtimes(self) -> list["SpecDiffRuntime"]:
+    def all_runtimes(self) -> list["CachingRuntime"]:
         """This runtime and the siblings made for other modules through the same graph."""
         return [self, *self.siblings.values()]
 
@@ -203,74 +210,45 @@ class SpecDiffRuntime:
             owner = args[self._param_index].data_ptr()
             if owner != self.owner:
                 return self._sibling(owner, args)(*args)
-        if self.fallback is not None or (self.timestep_index is None and self.follow is None
-                                         and not self.block_frame):
+        if self.fallback is not None or self.events is None:
             if self.pending_warning is not None:
                 if self._plain_calls:
                     self.settle_fallback_warning()
                 self._plain_calls += 1
-            if self.clock is not None and self.timestep_index is not None:
+            if self.events is not None and self.events.leads and self.clock is not None:
                 # a plain graph that still counts the model's steps for its other graphs
-                event = self._event(args)
+                event = self.events.event(self, args)
                 self.clock.publish(self.root, event)
                 self._record(event, FULL)
             return self.variants[FULL](*args)
         start = time.perf_counter()
-        self._variant_clock[0] = 0.0
+        self._variant_seconds[0] = 0.0
         sig = _signature(args, self.signature_indices)
         if sig != self._signature:
             # Dynamo guards make this rare; with dynamic shapes it is the last line of defence.
             self._signature = sig
             self.invalidate()
-        if self.follow is not None:
-            self._source = "leader frame"
-            event = self.follow.event()
-            if event is None:  # no step of our own leader to follow: never read a cache
-                return self._run_uncached(args)
-        else:
-            event = self._event(args)
-            if event is None:  # a block frame called outside a pipeline's trajectory
-                return self._run_uncached(args)
-            if self.clock is not None:
-                self.clock.publish(self.root, event)
+        event = self.events.event(self, args)
+        if event is None:  # no step to place the call in (no leader's step, no pipeline trajectory)
+            return self._run_uncached(args)
+        if self.events.leads and self.clock is not None:
+            self.clock.publish(self.root, event)
         out, kind, details = self._run_step(args, event)
         self._record(event, kind, details)
-        self._host_s.append(time.perf_counter() - start - self._variant_clock[0])
+        self._host_s.append(time.perf_counter() - start - self._variant_seconds[0])
         return out
 
     def _run_uncached(self, args: Sequence[Any]) -> Any:
         """A call with no step to place it in: the full variant on a scratch slot, never a cache read."""
         slot = self.slots[-1]
         slot.invalidate()
-        return self.variants[FULL](*args, *slot.buffers)
+        return self.variants[FULL](*args, *slot.buffers(self._variant_specs[FULL]))
 
-    def _event(self, args: Sequence[Any]):
-        """This call's step event: from the pipeline's clock while it runs a trajectory, else
-        inferred from the timestep and the latents (runtime/step_tracker.py).  A change of
-        source drops every cache: the two number trajectories differently.  A block frame has
-        no timestep to infer from: outside a pipeline's trajectory it gets None (no event)."""
-        if self.block_frame:
-            self._source = "pipeline"
-            return self.pipeline_clock.observe(self, None)
-        timestep = self._read_timestep(args)
-        event = self.pipeline_clock.observe(self, timestep) if self.pipeline_clock is not None else None
-        source = "pipeline" if event is not None else "inferred"
-        if source != self._source:
-            if self._source is not None:
-                log.info("specdiff: clock source %s -> %s; caches dropped", self._source, source)
-                self.invalidate()
-            self._source = source
-        if event is None:
-            latents = args[self.latent_index] if self.latent_index is not None else None
-            event = self.tracker.observe(timestep, latents if isinstance(latents, torch.Tensor) else None)
-            if event.doubt is not None and "doubt" not in self._warned:
-                self._warned.add("doubt")
-                warnings.warn(
-                    f"specdiff: the clock inferred from timesteps takes this call as the next step ({event.doubt}); "
-                    "if a new call starts here (e.g. a refine call right after a full one), call "
-                    "get_runtime(model).begin_trajectory() before it, or compile the pipeline with "
-                    "specdiff_fx.compile_pipeline(pipe) (docs/pipelines.md)", RuntimeWarning, stacklevel=3)
-        return event
+    @property
+    def clock_source(self) -> str | None:
+        """Where the latest step event came from (``stats()["clock"]``): ``"pipeline"``,
+        ``"inferred"``, ``"leader frame"``; None before the first or for a plain frame."""
+        return self.events.name if self.events is not None else None
 
     def begin_trajectory(self) -> None:
         """Start a new trajectory at the next call: for a loop of one's own where the inputs
@@ -280,12 +258,9 @@ class SpecDiffRuntime:
     def invalidate(self) -> None:
         """Drop every cache; the next call starts a new trajectory."""
         self.slots.clear()
-        self._drop_caches()
-        self.tracker.invalidate()
+        if self.events is not None:
+            self.events.invalidate()
         self._invalidations += 1
-
-    def _drop_caches(self) -> None:
-        """Policy-owned per-slot state beyond ``slots`` (subclasses)."""
 
     def _run_step(self, args: Sequence[Any], event) -> tuple[Any, str, dict | None]:
         """Branch-level policy: reuse every cached branch output between full steps."""
@@ -296,16 +271,10 @@ class SpecDiffRuntime:
             and slot.valid_for(event.trajectory)
         )
         kind = REUSE if use_cache else FULL
-        out = self.variants[kind](*args, *slot.buffers)
+        out = self.variants[kind](*args, *slot.buffers(self._variant_specs[kind]))
         if kind == FULL:
             slot.stamp(event.trajectory, event.step)
         return out, kind, None
-
-    def _read_timestep(self, args: Sequence[Any]) -> float:
-        t = args[self.timestep_index]
-        if isinstance(t, torch.Tensor):
-            return float(t.detach().reshape(-1)[0])
-        return float(t)
 
     # ------------------------------------------------------------------ state
     def reset(self) -> None:
@@ -344,7 +313,7 @@ class SpecDiffRuntime:
     def _check_clock(self) -> None:
         """Warn once when an inferred clock looks wrong (runtime/step_tracker.py says what the
         inputs cannot show)."""
-        if self._source != "inferred" or not isinstance(self.schedule, FullStepSchedule):
+        if self.clock_source != "inferred" or not isinstance(self.schedule, FullStepSchedule):
             return
         recent = list(self._trajectory_steps)[-3:]
         if len(recent) == 3 and all(n <= 2 for n in recent) and "short" not in self._warned:
@@ -372,9 +341,9 @@ class SpecDiffRuntime:
             "full_steps": self._steps - self._cached_steps,
             "cached_steps": self._cached_steps,
             "invalidations": self._invalidations,
-            "clock": self._source,
-            "cache_slots": len(self.slots._slots),
-            "cache_bytes": self.slots.allocated_bytes,
+            "clock": self.clock_source,
+            "cache_slots": len(self.slots),
+            "cache_bytes": self.slots.nbytes,
             "plan": [_plain_entry(e) for e in self._plan],
             "host_ms_per_call": self._host_stats(),
             # steps of the pipeline that reached no compiled graph (runtime/pipeline_clock.py)
@@ -402,10 +371,22 @@ class SpecDiffRuntime:
         return {}
 
     def buffer_specs_for(self, variant: str) -> list[BufferSpec]:
-        """The runtime-owned buffers ``variant`` is called with, after the graph inputs."""
+        """The descriptions of the runtime-owned buffers ``variant`` is called with, after the
+        graph inputs."""
         if variant not in self.variants:
             raise KeyError(f"no variant {variant!r}; have {sorted(self.variants)}")
-        return list(self.buffer_specs) if self.fallback is None else []
+        return list(self._variant_specs[variant])
+
+    def slot(self, index: int) -> SlotState:
+        """The state of call slot ``index`` (0: a step's first call; made on first use)."""
+        return self.slots[index]
+
+    def buffers_for(self, variant: str, slot: int = 0) -> list[Any]:
+        """The buffers ``variant`` is called with in call slot ``slot``, in its order
+        (allocated on first use): what a benchmark or a test passes to the compiled variant."""
+        if variant not in self.variants:
+            raise KeyError(f"no variant {variant!r}; have {sorted(self.variants)}")
+        return list(self.slots[slot].buffers(self._variant_specs[variant]))
 
     def report(self) -> str:
         from tabulate import tabulate

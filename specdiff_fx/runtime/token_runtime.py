@@ -1,9 +1,9 @@
 """Runtime of policy ``specdiff``: draft, token scores, C1/C2/C3 classes, partial steps.
 
-Per call slot (cond/uncond calls made separately each get one) it owns the per-layer
-K/V caches, a ring of the last three exit features (the token history), the importance
-recorded at the last full step (``his``), the draft's importance by timestep (``fut``)
-and how many steps each token has gone uncomputed.
+Per call slot (cond/uncond calls made separately each get one; runtime/slots.py) it owns the
+per-layer K/V caches, a ring of the last three exit features (the token history), the
+importance recorded at the last full step (``his``), the draft's importance by timestep
+(``fut``) and how many steps each token has gone uncomputed.
 """
 
 from __future__ import annotations
@@ -14,119 +14,34 @@ from typing import Any, Callable, Sequence
 import torch
 
 from ..buffers import RING, BufferRole, BufferSpec
+from ..variants import DRAFT, FORECAST, FULL, PARTIAL
+from .draft import default_draft_plan, pipeline_draft_plan, timestep_scale
 from .host_values import write_values
-from .runtime import FULL, SpecDiffRuntime
-from .scoring import (
-    draft_timesteps,
-    future_importance,
-    history_mix_weights,
-)
+from .runtime import CachingRuntime
+from .scoring import future_importance, history_mix_weights
+from .slots import SlotState
 
-PARTIAL = "partial"
-DRAFT = "draft"
-FORECAST_TOKENS = "forecast"
 # how C3 tokens are composed: the paper's weighted history, or each token's own forecast
 C3_MODES = ("history", "forecast")
-_LINE_ROLES = (BufferRole.LINE_VALUE, BufferRole.LINE_SLOPE, BufferRole.LINE_STAMP)
 
 
-def flow_matching_update(x: torch.Tensor, model_output: torch.Tensor, t: float, t_next: float,
-                         scale: float) -> torch.Tensor:
-    """Euler step of a velocity (rectified-flow) model: x + (t_next - t) / scale * v.
+class TokenSlotState:
+    """What a call slot keeps for specdiff beyond its buffers (``SlotState.policy_state``): the
+    timesteps of the history ring's entries (newest first) and the draft's importance by
+    timestep (``fut``: the first entry is the trajectory's first full step)."""
 
-    If the model predicts more channels than the latent has (learned variance), the
-    first ones are taken as the prediction.
-    """
-    v = model_output[:, : x.shape[1]] if model_output.shape[1] != x.shape[1] else model_output
-    return x + (t_next - t) / scale * v.to(x.dtype)
-
-
-def _prediction_for(x: torch.Tensor, model_output: torch.Tensor) -> torch.Tensor:
-    """The part of a model output a sampler steps with (learned-variance models predict more
-    channels than the latent has: the first ones are the prediction)."""
-    if model_output.shape != x.shape and model_output.dim() == x.dim() and model_output.shape[1] > x.shape[1]:
-        model_output = model_output[:, : x.shape[1]]
-    return model_output.to(x.dtype)
-
-
-def _alloc(spec: BufferSpec) -> torch.Tensor:
-    return torch.zeros(spec.shape, dtype=spec.dtype, device=spec.device)
-
-
-class TokenSlot:
-    """Buffers and token state of one call slot."""
-
-    def __init__(self, record: Sequence[BufferSpec], partial: Sequence[BufferSpec],
-                 forecast: Sequence[BufferSpec] = (), kv_horizon: float | None = None):
-        specs = list(record) + list(partial) + list(forecast)
-        self.kv = {s.name: _alloc(s) for s in list(record) + list(partial) if s.role == BufferRole.KV}
-        hist = next(s for s in record if s.role == BufferRole.HISTORY)
-        self.ring = [_alloc(hist) for _ in range(RING)]        # newest first
+    def __init__(self) -> None:
         self.ring_timesteps: list[float] = []
-        self.importance = _alloc(next(s for s in record if s.role == BufferRole.IMPORTANCE))
-        by_role = {s.role: s for s in partial}
-        self.index = _alloc(by_role[BufferRole.INDEX])
-        self.reuse_mask = _alloc(by_role[BufferRole.REUSE_MASK])
-        self.mix_weights = _alloc(by_role[BufferRole.MIX_WEIGHTS])
-        self.count = torch.zeros(self.importance.shape, dtype=torch.long, device=self.importance.device)
-        # importance the partial variant selects from (stable buffers: copied into, never rebound)
-        self.his = torch.zeros(self.importance.shape, dtype=torch.float32, device=self.importance.device)
-        self.fut_now = torch.ones_like(self.his)
         self.fut: list[tuple[float, torch.Tensor]] = []
-        self.trajectory: int | None = None
-        # token lines (c3="forecast": each token's residual; kv_forecast: each K/V entry): value,
-        # slope and stamp per line, by buffer name, updated by the variants themselves
-        # (passes/token_lines.py) from ``line`` = [x, valid, horizon], written before each call
-        self.lines = {s.name: _alloc(s) for s in specs if s.role in _LINE_ROLES}
-        line = [s for s in specs if s.role == BufferRole.LINE]
-        self.line = _alloc(line[0]) if line else None
-        self.kv_horizon: float | None = kv_horizon   # K/V lines extrapolate at most this many steps
-
-    def set_line(self, x: float, valid: bool) -> None:
-        """Before a call of a variant with token lines: this step's position ``x``, whether the
-        lines hold this trajectory's values (False on its first full step), and the K/V horizon."""
-        horizon = math.inf if self.kv_horizon is None else float(self.kv_horizon)
-        write_values(self.line, [x, 1.0 if valid else 0.0, horizon])
-
-    def buffers_for(self, specs: Sequence[BufferSpec]) -> list[torch.Tensor]:
-        """Buffers in the order of ``specs`` (a variant's, as its pass described them)."""
-        by_role = {BufferRole.IMPORTANCE: self.importance,
-                   BufferRole.HIS: self.his, BufferRole.FUT: self.fut_now, BufferRole.COUNT: self.count,
-                   BufferRole.INDEX: self.index, BufferRole.REUSE_MASK: self.reuse_mask,
-                   BufferRole.MIX_WEIGHTS: self.mix_weights, BufferRole.LINE: self.line}
-        out = []
-        for s in specs:
-            if s.role == BufferRole.KV:
-                out.append(self.kv[s.name])
-            elif s.role in _LINE_ROLES:
-                out.append(self.lines[s.name])
-            elif s.role == BufferRole.HISTORY:
-                # the record variant writes its one history input (ring 2); the partial variant
-                # reads history_0..2 (newest first) and writes the oldest, ring 2
-                out.append(self.ring[s.ring])
-            else:
-                out.append(by_role[s.role])
-        return out
-
-    def push_history(self, timestep: float) -> None:
-        """The oldest ring entry was just overwritten with this step's features."""
-        self.ring = [self.ring[-1]] + self.ring[:-1]
-        self.ring_timesteps = [timestep] + self.ring_timesteps[:RING - 1]
-
-    @property
-    def nbytes(self) -> int:
-        tensors = list(self.kv.values()) + self.ring + [self.importance, self.index, self.reuse_mask,
-                                                        self.mix_weights, self.count]
-        tensors += [*self.lines.values()] + ([self.line] if self.line is not None else [])
-        return sum(t.numel() * t.element_size() for t in tensors)
-
-    @property
-    def kv_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.kv.values())
 
 
-class TokenRuntime(SpecDiffRuntime):
-    """SpecDiff: full+record, partial and draft variants chosen per call."""
+class TokenRuntime(CachingRuntime):
+    """SpecDiff: full+record, partial and draft variants chosen per call.
+
+    Per call slot (runtime/slots.py) the variants' buffers (K/V caches, the history ring,
+    importance, ``his``/``fut``/``count``, token lines) and a :class:`TokenSlotState`."""
+
+    slot_state = TokenSlotState
 
     def __init__(
         self,
@@ -152,6 +67,23 @@ class TokenRuntime(SpecDiffRuntime):
         self.kv_forecast, self.kv_horizon = kv_forecast, kv_horizon
         self.record_specs, self.partial_specs, self.draft_specs = list(record_specs), list(partial_specs), list(draft_specs)
         self.forecast_specs = list(forecast_specs)
+        specs = {FULL: self.record_specs, PARTIAL: self.partial_specs, DRAFT: self.draft_specs,
+                 FORECAST: self.forecast_specs}
+        self._variant_specs = {name: specs[name] for name in self.variants if name in specs}
+        # the buffers this runtime reads or writes itself, found by their spec's role
+        roles: dict[BufferRole, BufferSpec] = {}
+        for spec in self.record_specs + self.partial_specs + self.forecast_specs:
+            roles.setdefault(spec.role, spec)
+        self._importance = roles[BufferRole.IMPORTANCE]
+        # the partial variant's selection inputs; as the importance's layout where it takes none
+        shape, device = self._importance.shape, self._importance.device
+        self._his = roles.get(BufferRole.HIS) or BufferSpec("specdiff_his", BufferRole.HIS, shape, torch.float32, device)
+        self._fut = roles.get(BufferRole.FUT) or BufferSpec("specdiff_fut", BufferRole.FUT, shape, torch.float32, device)
+        self._count = roles.get(BufferRole.COUNT) or BufferSpec("specdiff_count", BufferRole.COUNT, shape, torch.long,
+                                                                device)
+        self._index, self._reuse_mask = roles[BufferRole.INDEX], roles[BufferRole.REUSE_MASK]
+        self._mix_weights = roles[BufferRole.MIX_WEIGHTS]
+        self._line = roles.get(BufferRole.LINE)  # [x, valid, horizon] of the token lines, if any
         self.k, self.n = subset_size, num_tokens
         self.c2_share, self.lam = c2_share, score_lambda
         self.draft_steps = draft_steps if self.latent_index is not None else 0
@@ -161,11 +93,7 @@ class TokenRuntime(SpecDiffRuntime):
     # ------------------------------------------------------------------ state
     def _init_state(self) -> None:
         super()._init_state()
-        self.token_slots: dict[int, TokenSlot] = {}
         self._timestep_scale: float | None = None
-
-    def _drop_caches(self) -> None:
-        self.token_slots.clear()
 
     def _reset_stats(self) -> None:
         super()._reset_stats()
@@ -173,38 +101,49 @@ class TokenRuntime(SpecDiffRuntime):
         self._partial_calls = 0
         self._forecast_calls = 0
 
-    def slot(self, index: int) -> TokenSlot:
-        """The state of call slot ``index`` (made on first use): its buffers and token history."""
-        if index not in self.token_slots:
-            self.token_slots[index] = TokenSlot(self.record_specs, self.partial_specs, self.forecast_specs,
-                                                kv_horizon=self.kv_horizon)
-        return self.token_slots[index]
+    def _set_line(self, slot: SlotState, x: float, valid: bool) -> None:
+        """Before a call of a variant with token lines: this step's position ``x``, whether the
+        lines hold this trajectory's values (False on its first full step), and the K/V horizon
+        (K/V lines extrapolate at most this many steps)."""
+        horizon = math.inf if self.kv_horizon is None else float(self.kv_horizon)
+        write_values(slot.buffer(self._line), [x, 1.0 if valid else 0.0, horizon])
+
+    @staticmethod
+    def _push_history(slot: SlotState, timestep: float) -> None:
+        """The oldest ring entry was just overwritten with this step's features."""
+        slot.rotate_rings()
+        state: TokenSlotState = slot.policy_state
+        state.ring_timesteps = [timestep] + state.ring_timesteps[:RING - 1]
 
     # ------------------------------------------------------------------ steps
     def _run_step(self, args: Sequence[Any], event) -> tuple[Any, str, dict | None]:
-        slot = self.slot(event.slot)
-        fresh_trajectory = slot.trajectory != event.trajectory
-        if fresh_trajectory or self.schedule.is_full(event.step) or not slot.ring_timesteps:
+        slot = self.slots[event.slot]
+        fresh_trajectory = not slot.valid_for(event.trajectory)
+        if fresh_trajectory:
+            slot.invalidate()  # another trajectory's ring timesteps and draft: start afresh
+        if fresh_trajectory or self.schedule.is_full(event.step) or not slot.policy_state.ring_timesteps:
             return self._full_step(args, event, slot, fresh_trajectory)
-        if self.schedule.kind(event.step) == "cached" and FORECAST_TOKENS in self.variants:
+        if self.schedule.kind(event.step) == "cached" and FORECAST in self.variants:
             return self._forecast_step(args, event, slot)
         return self._partial_step(args, event, slot)
 
-    def _full_step(self, args, event, slot: TokenSlot, fresh_trajectory: bool):
-        if slot.line is not None:
-            slot.set_line(float(event.step), valid=not fresh_trajectory)
-        out = self.variants[FULL](*args, *slot.buffers_for(self.record_specs))
-        slot.push_history(event.timestep)
-        slot.his.copy_(slot.importance)
-        slot.count.zero_()
+    def _full_step(self, args, event, slot: SlotState, fresh_trajectory: bool):
+        if self._line is not None:
+            self._set_line(slot, float(event.step), valid=not fresh_trajectory)
+        out = self.variants[FULL](*args, *slot.buffers(self.record_specs))
+        self._push_history(slot, event.timestep)
+        his = slot.buffer(self._his)
+        his.copy_(slot.buffer(self._importance))
+        slot.buffer(self._count).zero_()
+        slot.stamp(event.trajectory, event.step)
         if fresh_trajectory:
-            slot.trajectory = event.trajectory
-            slot.ring_timesteps = [event.timestep]
-            slot.fut = [(event.timestep, slot.his.clone())]
+            state: TokenSlotState = slot.policy_state
+            state.ring_timesteps = [event.timestep]
+            state.fut = [(event.timestep, his.clone())]
             self._run_draft(args, out, event.timestep, slot)
         return out, FULL, {"c1": self.n, "c2": 0, "c3": 0, "est_flops_saved": 0.0}
 
-    def _run_draft(self, args, first_out, t0: float, slot: TokenSlot) -> None:
+    def _run_draft(self, args, first_out, t0: float, slot: SlotState) -> None:
         """Speculate a short trajectory with the same model; step 0 is the main step 0.
 
         It advances with the pipeline's own sampler where the pipeline's clock lends one
@@ -226,49 +165,45 @@ class TokenRuntime(SpecDiffRuntime):
             draft_args[self.latent_index] = x
             draft_args[self.timestep_index] = (torch.full(t_arg.shape, ts[j], dtype=t_arg.dtype, device=t_arg.device)
                                                if isinstance(t_arg, torch.Tensor) else ts[j])
-            out = self.variants[DRAFT](*draft_args, *slot.buffers_for(self.draft_specs))
+            out = self.variants[DRAFT](*draft_args, *slot.buffers(self.draft_specs))
             prediction = out[0] if isinstance(out, (tuple, list)) else out
-            slot.fut.append((ts[j], slot.importance.clone()))
+            slot.policy_state.fut.append((ts[j], slot.buffer(self._importance).clone()))
             self._draft_calls += 1
 
     def _draft_plan(self, t0: float):
-        """The draft's timesteps (as the model receives them) and its update."""
+        """The draft's timesteps (as the model receives them) and its update (runtime/draft.py)."""
         draft = None
-        if self.draft_update is None and self.pipeline_clock is not None and self._source == "pipeline":
+        if self.draft_update is None and self.pipeline_clock is not None and self.clock_source == "pipeline":
             draft = self.pipeline_clock.draft(self.draft_steps)
-        if draft is not None and len(draft.timesteps) > 1:
-            first = draft.timesteps[0]
-            # model units per scheduler unit (FLUX passes t / 1000); a trajectory at 0 (inverted
-            # sigmas) starts at 0 in both
-            scale = t0 / first if first != 0 and t0 != 0 else 1.0 if first == t0 else None
-            if scale is not None:
-                ts = [t0] + [scale * t for t in draft.timesteps[1:]]
-                return ts, lambda x, pred, i: draft.advance(x, _prediction_for(x, pred), i)
+        plan = pipeline_draft_plan(t0, draft)
+        if plan is not None:
+            return plan
         if self._timestep_scale is None:
-            self._timestep_scale = 1000.0 if t0 > 1.5 else 1.0
-        ts = draft_timesteps(t0, self.draft_steps)
-        update = self.draft_update or flow_matching_update
-        return ts, lambda x, pred, i: update(x, pred, ts[i], ts[i + 1], self._timestep_scale)
+            self._timestep_scale = timestep_scale(t0)
+        return default_draft_plan(t0, self.draft_steps, self.draft_update, self._timestep_scale)
 
-    def _partial_step(self, args, event, slot: TokenSlot):
+    def _partial_step(self, args, event, slot: SlotState):
         """The variant scores and picks the tokens itself (passes/token_select.py) from ``his``,
         ``fut`` and the counts, and writes its choice into ``index`` / ``reuse_mask``."""
-        fut = future_importance(slot.fut[1:], event.timestep) if len(slot.fut) > 1 else None
+        state: TokenSlotState = slot.policy_state
+        fut = future_importance(state.fut[1:], event.timestep) if len(state.fut) > 1 else None
+        fut_now = slot.buffer(self._fut)
         if fut is None:
-            slot.fut_now.fill_(1.0)
+            fut_now.fill_(1.0)
         else:
-            slot.fut_now.copy_(fut)
+            fut_now.copy_(fut)
+        mix_weights = slot.buffer(self._mix_weights)
         if self.c3 == "forecast":
             # every token not computed takes its own forecast, which the variant computes from
             # its line (passes/token_lines.py), for C2 and C3 alike (C3 weights [1, 0, 0])
-            slot.set_line(float(event.step), valid=True)
-            write_values(slot.mix_weights, [1.0, 0.0, 0.0])
+            self._set_line(slot, float(event.step), valid=True)
+            write_values(mix_weights, [1.0, 0.0, 0.0])
         else:
-            write_values(slot.mix_weights, history_mix_weights(slot.ring_timesteps, event.timestep))
-        out = self.variants[PARTIAL](*args, *slot.buffers_for(self.partial_specs))
+            write_values(mix_weights, history_mix_weights(state.ring_timesteps, event.timestep))
+        out = self.variants[PARTIAL](*args, *slot.buffers(self.partial_specs))
         self._partial_calls += 1
-        slot.push_history(event.timestep)
-        index, reuse = slot.index, slot.reuse_mask
+        self._push_history(slot, event.timestep)
+        index, reuse = slot.buffer(self._index), slot.buffer(self._reuse_mask)
         # counts stay tensors until stats() is read: no device sync per step
         c2 = reuse.sum() / index.shape[0]
         details = {
@@ -279,27 +214,20 @@ class TokenRuntime(SpecDiffRuntime):
         }
         return out, PARTIAL, details
 
-    def _forecast_step(self, args, event, slot: TokenSlot):
+    def _forecast_step(self, args, event, slot: SlotState):
         """No token computed: every token's own forecast, blocks skipped (token forecast variant)."""
-        slot.set_line(float(event.step), valid=True)
-        out = self.variants[FORECAST_TOKENS](*args, *slot.buffers_for(self.forecast_specs))
+        self._set_line(slot, float(event.step), valid=True)
+        out = self.variants[FORECAST](*args, *slot.buffers(self.forecast_specs))
         self._forecast_calls += 1
-        slot.push_history(event.timestep)
-        slot.count += 1
-        return out, FORECAST_TOKENS, {"c1": 0, "c2": self.n, "c3": 0, "refresh_ratio": 0.0,
-                                      "est_flops_saved": 1.0 - self.flops[FORECAST_TOKENS] / self.flops[FULL]
-                                      if self.flops.get(FULL) and self.flops.get(FORECAST_TOKENS) else 1.0}
-
-    def buffer_specs_for(self, variant: str) -> list[BufferSpec]:
-        specs = {FULL: self.record_specs, PARTIAL: self.partial_specs, DRAFT: self.draft_specs,
-                 FORECAST_TOKENS: self.forecast_specs}
-        if variant not in self.variants:
-            raise KeyError(f"no variant {variant!r}; have {sorted(self.variants)}")
-        return list(specs[variant])
+        self._push_history(slot, event.timestep)
+        slot.buffer(self._count).add_(1)
+        return out, FORECAST, {"c1": 0, "c2": self.n, "c3": 0, "refresh_ratio": 0.0,
+                                      "est_flops_saved": 1.0 - self.flops[FORECAST] / self.flops[FULL]
+                                      if self.flops.get(FULL) and self.flops.get(FORECAST) else 1.0}
 
     # ------------------------------------------------------------------ stats
     def _extra_stats(self) -> dict:
-        slots = list(self.token_slots.values())
+        slots = self.slots.values()
         return {
             "draft_steps": self._draft_calls,
             "c3": self.c3,
@@ -309,8 +237,6 @@ class TokenRuntime(SpecDiffRuntime):
             "forecast_steps": self._forecast_calls,
             "image_tokens": self.n,
             "subset_tokens": self.k,
-            "cache_slots": len(slots),
-            "cache_bytes": sum(s.nbytes for s in slots),
-            "kv_cache_bytes": sum(s.kv_bytes for s in slots),
+            "kv_cache_bytes": sum(s.nbytes_of(BufferRole.KV) for s in slots),
             "flops": dict(self.flops),
         }
