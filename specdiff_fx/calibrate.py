@@ -30,17 +30,23 @@ def _backends(target: Any) -> list[SpecDiffBackend]:
     return [backend_of(target)]
 
 
-def fit_forecaster(target: Any, run: Callable[[], Any], *, ridge: float = 1e-6) -> dict[int, tuple[float, float]]:
+def fit_forecaster(target: Any, run: Callable[[], Any], *, ridge: float = 1e-6, sampler_time: bool = False) -> dict:
     """Run ``run()`` (calibration trajectories through ``target``: a model compiled with
-    policy ``taylor``, or a pipeline from :func:`~specdiff_fx.compile_pipeline`), fit per-step
-    coefficients, and switch ``target`` to ``forecaster="fitted"`` with them.  Returns the
-    table ``{step: (a1, a2)}``; save it as ``forecaster_options={"coefficients": table}``."""
+    policy ``taylor``, or a pipeline from :func:`~specdiff_fx.compile_pipeline`), fit
+    coefficients, and switch ``target`` to ``forecaster="fitted"`` with them.
+
+    Per step (the default): returns ``{step: (a1, a2)}``, saved as
+    ``forecaster_options={"coefficients": table}``; it holds at the step count it was fitted at.
+    ``sampler_time=True``: ratios to the Taylor terms at each step's progress through the noise
+    schedule, pooled over every step count ``run()`` samples (runtime/forecasters.py); returns
+    ``{"progress": [...], "ratios": [...], "step_counts": [...]}``, saved as
+    ``forecaster_options={"coefficients_at": table}``, and usable at other step counts."""
     backends = _backends(target)
     for backend in backends:
         if backend.config.policy != "taylor":
             raise ValueError(f"fit_forecaster needs policy 'taylor', this target has {backend.config.policy!r}")
     order = backends[0].config.taylor_order
-    sums = LeastSquares(order)
+    sums = LeastSquares(order, sampler_time=sampler_time)
     runtimes: list[ForecastRuntime] = []
 
     def forecast_runtimes() -> list[ForecastRuntime]:
@@ -62,14 +68,15 @@ def fit_forecaster(target: Any, run: Callable[[], Any], *, ridge: float = 1e-6) 
     if not runtimes:
         raise ValueError("fit_forecaster: run() made no call through a forecasting graph (did the model fall back? "
                          "see get_runtime(model).stats()['fallback'])")
-    table = sums.solve(ridge)
-    if not table:
-        raise ValueError("fit_forecaster: run() had no cached step to fit (is the schedule all full steps?)")
+    table = sums.solve_at(ridge) if sampler_time else sums.solve(ridge)
+    if not (table["progress"] if sampler_time else table):
+        raise ValueError("fit_forecaster: run() had no cached step to fit (is the schedule all full steps"
+                         + ("; do the calls carry timesteps?" if sampler_time else "") + ")")
+    options = {"coefficients_at": table} if sampler_time else {"coefficients": table}
     for backend in backends:
-        backend.config = backend.config.replace(forecaster="fitted", forecaster_options={"coefficients": table})
+        backend.config = backend.config.replace(forecaster="fitted", forecaster_options=options)
     for rt in runtimes:
-        rt.forecaster, rt.forecaster_options = "fitted", {"coefficients": dict(table)}
+        rt.forecaster, rt.forecaster_options = "fitted", dict(backend.config.forecaster_options)
         rt.reset()
-    log.info("specdiff: fitted forecast coefficients for %d steps: %s", len(table),
-             {s: (round(a, 3), round(b, 3)) for s, (a, b) in table.items()})
+    log.info("specdiff: fitted forecast coefficients (%s): %s", "sampler time" if sampler_time else "per step", table)
     return table

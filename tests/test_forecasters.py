@@ -130,7 +130,9 @@ def test_least_squares_in_the_samplers_time_fits_ratios_per_progress_point():
     sums.add(9, [(0.6 * 4 * d1, d1, None)], progress=0.25, k=4.0)
     sums.add(11, [(1.5 * 3 * d1, d1, None)], progress=0.5, k=3.0)
     sums.add(12, [(d1, d1, None)], progress=None, k=1.0)  # no place in the sampler's time: ignored
-    sums.step_counts.update({20, 40})
+    sums.note_step(("a", 0), 19)
+    sums.note_step(("a", 1), 39)
+    sums.note_step(("a", 1), 12)
     table = sums.solve_at()
     assert table["progress"] == [0.25, 0.5] and table["step_counts"] == [20, 40]
     assert table["ratios"][0] == pytest.approx([0.6, 0.0]) and table["ratios"][1] == pytest.approx([1.5, 0.0])

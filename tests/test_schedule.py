@@ -4,8 +4,10 @@ points that make the same steps of a trajectory full at any step count or timest
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
+import torch
 
 from specdiff_fx import SpecDiffConfig
 from specdiff_fx.runtime.schedule import CACHED_STEP, FULL_STEP, PARTIAL_STEP, FullStepSchedule, progress, reaches
@@ -96,3 +98,60 @@ def test_config_checks_and_sorts_full_at():
     for bad in ([0.0], [1.0], [-0.1], ["x"], 0.5):
         with pytest.raises(ValueError, match="full_at"):
             SpecDiffConfig(full_at=bad)
+
+
+# ----------------------------------------------------------------------------- through real pipelines
+def _full_steps_run(case) -> list[int]:
+    from specdiff_fx import get_runtime
+
+    plan = get_runtime(getattr(case.pipe, case.denoisers[0])).stats()["plan"]
+    return [e["step"] for e in plan if e["calls"][0] == "full"]
+
+
+@pytest.mark.parametrize("name", ["flux", "sd3", "sd15"])
+def test_full_at_lands_on_the_first_step_past_each_point_at_any_step_count(name):
+    """FLUX shifts its sigmas by image size, SD3 by a fixed shift, SD 1.5's PNDM hands integer
+    timesteps: in each, the full step is the first whose scheduler timestep is past the point."""
+    from tiny_pipelines import build_pipeline
+
+    from specdiff_fx import compile_pipeline, restore_pipeline
+
+    case = build_pipeline(name)
+    compile_pipeline(case.pipe, policy="taylor", compiler="eager", warmup_steps=1, interval=0, full_at=(0.3, 0.6))
+    try:
+        for n in (6, 10):
+            case(0, num_inference_steps=n)
+            # one timestep per scheduler step (SD 1.5's PNDM lists its second one twice: two steps)
+            timesteps = [float(t) for t in case.pipe.scheduler.timesteps]
+            reached = [1 - t / 1000 for t in timesteps]
+            expected = {0} | {next(i for i, p in enumerate(reached) if p >= u - 1e-6) for u in (0.3, 0.6)}
+            assert _full_steps_run(case) == sorted(expected), (n, reached)
+    finally:
+        restore_pipeline(case.pipe)
+
+
+def test_a_sampler_time_fit_serves_other_step_counts_and_warns_outside_them():
+    from tiny_pipelines import build_pipeline
+
+    from specdiff_fx import compile_pipeline, fit_forecaster, get_runtime, restore_pipeline
+
+    case = build_pipeline("sd3")
+    schedule = dict(warmup_steps=2, interval=0, full_at=(0.5,))
+    compile_pipeline(case.pipe, policy="taylor", compiler="eager", **schedule)
+    try:
+        taylor = case(0, num_inference_steps=8)
+        table = fit_forecaster(case.pipe, lambda: [case(s, num_inference_steps=n) for s, n in ((1, 6), (2, 10))],
+                               sampler_time=True)
+        assert table["step_counts"] == [6, 10]
+        assert table["progress"] == sorted(table["progress"]) and len(table["progress"]) >= 6
+        runtime = get_runtime(case.pipe.transformer)
+        assert runtime.stats()["forecaster"] == "fitted"
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)  # 8 steps lie inside 6..10: no warning
+            fitted = case(0, num_inference_steps=8)
+        assert torch.isfinite(fitted).all() and not torch.equal(fitted, taylor)
+        assert runtime.stats()["cached_steps"] > 0
+        with pytest.warns(RuntimeWarning, match=r"ran 11 steps, outside the step counts .*\[6, 10\]"):
+            case(0, num_inference_steps=14)
+    finally:
+        restore_pipeline(case.pipe)

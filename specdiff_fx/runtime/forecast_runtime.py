@@ -118,7 +118,11 @@ class ForecastRuntime(CachingRuntime):
                               "(a block compiled on its own whose scheduler has no timestep list): every step "
                               "runs full; use forecast_variable='step'", RuntimeWarning, stacklevel=4)
             valid = False
-        full = not valid or self.schedule.is_full(event.step) or refresh
+        progress, previous = self.progress.at(event)
+        self._check_fitted_range(event.step)
+        if self.calibration is not None:
+            self.calibration.note_step((id(self), event.trajectory), event.step)
+        full = not valid or self.schedule.is_full(event.step, progress, previous) or refresh
         coef = slot.buffer(self._coef_spec)
         if full:
             prev = state.full_positions
@@ -135,16 +139,35 @@ class ForecastRuntime(CachingRuntime):
             return out, FULL, details or None
         k = x - state.full_positions[-1]
         if self.calibration is not None:
-            return self._calibration_step(args, slot, buffers, event.step, k)
+            return self._calibration_step(args, slot, buffers, event.step, k, progress)
         gap = state.full_positions[-1] - state.full_positions[-2] if len(state.full_positions) > 1 else None
-        a1, a2 = coefficients(self.forecaster, k, gap, event.step, self.forecaster_options)
+        a1, a2 = coefficients(self.forecaster, k, gap, event.step, self.forecaster_options, progress)
         write_values(coef, [0.0, 0.0, a1, a2])
         out = self.variants[FORECAST](*args, *buffers)
         state.pending_error = self.probe
         details["k"] = k
         return out, FORECAST, details
 
-    def _calibration_step(self, args, slot, buffers, step: int, k: float) -> tuple[Any, str, dict]:
+    def _check_fitted_range(self, step: int) -> None:
+        """A sampler-time table fitted on some step counts (``coefficients_at["step_counts"]``)
+        warns once when a trajectory runs longer than the longest of them, or ended shorter than
+        the shortest: its ratios were never measured at that spacing."""
+        table = self.forecaster_options.get("coefficients_at") if self.forecaster == "fitted" else None
+        counts = table.get("step_counts") if table else None
+        if not counts or "fitted range" in self._warned:
+            return
+        ended = self.progress.lengths[-1:] if step == 0 else []
+        outside = step + 1 > max(counts) or any(n < min(counts) for n in ended)
+        if outside:
+            self._warned.add("fitted range")
+            length = f"ran {step + 1} steps" if step + 1 > max(counts) else f"ran {ended[0]} steps"
+            warnings.warn(f"specdiff: a trajectory {length}, outside the step counts the fitted forecaster was fitted "
+                          f"on ({counts}); its quality there was never measured (fit on this step count too: "
+                          "specdiff-fx tune --steps, or fit_forecaster(..., sampler_time=True) over it)",
+                          RuntimeWarning, stacklevel=5)
+
+    def _calibration_step(self, args, slot, buffers, step: int, k: float,
+                          progress: float | None = None) -> tuple[Any, str, dict]:
         """An exact step that measures what the forecast should have been (module docstring)."""
         terms = slot.buffers(self._term_specs)
         before = [t.clone() for t in terms]
@@ -155,7 +178,7 @@ class ForecastRuntime(CachingRuntime):
         for j in range(0, len(terms), per):
             f_old, d1 = before[j], before[j + 1]
             rows.append((terms[j].float() - f_old.float(), d1, before[j + 2] if self.order == 2 else None))
-        self.calibration.add(step, rows)
+        self.calibration.add(step, rows, progress=progress, k=k)
         for t, b in zip(terms, before):
             t.copy_(b)
         return out, FULL, {"calibration": True, "k": k}

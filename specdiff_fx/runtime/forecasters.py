@@ -197,7 +197,16 @@ class LeastSquares:
         # pooled over every step count the calibration runs (module docstring)
         self.sampler_time = sampler_time
         self.sums: dict = {}  # step (or progress) -> [D1·D1, D1·D2, D2·D2, D1·r, D2·r, n]
-        self.step_counts: set[int] = set()  # trajectory lengths seen (runtimes report them)
+        self._last_step: dict = {}  # (runtime, trajectory) -> the last step index it ran (note_step)
+
+    def note_step(self, key: Any, step: int) -> None:
+        """A calibration trajectory (``key``) ran ``step``: its length is known from these."""
+        self._last_step[key] = max(step, self._last_step.get(key, -1))
+
+    @property
+    def step_counts(self) -> list[int]:
+        """The step counts of the calibration trajectories (from :meth:`note_step`)."""
+        return sorted({s + 1 for s in self._last_step.values()})
 
     def add(self, step: int, terms: list[tuple[object, object, object | None]], progress: float | None = None,
             k: float | None = None) -> None:
@@ -246,4 +255,4 @@ class LeastSquares:
             raise ValueError("solve_at needs LeastSquares(sampler_time=True)")
         table = self.solve(ridge)
         points = sorted(table)
-        return {"progress": points, "ratios": [list(table[p]) for p in points], "step_counts": sorted(self.step_counts)}
+        return {"progress": points, "ratios": [list(table[p]) for p in points], "step_counts": self.step_counts}

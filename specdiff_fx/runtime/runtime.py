@@ -21,7 +21,7 @@ from ..variants import FULL, REUSE
 from .cuda_graphs import CudaGraphVariant
 from .events import EventSource, event_source
 from .pipeline_clock import PipelineClock
-from .schedule import AlwaysFull, FullStepSchedule
+from .schedule import AlwaysFull, FullStepSchedule, TrajectoryProgress
 from .slots import SlotState, Slots
 from .step_tracker import ClockFollower, StepClock
 
@@ -163,6 +163,7 @@ class CachingRuntime:
         """Every piece of state one model's calls build up (caches, the inferred clock, stats).
         reset() and a sibling runtime (another module through the same graph) start from here."""
         self.slots = Slots(self.slot_state)
+        self.progress = TrajectoryProgress(self.timestep_direction)
         self.events: EventSource | None = self._event_source() if self._event_source is not None else None
         self._signature = self._initial_signature
         self._reset_stats()
@@ -258,6 +259,7 @@ class CachingRuntime:
     def invalidate(self) -> None:
         """Drop every cache; the next call starts a new trajectory."""
         self.slots.clear()
+        self.progress.reset()
         if self.events is not None:
             self.events.invalidate()
         self._invalidations += 1
@@ -267,7 +269,7 @@ class CachingRuntime:
         slot = self.slots[event.slot]
         use_cache = (
             REUSE in self.variants
-            and not self.schedule.is_full(event.step)
+            and not self.schedule.is_full(event.step, *self.progress.at(event))
             and slot.valid_for(event.trajectory)
         )
         kind = REUSE if use_cache else FULL

@@ -19,6 +19,7 @@ scheduler's spacing or shift, or an img2img strength that starts the trajectory 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 FULL_STEP, PARTIAL_STEP, CACHED_STEP = "full", "partial", "cached"
@@ -40,6 +41,47 @@ def reaches(points: tuple[float, ...], previous: float | None, current: float) -
     step; None at its first) and at or before ``current``: this is the first step to reach it."""
     low = float("-inf") if previous is None else previous + PROGRESS_EPS
     return any(low < u <= current + PROGRESS_EPS for u in points)
+
+
+class TrajectoryProgress:
+    """The progress of each step of a runtime's current trajectory, from the timesteps its
+    events carry: ``at(event)`` is ``(progress, previous)``, this step's and the previous step's
+    (None where there is none, or the clock has no timestep).  The direction is learned from
+    the trajectory's first two steps unless ``direction`` says it ("down"/"up"), and the
+    previous step's progress is read again with it, so a rising trajectory (Lumina2) is not
+    mistaken for a falling one at its first step.  ``lengths`` keeps the step counts of the
+    trajectories it saw end (newest last, a few)."""
+
+    def __init__(self, direction: str = "auto") -> None:
+        self.direction = direction
+        self.lengths: list[int] = []
+        self.trajectory: int | None = None
+        self.timesteps: dict[int, float] = {}
+
+    def reset(self) -> None:
+        self.trajectory, self.timesteps = None, {}
+
+    def _rising(self) -> bool:
+        if self.direction != "auto":
+            return self.direction == "up"
+        if len(self.timesteps) < 2:
+            return False
+        first, last = min(self.timesteps), max(self.timesteps)
+        return self.timesteps[last] > self.timesteps[first]
+
+    def at(self, event) -> tuple[float | None, float | None]:
+        t = getattr(event, "timestep", None)
+        if t is None or not math.isfinite(t):
+            return None, None
+        if event.trajectory != self.trajectory:
+            if self.timesteps:
+                self.lengths = (self.lengths + [max(self.timesteps) + 1])[-8:]
+            self.trajectory, self.timesteps = event.trajectory, {}
+        self.timesteps.setdefault(event.step, float(t))
+        first, rising = self.timesteps[min(self.timesteps)], self._rising()
+        before = self.timesteps.get(event.step - 1)
+        return (progress(self.timesteps[event.step], first, rising),
+                None if before is None else progress(before, first, rising))
 
 
 @dataclass(frozen=True)

@@ -121,9 +121,12 @@ class TokenRuntime(CachingRuntime):
         fresh_trajectory = not slot.valid_for(event.trajectory)
         if fresh_trajectory:
             slot.invalidate()  # another trajectory's ring timesteps and draft: start afresh
-        if fresh_trajectory or self.schedule.is_full(event.step) or not slot.policy_state.ring_timesteps:
+        progress, previous = self.progress.at(event)
+        if (fresh_trajectory or self.schedule.is_full(event.step, progress, previous)
+                or not slot.policy_state.ring_timesteps):
             return self._full_step(args, event, slot, fresh_trajectory)
-        if self.schedule.kind(event.step) == "cached" and FORECAST in self.variants:
+        since_full = event.step - slot.step if slot.step is not None else None
+        if self.schedule.kind(event.step, progress, previous, since_full) == "cached" and FORECAST in self.variants:
             return self._forecast_step(args, event, slot)
         return self._partial_step(args, event, slot)
 
