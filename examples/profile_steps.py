@@ -36,7 +36,8 @@ from collections import defaultdict
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from specdiff_fx.bench import scale
+from specdiff_fx.bench import scale_groups, scale_models, timing
+from specdiff_fx.inspect.capture import capture_graph
 
 KERNEL_CLASSES = (  # (class, substrings of a CUDA kernel name), first match wins
     ("attention", ("flash", "fmha", "attention", "attn")),
@@ -121,20 +122,20 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)
-    case = scale.build_model(args.family, args.resolution, batch=args.batch, layers=args.layers, width=args.width,
+    case = scale_models.build_model(args.family, args.resolution, batch=args.batch, layers=args.layers, width=args.width,
                              text_tokens=args.text_tokens, dtype=dtype, device=device)
-    gm, inputs = scale.capture_graph(case)
+    gm, inputs = capture_graph(case.model, case.inputs)
     patches = {"cpp.enable_kernel_profile": True} if device.type == "cpu" else {}
-    plain = scale._inductor(gm, inputs, patches)
-    group = scale.specdiff_group(gm, inputs, "inductor", args.ratio, with_full=True, draft=False,
+    plain = scale_groups.compile_plain(gm, inputs, patches)
+    group = scale_groups.specdiff_group(gm, inputs, "inductor", args.ratio, with_full=True, draft=False,
                                  cfg_extra={"inductor_config": patches})
     fns = {"plain": lambda: plain(*inputs), **group.kinds}
     if args.fixed:
         tokens = case.image_tokens
-        fixed = scale.specdiff_group(gm, inputs, "inductor", 1.0 - 2.0 / tokens, with_full=False, draft=False,
+        fixed = scale_groups.specdiff_group(gm, inputs, "inductor", 1.0 - 2.0 / tokens, with_full=False, draft=False,
                                      cfg_extra={"inductor_config": patches})
         fns.update({"specdiff_partial_2_tokens": f for f in fixed.kinds.values()})
-    times = scale.time_round_robin(fns, repeats=args.repeats, calls=3 if device.type == "cuda" else 1,
+    times = timing.time_round_robin(fns, repeats=args.repeats, calls=3 if device.type == "cuda" else 1,
                                    warmup=2, device=device)
     plain_ms = statistics.median(times["plain"])
     result = {"model": case.describe(), "batch": args.batch, "dtype": args.dtype, "device": str(device),
@@ -160,7 +161,7 @@ def main() -> None:
                 replays[name] = graph_replay(fn)
             except Exception as exc:  # a kind that cannot be captured is a result, not a crash
                 result["graph_replay"][name] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
-        times = scale.time_round_robin(replays, repeats=args.repeats, calls=3, warmup=2, device=device)
+        times = timing.time_round_robin(replays, repeats=args.repeats, calls=3, warmup=2, device=device)
         plain_replay = statistics.median(times["plain"]) if "plain" in times else float("nan")
         print("\n===== replayed from CUDA graphs")
         for name in replays:

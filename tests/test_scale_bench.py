@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from specdiff_fx.bench import scale
+from specdiff_fx.bench import scale, scale_costs, scale_models
 from specdiff_fx.cli import main
 
 
@@ -21,16 +21,16 @@ def _args(tmp_path, *extra):
 
 
 def test_image_tokens():
-    assert scale.image_tokens_for(1024) == 4096
-    assert scale.image_tokens_for(512) == 1024
+    assert scale_models.image_tokens_for(1024) == 4096
+    assert scale_models.image_tokens_for(512) == 1024
     with pytest.raises(ValueError):
-        scale.image_tokens_for(1000)
+        scale_models.image_tokens_for(1000)
 
 
 def test_schedule_costs_arithmetic():
     shares = {"fora_full_record": 1.0, "fora_reuse": 0.0, "specdiff_full_record": 1.0,
               "specdiff_partial_cr0.8": 0.2, "specdiff_draft": 1.0}
-    out = scale.schedule_costs(shares, [0.8])
+    out = scale_costs.schedule_costs(shares, [0.8])
     # fora defaults: warm-up 0, 1, then every 3rd from step 2: 2, 5, ..., 26 -> 11 full of 28
     assert out["fora"]["full_steps"] == 11
     assert out["fora"]["speedup"] == pytest.approx(28 / 11)
@@ -39,27 +39,27 @@ def test_schedule_costs_arithmetic():
     assert (sd["full_steps"], sd["draft_calls"]) == (4, 1)
     assert sd["speedup"] == pytest.approx(28 / (4 + 24 * 0.2 + 1))
     assert sd["speedup"] == pytest.approx(sd["ideal_speedup"])
-    slower = scale.schedule_costs(dict(shares, **{"specdiff_partial_cr0.8": 0.3}), [0.8])
+    slower = scale_costs.schedule_costs(dict(shares, **{"specdiff_partial_cr0.8": 0.3}), [0.8])
     assert slower["specdiff_cr0.8"]["speedup"] < sd["speedup"]
 
 
 def test_forecast_speedup_arithmetic():
     # N / (F * record + (N - F) * forecast)
-    assert scale.forecast_speedup(1.0, 0.0, 7) == pytest.approx(4.0)
-    assert scale.forecast_speedup(1.02, 0.03, 7, 28) == pytest.approx(28 / (7 * 1.02 + 21 * 0.03))
-    assert scale.forecast_speedup(1.0, 1.0, 6) == pytest.approx(1.0)
-    assert scale.forecast_speedup(1.1, 0.2, 28) == pytest.approx(1 / 1.1)
+    assert scale_costs.forecast_speedup(1.0, 0.0, 7) == pytest.approx(4.0)
+    assert scale_costs.forecast_speedup(1.02, 0.03, 7, 28) == pytest.approx(28 / (7 * 1.02 + 21 * 0.03))
+    assert scale_costs.forecast_speedup(1.0, 1.0, 6) == pytest.approx(1.0)
+    assert scale_costs.forecast_speedup(1.1, 0.2, 28) == pytest.approx(1 / 1.1)
     with pytest.raises(ValueError):
-        scale.forecast_speedup(1.0, 0.1, 0)
+        scale_costs.forecast_speedup(1.0, 0.1, 0)
     # taylor's default schedule: warm-up 0-2, then every 5th from step 3: 3, 8, 13, 18, 23
-    assert scale.taylor_full_steps(None, None, None) == 8
+    assert scale_costs.taylor_full_steps(None, None, None) == 8
     # the reference schedule: 0-2, 5, 9, 14, 20; and 0-2, 6, 13, 20
-    assert scale.taylor_full_steps(3, 0, (5, 9, 14, 20)) == 7
-    assert scale.taylor_full_steps(3, 0, (6, 13, 20)) == 6
+    assert scale_costs.taylor_full_steps(3, 0, (5, 9, 14, 20)) == 7
+    assert scale_costs.taylor_full_steps(3, 0, (6, 13, 20)) == 6
     shares = {"taylor_lite_record": 1.05, "taylor_lite_forecast": 0.02,
               "taylor_branch_record": 1.08, "taylor_branch_forecast": 0.2}
-    out = scale.schedule_costs(shares, [])
-    assert set(out) == {f"taylor_{m} {label}" for m in ("lite", "branch") for label, *_ in scale.TAYLOR_SCHEDULES}
+    out = scale_costs.schedule_costs(shares, [])
+    assert set(out) == {f"taylor_{m} {label}" for m in ("lite", "branch") for label, *_ in scale_costs.TAYLOR_SCHEDULES}
     ref = out["taylor_lite full=5,9,14,20"]
     assert (ref["full_steps"], ref["ideal_speedup"]) == (7, pytest.approx(4.0))
     assert ref["speedup"] == pytest.approx(28 / (7 * 1.05 + 21 * 0.02))
@@ -75,7 +75,7 @@ def test_taylor_kinds_lite_and_branch(tmp_path):
     kinds = result["kinds"]
     assert set(kinds) == {"plain", "taylor_lite_record", "taylor_lite_forecast",
                           "taylor_branch_record", "taylor_branch_forecast"}
-    for mode in scale.TAYLOR_MODES:
+    for mode in scale_costs.TAYLOR_MODES:
         assert kinds[f"taylor_{mode}_forecast"]["share"] < kinds[f"taylor_{mode}_record"]["share"], mode
     # lite skips whole blocks; per-branch forecasting still runs the gates and adaLN of every block.
     # The two are timed in different groups: compare the fastest rounds (robust to load spikes)
@@ -84,9 +84,9 @@ def test_taylor_kinds_lite_and_branch(tmp_path):
     assert lite["forecast_targets"] < branch["forecast_targets"] == branch["branches"]
     assert lite["cache_bytes"] < branch["cache_bytes"]
     sched = result["schedule"]
-    assert [sched[f"taylor_lite {label}"]["full_steps"] for label, *_ in scale.TAYLOR_SCHEDULES] == [8, 7, 6]
+    assert [sched[f"taylor_lite {label}"]["full_steps"] for label, *_ in scale_costs.TAYLOR_SCHEDULES] == [8, 7, 6]
     ref = sched["taylor_lite full=5,9,14,20"]
-    assert ref["speedup"] == pytest.approx(scale.forecast_speedup(
+    assert ref["speedup"] == pytest.approx(scale_costs.forecast_speedup(
         kinds["taylor_lite_record"]["share"], kinds["taylor_lite_forecast"]["share"], 7))
 
 
@@ -103,7 +103,7 @@ def test_quick_run_times_every_kind(tmp_path):
     assert result["kinds"]["specdiff_partial_cr0.8"]["ideal_share"] == pytest.approx(13 / 64)
     # SD3 joint attention: the 8 text tokens are computed at partial steps too
     assert result["kinds"]["specdiff_partial_cr0.8"]["token_share"] == pytest.approx((13 + 8) / (64 + 8))
-    taylor = {f"taylor_{mode} {label}" for mode in scale.TAYLOR_MODES for label, *_ in scale.TAYLOR_SCHEDULES}
+    taylor = {f"taylor_{mode} {label}" for mode in scale_costs.TAYLOR_MODES for label, *_ in scale_costs.TAYLOR_SCHEDULES}
     assert set(result["schedule"]) == {"fora", "specdiff_cr0.5", "specdiff_cr0.8", "specdiff_cr0.9"} | taylor
     assert set(result["schedule_paired"]) == set(result["schedule"])
     written = json.loads((tmp_path / "s.json").read_text())

@@ -25,6 +25,11 @@ residual per chain of blocks, so a forecast step skips whole blocks) and ``branc
 ``taylor_<mode>_record`` (the full step that also updates the Taylor terms) and
 ``taylor_<mode>_forecast`` (the cached step).
 
+The command is this module; its parts have files of their own: the models
+(bench/scale_models.py), the variants timed per policy (bench/scale_groups.py), the timing
+(bench/timing.py) and the cost model (bench/scale_costs.py).  The graph is captured as
+``specdiff-fx inspect`` captures it (inspect/capture.py).
+
 The 28-step end-to-end speed-up is computed from the per-kind medians and each policy's
 default schedule (``SpecDiffConfig``): fora = full steps + reuse steps, specdiff = full+record
 steps + partial steps + draft calls; taylor = F record steps + (N − F) forecast steps for its
@@ -39,329 +44,18 @@ import json
 import os
 import statistics
 import time
-from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 
-from ..device_sync import synchronize as _sync
+from ..inspect.capture import capture_graph
+from .scale_costs import SCHEDULE_STEPS, TAYLOR_MODES, schedule_costs
+from .scale_groups import Group, compile_plain, fora_group, specdiff_group, taylor_group
+from .scale_models import FAMILIES, build_model, kv_cache_formula_bytes
+from .timing import new_step, peak_memory_mb, time_round_robin
 
-# published shapes: (layers, heads, head_dim, text tokens as the pipeline pads them)
-FAMILIES = {
-    "sd3-medium": dict(layers=24, heads=24, head_dim=64, text_tokens=333),
-    "flux-dev": dict(layers=19, heads=24, head_dim=128, text_tokens=512),
-    "pixart-sigma": dict(layers=28, heads=16, head_dim=72, text_tokens=300),
-}
-SCHEDULE_STEPS = 28
 DEFAULT_RATIOS = (0.5, 0.8, 0.9)
 POLICIES = ("specdiff", "fora", "taylor")
-TAYLOR_MODES = ("lite", "branch")  # lite=True, lite=False
-# taylor schedules whose speed-up is predicted: (label, warmup_steps, interval, reset_steps);
-# None: the policy's default (SpecDiffConfig), interval 0: warm-up and reset steps only.
-TAYLOR_SCHEDULES = (
-    ("default", None, None, None),
-    ("full=5,9,14,20", 3, 0, (5, 9, 14, 20)),  # the reference schedule: 7 full of 28
-    ("full=6,13,20", 3, 0, (6, 13, 20)),       # 6 full of 28
-)
-
-
-@dataclass
-class ScaleModel:
-    family: str
-    model: torch.nn.Module
-    inputs: dict
-    image_tokens: int
-    text_tokens: int
-    layers: int
-    width: int
-    heads: int
-    head_dim: int
-    params: int = 0
-
-    def describe(self) -> dict:
-        return {"family": self.family, "image_tokens": self.image_tokens, "text_tokens": self.text_tokens,
-                "layers": self.layers, "width": self.width, "heads": self.heads, "head_dim": self.head_dim,
-                "params_m": round(self.params / 1e6, 1)}
-
-
-def image_tokens_for(resolution: int) -> int:
-    """Image tokens at ``resolution``² pixels: VAE factor 8, then 2×2 patches (or FLUX packing)."""
-    if resolution % 16:
-        raise ValueError(f"resolution must be a multiple of 16, got {resolution}")
-    return (resolution // 16) ** 2
-
-
-def build_model(family: str, resolution: int, *, batch: int = 2, layers: int | None = None,
-                width: int | None = None, head_dim: int | None = None, text_tokens: int | None = None,
-                dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-                seed: int = 0) -> ScaleModel:
-    """A random-weight diffusers transformer of ``family`` and its inputs for one CFG batch."""
-    if family not in FAMILIES:
-        raise ValueError(f"unknown family {family!r}; choose from {sorted(FAMILIES)}")
-    spec = FAMILIES[family]
-    head_dim = head_dim or spec["head_dim"]
-    heads = spec["heads"] if width is None else width // head_dim
-    if width is not None and width % head_dim:
-        raise ValueError(f"--width {width} must be a multiple of the head size {head_dim} (see --head-dim)")
-    layers = layers or spec["layers"]
-    text = text_tokens or spec["text_tokens"]
-    width = heads * head_dim
-    latent = resolution // 8
-    tokens = image_tokens_for(resolution)
-    device = torch.device(device)
-    torch.manual_seed(seed)
-    g = torch.Generator().manual_seed(seed)
-
-    def randn(*shape):
-        return torch.randn(*shape, generator=g).to(device=device, dtype=dtype)
-
-    timestep = torch.full((batch,), 500.0, device=device)
-    if family == "sd3-medium":
-        from diffusers import SD3Transformer2DModel
-
-        model = SD3Transformer2DModel(
-            sample_size=latent, patch_size=2, in_channels=16, num_layers=layers, attention_head_dim=head_dim,
-            num_attention_heads=heads, joint_attention_dim=4096, caption_projection_dim=width,
-            pooled_projection_dim=2048, out_channels=16, pos_embed_max_size=max(192, latent // 2))
-        inputs = dict(hidden_states=randn(batch, 16, latent, latent),
-                      encoder_hidden_states=randn(batch, text, 4096),
-                      pooled_projections=randn(batch, 2048), timestep=timestep, return_dict=False)
-    elif family == "flux-dev":
-        from diffusers import FluxTransformer2DModel
-
-        rope = (16, 56, 56) if head_dim == 128 else _rope_axes(head_dim)
-        model = FluxTransformer2DModel(
-            patch_size=1, in_channels=64, num_layers=layers, num_single_layers=2 * layers if layers != 19 else 38,
-            attention_head_dim=head_dim, num_attention_heads=heads, joint_attention_dim=4096,
-            pooled_projection_dim=768, guidance_embeds=True, axes_dims_rope=rope)
-        side = latent // 2
-        ys, xs = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
-        img_ids = torch.stack([torch.zeros_like(ys), ys, xs], dim=-1).reshape(-1, 3).float()
-        inputs = dict(hidden_states=randn(batch, tokens, 64), encoder_hidden_states=randn(batch, text, 4096),
-                      pooled_projections=randn(batch, 768), timestep=timestep / 1000.0,
-                      img_ids=img_ids.to(device), txt_ids=torch.zeros(text, 3, device=device),
-                      guidance=torch.full((batch,), 3.5, device=device), return_dict=False)
-    else:
-        from diffusers import PixArtTransformer2DModel
-
-        model = PixArtTransformer2DModel(
-            num_attention_heads=heads, attention_head_dim=head_dim, in_channels=4, out_channels=8,
-            num_layers=layers, cross_attention_dim=width, caption_channels=4096, sample_size=latent,
-            patch_size=2, use_additional_conditions=False, norm_num_groups=1)
-        inputs = dict(hidden_states=randn(batch, 4, latent, latent), encoder_hidden_states=randn(batch, text, 4096),
-                      timestep=timestep, added_cond_kwargs={"resolution": None, "aspect_ratio": None},
-                      return_dict=False)
-    model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
-    params = sum(p.numel() for p in model.parameters())
-    return ScaleModel(family, model, inputs, tokens, text, layers, width, heads, head_dim, params)
-
-
-def _rope_axes(head_dim: int) -> tuple[int, int, int]:
-    """FLUX RoPE axes for a reduced head size: the real split is 16/56/56 of 128 (even sizes)."""
-    a = max(2, (head_dim // 8) // 2 * 2)
-    b = (head_dim - a) // 2 // 2 * 2
-    return (a, b, head_dim - a - b)
-
-
-def capture_graph(case: ScaleModel) -> tuple[torch.fx.GraphModule, list]:
-    """Trace the model once with dynamo; returns its FX graph and the (real) flattened inputs."""
-    store: dict[str, Any] = {}
-
-    def recorder(gm, example_inputs, **_):
-        if "gm" in store:
-            raise RuntimeError("the model traced into more than one graph; use fullgraph-clean models")
-        store["gm"], store["inputs"] = gm, list(example_inputs)
-        return gm
-
-    torch._dynamo.reset()
-    compiled = torch.compile(case.model, backend=recorder, dynamic=False, fullgraph=True)
-    with torch.no_grad():
-        compiled(**case.inputs)
-    return store["gm"], store["inputs"]
-
-
-def time_round_robin(fns: dict[str, Callable[[], Any]], *, repeats: int, calls: int, warmup: int,
-                     device: torch.device) -> dict[str, list[float]]:
-    """Per-call milliseconds of each function, ``repeats`` rounds, all functions in each round."""
-    with torch.no_grad():
-        for fn in fns.values():
-            for _ in range(warmup):
-                fn()
-        _sync(device)
-        times: dict[str, list[float]] = {name: [] for name in fns}
-        for _ in range(repeats):
-            for name, fn in fns.items():
-                _sync(device)
-                start = time.perf_counter()
-                for _ in range(calls):
-                    fn()
-                _sync(device)
-                times[name].append((time.perf_counter() - start) * 1000.0 / calls)
-    return times
-
-
-def peak_memory_mb(fn: Callable[[], Any], device: torch.device, held_bytes: int) -> float | None:
-    from .metrics import peak_memory_mb as measure
-
-    with torch.no_grad():
-        return measure(fn, device, held_bytes=held_bytes)
-
-
-@dataclass
-class Group:
-    """Kinds timed together (with the plain step) after one compile."""
-    name: str
-    kinds: dict[str, Callable[[], Any]] = field(default_factory=dict)
-    ideal: dict[str, float] = field(default_factory=dict)
-    held_bytes: int = 0
-    info: dict = field(default_factory=dict)
-
-
-def _raw(runtime, kind: str) -> Callable:
-    """The compiled variant itself, without the runtime's host-time clock around it."""
-    fn = runtime.variants[kind]
-    return getattr(fn, "fn", fn)
-
-
-def fora_group(gm, inputs, compiler: str, cfg_extra: dict) -> Group:
-    from ..backend import make_backend
-
-    runtime = make_backend(policy="fora", compiler=compiler, **cfg_extra).build_runtime(gm, inputs)
-    if runtime.fallback:
-        raise RuntimeError(f"fora fell back: {runtime.fallback}")
-    record, cached = runtime.buffers_for("full", 0), runtime.buffers_for("reuse", 0)
-    full, reuse = _raw(runtime, "full"), _raw(runtime, "reuse")
-    with torch.no_grad():
-        full(*inputs, *record)
-    held = runtime.slot(0).nbytes
-    return Group("fora", {"fora_full_record": lambda: full(*inputs, *record),
-                          "fora_reuse": lambda: reuse(*inputs, *cached)},
-                 {"fora_full_record": 1.0, "fora_reuse": 0.0}, held_bytes=held,
-                 info={"cache_bytes": held, "branches": runtime.info.get("branches")})
-
-
-def specdiff_group(gm, inputs, compiler: str, ratio: float, with_full: bool, draft: bool,
-                   cfg_extra: dict) -> Group:
-    from ..backend import make_backend
-
-    runtime = make_backend(policy="specdiff", compiler=compiler, cache_ratio=ratio,
-                           draft_steps=2 if draft else 0, **cfg_extra).build_runtime(gm, inputs)
-    if runtime.fallback:
-        raise RuntimeError(f"specdiff fell back: {runtime.fallback}")
-    slot = runtime.slot(0)
-    record, partial = runtime.buffers_for("full", 0), runtime.buffers_for("partial", 0)
-    full_fn, partial_fn = _raw(runtime, "full"), _raw(runtime, "partial")
-    with torch.no_grad():
-        full_fn(*inputs, *record)  # fills the K/V caches and history, as a full step would
-    # the partial variant picks its own tokens (passes/token_select.py) from the scores just recorded
-    slot.find("mix_weights").copy_(torch.tensor([0.6, 0.3, 0.1]))
-    tag = f"specdiff_partial_cr{ratio:g}"
-    group = Group(f"specdiff cr {ratio:g}", {tag: lambda: partial_fn(*inputs, *partial)},
-                  {tag: runtime.k / runtime.n}, held_bytes=slot.nbytes,
-                  info={"cache_bytes": slot.nbytes, "kv_cache_bytes": slot.nbytes_of("kv"), "subset_tokens": runtime.k,
-                        "image_tokens": runtime.n, "flops": dict(runtime.flops)})
-    if with_full:
-        group.kinds["specdiff_full_record"] = lambda: full_fn(*inputs, *record)
-        group.ideal["specdiff_full_record"] = 1.0
-    if draft and "draft" in runtime.variants:
-        draft_fn, draft_buffers = _raw(runtime, "draft"), runtime.buffers_for("draft", 0)
-        group.kinds["specdiff_draft"] = lambda: draft_fn(*inputs, *draft_buffers)
-        group.ideal["specdiff_draft"] = 1.0
-    return group
-
-
-def taylor_group(gm, inputs, compiler: str, lite: bool, cfg_extra: dict) -> Group:
-    """Record and forecast steps of policy taylor, lite (chains of blocks) or per branch."""
-    from ..backend import make_backend
-
-    mode = "lite" if lite else "branch"
-    runtime = make_backend(policy="taylor", lite=lite, compiler=compiler, **cfg_extra).build_runtime(gm, inputs)
-    if runtime.fallback:
-        raise RuntimeError(f"taylor ({mode}) fell back: {runtime.fallback}")
-    recorded, forecast_buffers = runtime.buffers_for("full", 0), runtime.buffers_for("forecast", 0)
-    record, forecast = _raw(runtime, "full"), _raw(runtime, "forecast")
-    with torch.no_grad():
-        record(*inputs, *recorded)  # fills the Taylor terms, as a full step would
-    rec, fc = f"taylor_{mode}_record", f"taylor_{mode}_forecast"
-    held = runtime.slot(0).nbytes
-    return Group(f"taylor {mode}", {rec: lambda: record(*inputs, *recorded),
-                                    fc: lambda: forecast(*inputs, *forecast_buffers)},
-                 {rec: 1.0, fc: 0.0}, held_bytes=held,
-                 info={"cache_bytes": held, "lite": lite,
-                       "branches": runtime.info.get("branches"),
-                       "forecast_targets": runtime.info.get("forecast_targets")})
-
-
-def forecast_speedup(record_share: float, forecast_share: float, full_steps: int,
-                     steps: int = SCHEDULE_STEPS) -> float:
-    """Speed-up of a ``steps``-step trajectory with ``full_steps`` record steps and forecast
-    steps in between, from their shares of a plain step: N / (F·record + (N − F)·forecast)."""
-    if not 0 < full_steps <= steps:
-        raise ValueError(f"full_steps must be in 1..{steps}, got {full_steps}")
-    return steps / (full_steps * record_share + (steps - full_steps) * forecast_share)
-
-
-def taylor_full_steps(warmup_steps: int | None, interval: int | None, reset_steps: tuple[int, ...] | None,
-                      steps: int = SCHEDULE_STEPS) -> int:
-    """Full steps of ``steps`` under a taylor schedule (None fields: the policy's default)."""
-    from ..config import SpecDiffConfig
-    from ..runtime import FullStepSchedule
-
-    cfg = SpecDiffConfig(policy="taylor", warmup_steps=warmup_steps, interval=interval, reset_steps=reset_steps)
-    sched = FullStepSchedule(cfg.warmup_steps, cfg.interval or None, cfg.reset_steps)
-    return sum(sched.is_full(s) for s in range(steps))
-
-
-def kv_cache_formula_bytes(case: ScaleModel, batch: int, element_size: int) -> int:
-    """K/V cache bytes by formula: 2 (K and V) × attention sites × batch × tokens × width.
-
-    SD3 and FLUX double blocks attend over image + text tokens; FLUX single blocks too;
-    PixArt's self-attention over image tokens only (its cross-attention keys are text and
-    not cached per token).
-    """
-    if case.family == "flux-dev":
-        sites, tokens = case.layers + (2 * case.layers if case.layers != 19 else 38), case.image_tokens + case.text_tokens
-    elif case.family == "sd3-medium":
-        sites, tokens = case.layers, case.image_tokens + case.text_tokens
-    else:
-        sites, tokens = case.layers, case.image_tokens
-    return 2 * sites * batch * tokens * case.width * element_size
-
-
-def schedule_costs(share: dict[str, float], ratios, steps: int = SCHEDULE_STEPS) -> dict:
-    """End-to-end speed-up of a ``steps``-step trajectory from per-kind shares of a plain step."""
-    from ..config import SpecDiffConfig
-    from ..runtime import FullStepSchedule
-
-    out = {}
-    fora_cfg = SpecDiffConfig(policy="fora")
-    sched = FullStepSchedule(fora_cfg.warmup_steps, fora_cfg.interval, fora_cfg.reset_steps)
-    full = sum(sched.is_full(s) for s in range(steps))
-    if "fora_full_record" in share and "fora_reuse" in share:
-        cost = full * share["fora_full_record"] + (steps - full) * share["fora_reuse"]
-        out["fora"] = {"full_steps": full, "speedup": steps / cost, "ideal_speedup": steps / full}
-    sd_cfg = SpecDiffConfig(policy="specdiff")
-    sched = FullStepSchedule(sd_cfg.warmup_steps, None, sd_cfg.reset_steps)
-    full = sum(sched.is_full(s) for s in range(steps))
-    drafts = max(sd_cfg.draft_steps - 1, 0)
-    for ratio in ratios:
-        tag = f"specdiff_partial_cr{ratio:g}"
-        if tag not in share or "specdiff_full_record" not in share:
-            continue
-        draft = share.get("specdiff_draft", share["specdiff_full_record"])
-        cost = full * share["specdiff_full_record"] + (steps - full) * share[tag] + drafts * draft
-        ideal = full + (steps - full) * (1.0 - ratio) + drafts
-        out[f"specdiff_cr{ratio:g}"] = {"full_steps": full, "draft_calls": drafts, "speedup": steps / cost,
-                                        "ideal_speedup": steps / ideal}
-    for mode in TAYLOR_MODES:
-        rec, fc = f"taylor_{mode}_record", f"taylor_{mode}_forecast"
-        if rec not in share or fc not in share:
-            continue
-        for label, warmup, interval, reset in TAYLOR_SCHEDULES:
-            full = taylor_full_steps(warmup, interval, reset, steps)
-            out[f"taylor_{mode} {label}"] = {"full_steps": full, "speedup": forecast_speedup(
-                share[rec], share[fc], full, steps), "ideal_speedup": steps / full}
-    return out
 
 
 def run_scale(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict:
@@ -384,7 +78,8 @@ def run_scale(args: argparse.Namespace, log: Callable[[str], None] = print) -> d
     }
     log(f"scale: {case.describe()} batch {args.batch} {args.dtype} on {result['device_name']}")
     start = time.perf_counter()
-    gm, inputs = capture_graph(case)
+    torch._dynamo.reset()
+    gm, inputs = capture_graph(case.model, case.inputs)
     log(f"  traced in {time.perf_counter() - start:.1f}s ({len(inputs)} graph inputs)")
     patches = dict(args.inductor_config or {})
     # CUDA graphs: plain gets Inductor's own (cudagraph trees); our variants get
@@ -394,7 +89,7 @@ def run_scale(args: argparse.Namespace, log: Callable[[str], None] = print) -> d
     cfg_extra = dict(inductor_config=patches, cudagraphs=bool(args.cudagraphs))
 
     start = time.perf_counter()
-    plain = gm if args.compiler == "eager" else _inductor(gm, inputs, plain_patches)
+    plain = gm if args.compiler == "eager" else compile_plain(gm, inputs, plain_patches)
     result["compile_s"] = {"plain": time.perf_counter() - start}
     plain_fn = lambda: plain(*inputs)  # noqa: E731
 
@@ -429,7 +124,7 @@ def run_scale(args: argparse.Namespace, log: Callable[[str], None] = print) -> d
         result["compile_s"][name] = time.perf_counter() - start
         fns = {"plain": plain_fn, **group.kinds}
         if args.cudagraphs:  # each call is a new cudagraph-tree step (outputs are not kept)
-            fns = {k: _new_step(fn) for k, fn in fns.items()}
+            fns = {k: new_step(fn) for k, fn in fns.items()}
         times = time_round_robin(fns, repeats=args.repeats, calls=args.calls, warmup=args.warmup, device=device)
         plain_ms = statistics.median(times["plain"])
         result["groups"][name] = {"plain_ms": plain_ms, **group.info}
@@ -473,24 +168,8 @@ def run_scale(args: argparse.Namespace, log: Callable[[str], None] = print) -> d
     return result
 
 
-def _new_step(fn: Callable[[], Any]) -> Callable[[], Any]:
-    def call():
-        torch.compiler.cudagraph_mark_step_begin()
-        return fn()
-    return call
-
-
 def _param_bytes(model: torch.nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
-
-
-def _inductor(gm, inputs, patches: dict):
-    from torch._inductor.compile_fx import compile_fx
-
-    from ..passes.graph_copy import copy_graph_module
-
-    with torch.no_grad():
-        return compile_fx(copy_graph_module(gm), list(inputs), config_patches=dict(patches) or None)
 
 
 def _write(result: dict, path: str) -> None:
