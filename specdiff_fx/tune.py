@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Sequence
@@ -41,7 +42,7 @@ from .config import SpecDiffConfig
 from .quality import psnr
 from .runtime.forecast_runtime import ForecastRuntime
 from .runtime.forecasters import FORECASTERS, tune_candidates
-from .runtime.schedule import FullStepSchedule
+from .runtime.schedule import FullStepSchedule, progress
 
 log = logging.getLogger("specdiff_fx")
 
@@ -52,16 +53,28 @@ SPEED_SLACK = 0.03  # a prediction this far below the request still meets it (th
 
 @dataclass(frozen=True)
 class Schedule:
-    """Full steps ``0 … warmup−1`` and ``full``; every other step forecast."""
+    """Full steps ``0 … warmup−1`` and ``full``; every other step forecast.  ``at``: the progress
+    of each step of ``full`` through the noise schedule (:func:`step_progress`); then the config
+    places them in the sampler's time (``full_at``), so it holds at other step counts."""
 
     warmup: int
     full: tuple[int, ...]
+    at: tuple[float, ...] = ()
 
     def full_steps(self, num_steps: int) -> int:
         return self.warmup + sum(1 for s in self.full if self.warmup <= s < num_steps)
 
     def config(self) -> dict:
-        return {"warmup_steps": self.warmup, "interval": 0, "reset_steps": self.full}
+        if self.at:
+            return {"warmup_steps": self.warmup, "interval": 0, "reset_steps": (), "full_at": self.at}
+        return {"warmup_steps": self.warmup, "interval": 0, "reset_steps": self.full, "full_at": ()}
+
+    def in_sampler_time(self, progress: Sequence[float] | None) -> "Schedule":
+        """This schedule with its full steps placed at ``progress[step]`` (rounded down to 1e-4,
+        so the same step reaches its point), or as it is where ``progress`` is None."""
+        if not progress:
+            return self
+        return Schedule(self.warmup, self.full, tuple(math.floor(progress[s] * 1e4) / 1e4 for s in self.full))
 
     def __str__(self) -> str:
         return f"warmup={self.warmup} full={','.join(map(str, self.full)) or '-'}"
@@ -106,6 +119,9 @@ class Trial:
         if self.options:
             cfg["forecaster_options"] = self.options
         cfg["reset_steps"] = list(cfg["reset_steps"])
+        cfg["full_at"] = list(cfg["full_at"])
+        if not cfg["full_at"]:
+            del cfg["full_at"]
         return cfg
 
 
@@ -192,8 +208,9 @@ def measure_costs(target: Any, run: Callable[[], Any], uncached_seconds: float, 
     """Time ``run()`` with every step full and with one full step (``target`` re-pointed),
     alternating the two so a slow spell of a shared machine hits both; the fastest of
     ``repeats`` each (interference only ever adds time)."""
-    all_full = dict(warmup_steps=num_steps, interval=0, reset_steps=(), forecaster="taylor", forecaster_options={})
-    one_full = dict(warmup_steps=1, interval=0, reset_steps=())
+    all_full = dict(warmup_steps=num_steps, interval=0, reset_steps=(), full_at=(), forecaster="taylor",
+                    forecaster_options={})
+    one_full = dict(warmup_steps=1, interval=0, reset_steps=(), full_at=())
     best = {}
     for i in range(repeats + 1):  # the first round warms up (compiles), untimed
         for name, changes in (("all", all_full), ("one", one_full)):
@@ -233,15 +250,21 @@ def tune(target: Any, run: Callable[[Sequence[int]], torch.Tensor], reference: S
     n = costs.num_steps
     want = torch.cat([reference[i] for i in eval_batches])
     trials: list[Trial] = []
+    progress = step_progress(target, n)
+    if progress is None:
+        log.warning("specdiff tune: the calls carry no timesteps to place the schedule in the sampler's time; "
+                    "the chosen config is in step indices and holds at %d steps only", n)
 
     def score(scheds: Sequence[Schedule]) -> None:
         for sched in scheds:
+            sched = sched.in_sampler_time(progress)
             full = sched.full_steps(n)
             for name, options in forecasters:
                 configure(target, forecaster="taylor", forecaster_options={}, **sched.config())
                 if FORECASTERS[name].fitted:
-                    table = fit_forecaster(target, lambda: run(fit_batches))
-                    options = {"coefficients": {int(k): list(v) for k, v in table.items()}}
+                    table = fit_forecaster(target, lambda: run(fit_batches), sampler_time=bool(sched.at))
+                    options = ({"coefficients_at": table} if sched.at else
+                               {"coefficients": {int(k): list(v) for k, v in table.items()}})
                 else:
                     configure(target, forecaster=name, forecaster_options=dict(options))
                 trials.append(Trial(sched, name, options, full, costs.speedup(full), psnr(run(eval_batches), want)))
@@ -277,8 +300,25 @@ def tune(target: Any, run: Callable[[Sequence[int]], torch.Tensor], reference: S
 def _apply(target: Any, trial: Trial) -> None:
     """Re-point ``target`` at ``trial``: its schedule, forecaster and options (none: cleared)."""
     cfg = trial.config()
+    cfg.setdefault("full_at", ())
     configure(target, forecaster_options=cfg.pop("forecaster_options", {}),
-              **{k: (tuple(v) if k == "reset_steps" else v) for k, v in cfg.items() if k not in ("policy", "lite")})
+              **{k: (tuple(v) if k in ("reset_steps", "full_at") else v) for k, v in cfg.items()
+                 if k not in ("policy", "lite")})
+
+
+def step_progress(target: Any, num_steps: int) -> list[float] | None:
+    """The progress through the noise schedule of each step of the latest complete trajectory a
+    forecasting runtime of ``target`` ran (runtime/schedule.py), or None where none ran
+    ``num_steps`` steps with timesteps."""
+    for backend in _backends(target):
+        for rt in backend.all_runtimes():
+            tracked = getattr(rt, "progress", None)
+            timesteps = dict(tracked.timesteps) if tracked is not None else {}
+            if isinstance(rt, ForecastRuntime) and sorted(timesteps) == list(range(num_steps)):
+                first, last = timesteps[0], timesteps[num_steps - 1]
+                rising = tracked.direction == "up" or (tracked.direction == "auto" and last > first)
+                return [progress(timesteps[s], first, rising) for s in range(num_steps)]
+    return None
 
 
 class _Timing:

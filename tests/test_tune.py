@@ -91,7 +91,13 @@ def test_tune_chooses_by_the_request_and_its_saved_config_reproduces_the_choice(
     # the saved config, loaded into a fresh compile, gives the same output
     path = tmp_path / "tuned.json"
     result.save(str(path))
-    assert json.loads(path.read_text())["config"]["forecaster"] == chosen.forecaster
+    saved = json.loads(path.read_text())["config"]
+    assert saved["forecaster"] == chosen.forecaster
+    # in the sampler's time: progress points for the full steps, a fitted table by progress
+    assert saved["reset_steps"] == [] and len(saved["full_at"]) == len(chosen.schedule.full)
+    if chosen.forecaster == "fitted":
+        assert set(saved["forecaster_options"]) == {"coefficients_at"}
+        assert saved["forecaster_options"]["coefficients_at"]["step_counts"] == [steps]
     restore_pipeline(case.pipe)
     compile_pipeline(case.pipe, load_config(str(path)), compiler="eager")
     assert torch.equal(run([1]), chosen_out)
