@@ -251,6 +251,11 @@ def tune(target: Any, run: Callable[[Sequence[int]], torch.Tensor], reference: S
     want = torch.cat([reference[i] for i in eval_batches])
     trials: list[Trial] = []
     progress = step_progress(target, n)
+    if progress is None:  # no trajectory ran yet (costs given, not measured): one all-full run shows the timesteps
+        configure(target, warmup_steps=n, interval=0, reset_steps=(), full_at=(), forecaster="taylor",
+                  forecaster_options={})
+        run(fit_batches)
+        progress = step_progress(target, n)
     if progress is None:
         log.warning("specdiff tune: the calls carry no timesteps to place the schedule in the sampler's time; "
                     "the chosen config is in step indices and holds at %d steps only", n)
