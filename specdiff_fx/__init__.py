@@ -5,9 +5,11 @@ from .calibrate import fit_forecaster
 from .config import SpecDiffConfig
 from .pipeline import compile_pipeline, restore_pipeline
 from .regional import RegionalCompile, compile_regional
+from .tune import load_config, tune_pipeline
 
 __all__ = [
     "RegionalCompile", "SpecDiffBackend", "SpecDiffConfig", "UnsupportedGraph", "compile_pipeline", "compile_regional",
-    "fit_forecaster", "get_runtime", "make_backend", "restore_pipeline", "specdiff_backend",
+    "fit_forecaster", "get_runtime", "load_config", "make_backend", "restore_pipeline", "specdiff_backend",
+    "tune_pipeline",
 ]
 __version__ = "0.1.0"

@@ -378,3 +378,91 @@ def _choose_for_quality(target, trials, min_psnr, timer, timed) -> tuple[Trial, 
     for t in sorted(ok, key=lambda t: (-t.predicted_speedup, -t.psnr))[:timed]:
         timing.measure(t)
     return max((t for t in ok if t.measured_speedup is not None), key=lambda t: (t.measured_speedup, t.psnr)), []
+
+
+# ----------------------------------------------------------------------------- a user's own pipeline
+def tune_pipeline(pipe: Any, calls: Sequence[dict], *, speedup: float | None = None, psnr: float | None = None,
+                  timed: int = 2, repeats: int = 2, **tune_kwargs: Any) -> TuneResult:
+    """Tune policy ``taylor``'s schedule and forecaster on a user's own requests of ``pipe``.
+
+    ``calls``: keyword arguments of ``pipe(...)``, at least two, all with the same
+    ``num_inference_steps``: the first half fits the ``fitted`` forecaster, the rest score every
+    candidate (a fit scored on its own calls would flatter it).  A call's ``generator`` is reset
+    to its state before every run (one is seeded by the call's index where none is given), so
+    each candidate sees the same noise.  ``pipe`` comes from ``compile_pipeline(pipe,
+    policy="taylor")`` (compiled here with the defaults if it is not) and is left on the choice;
+    ``TuneResult.save`` writes a config ``compile_pipeline(pipe, load_config(path))`` reads, in
+    the sampler's time.
+
+    The reference is the same pipeline with every step full (what the uncached pipeline
+    computes); its time is the uncached time, so the speed-ups are measured against a
+    trajectory that also records Taylor terms, a few percent slower than a plain compile:
+    they err low."""
+    from .pipeline import compile_pipeline
+
+    if len(calls) < 2:
+        raise ValueError("tune_pipeline: give at least two calls (the first half fits, the rest score)")
+    steps = {call.get("num_inference_steps") for call in calls}
+    if len(steps) != 1 or None in steps:
+        raise ValueError("tune_pipeline: every call needs the same num_inference_steps (got "
+                         f"{sorted(steps, key=str)}); tune once per step count, or use the saved config's full_at")
+    n = int(steps.pop())
+    if getattr(pipe, "_specdiff", None) is None:
+        compile_pipeline(pipe, policy="taylor")
+    for backend in _backends(pipe):
+        if backend.config.policy != "taylor":
+            raise ValueError(f"tune_pipeline needs policy 'taylor', this pipeline has {backend.config.policy!r}")
+
+    prepared = []
+    for i, call in enumerate(calls):
+        call = dict(call)
+        generator = call.get("generator")
+        if generator is None:
+            generator = call["generator"] = torch.Generator().manual_seed(i)
+        call.setdefault("output_type", "pt")
+        prepared.append((call, generator, generator.get_state()))
+
+    def one(i: int) -> torch.Tensor:
+        call, generator, state = prepared[i]
+        generator.set_state(state)
+        with torch.no_grad():
+            out = pipe(**call)
+        for name in ("images", "frames"):
+            if hasattr(out, name):
+                out = getattr(out, name)
+                break
+        else:
+            out = out[0]
+        return torch.as_tensor(out).float().flatten()
+
+    def run_all() -> None:
+        for i in range(len(prepared)):
+            one(i)
+
+    configure(pipe, warmup_steps=n, interval=0, reset_steps=(), full_at=(), forecaster="taylor", forecaster_options={})
+    run_all()  # warm-up: compiles, and shows the sampler's timesteps
+    start = time.perf_counter()
+    raw = [one(i) for i in range(len(prepared))]
+    uncached = time.perf_counter() - start
+    # PSNR on a common range: each call's reference scaled to [-1, 1] (latents have no fixed range)
+    ranges = [(float(r.min()), max(float(r.max() - r.min()), 1e-12)) for r in raw]
+
+    def scaled(i: int, x: torch.Tensor) -> torch.Tensor:
+        lo, span = ranges[i]
+        return 2.0 * (x - lo) / span - 1.0
+
+    reference = [scaled(i, r) for i, r in enumerate(raw)]
+
+    def run(batches: Sequence[int]) -> torch.Tensor:
+        return torch.cat([scaled(i, one(i)) for i in batches])
+
+    def timer() -> float:
+        start = time.perf_counter()
+        run_all()
+        return uncached / (time.perf_counter() - start)
+
+    costs = measure_costs(pipe, run_all, uncached, n, repeats=repeats)
+    half = len(prepared) // 2
+    return tune(pipe, run, reference, costs, speedup=speedup, min_psnr=psnr, fit_batches=list(range(half)),
+                eval_batches=list(range(half, len(prepared))), timer=timer if timed else None, timed=timed,
+                **tune_kwargs)

@@ -27,23 +27,37 @@ EXPECTED_LABELS = [
     "diffusers-taylorseer interval=5", "diffusers-taylorseer-lite interval=5", "diffusers-magcache",
     "cache-dit-dbcache", "cache-dit-dbcache-taylorseer", "cache-dit-dbcache-taylorseer skip=0.75",
 ]
+# one row of each kind of method the bench builds (every policy's row builder, forecaster, tolerance,
+# anchor): the end-to-end run runs these; every row's label is checked without running it
+RUN_LABELS = [
+    "baseline", "specdiff cr=0.7", "specdiff-forecast cr=0.5 every=2",
+    "specdiff-forecast cr=0.9 every=3 full=5,9,14,20 kv", "fora interval=2", "taylor interval=2",
+    "taylor interval=4 order=2", "taylor-lite interval=4", "taylor-lite full=5,9,14,20",
+    "taylor-lite full=6,13,20 hermite s=0.7", "taylor-lite full=6,13,20 fitted", "taylor-lite interval=7 tol=0.3",
+    # a name selects every row of that name: diffusers-taylorseer's two intervals
+    "diffusers-firstblockcache", "diffusers-taylorseer", "diffusers-taylorseer interval=5",
+    "diffusers-taylorseer-lite interval=5", "diffusers-magcache",
+    "cache-dit-dbcache", "cache-dit-dbcache-taylorseer skip=0.75",
+]
 REQUIRED = ("method", "config", "speedup", "psnr", "ssim", "accuracy", "fd", "peak_mem_mb", "compile_s",
             "recompiles")
 
 
 # ----------------------------------------------------------------------------- end to end
 @pytest.mark.slow
-def test_quick_bench_cli_writes_every_row(tmp_path, capsys):
+def test_quick_bench_cli_runs_one_row_of_each_kind(tmp_path, capsys):
     from specdiff_fx.cli import main
 
     out, png = tmp_path / "bench.json", tmp_path / "pareto.png"
-    rc = main(["bench", "--quick", "--no-progress", "--json", str(out), "--plot", str(png)])
+    selection = [label for label in RUN_LABELS[1:] if label != "diffusers-taylorseer interval=5"]
+    rc = main(["bench", "--quick", "--no-progress", "--json", str(out), "--plot", str(png),
+               "--methods", ";".join(selection)])
     assert rc == 0
     stdout = capsys.readouterr().out
     assert "speed-up" in stdout and "PSNR dB" in stdout and "diffusers-taylorseer" in stdout
 
     rows = json.loads(out.read_text())
-    assert [r["label"] for r in rows] == EXPECTED_LABELS
+    assert [r["label"] for r in rows] == RUN_LABELS
     for row in rows:
         assert all(key in row for key in REQUIRED), row
         if row["status"] != "ok":  # only a missing third-party package may skip a row
@@ -73,10 +87,9 @@ def test_quick_bench_cli_writes_every_row(tmp_path, capsys):
     # the schedules that do not depend on data skip what they say
     assert by_label["fora interval=2"]["full_steps"] == 4  # warm-up 0, 1, then every 2nd: 2, 4
     assert by_label["diffusers-taylorseer"]["full_steps"] == 4  # 0,1,2 warm-up, then 4
-    for label in ("specdiff cr=0.5", "specdiff cr=0.7", "specdiff cr=0.8", "specdiff-forecast cr=0.7",
-                  "specdiff-forecast cr=0.5 every=2"):
+    for label in ("specdiff cr=0.7", "specdiff-forecast cr=0.5 every=2"):
         assert by_label[label]["partial_steps"] > 0 and by_label[label]["info"].get("fallback") is None
-    for label in EXPECTED_LABELS:
+    for label in RUN_LABELS:
         if label.startswith("taylor-lite full="):  # warm-up 0, 1, 2, then the listed steps below 6
             listed = [int(s) for s in label.split("full=")[1].split()[0].split(",")]
             assert by_label[label]["full_steps"] == 3 + sum(s < 6 for s in listed), label
@@ -89,6 +102,14 @@ def test_quick_bench_cli_writes_every_row(tmp_path, capsys):
         if by_label[label]["status"] == "ok":
             assert "auto" in by_label[label]["config"] and by_label[label]["info"]["threshold"] > 0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_default_rows_are_every_method_with_its_label():
+    parser = argparse.ArgumentParser()
+    command.add_arguments(parser)
+    rows = command.all_methods(command._resolve(parser.parse_args([])))
+    assert [m.label for m in rows] == EXPECTED_LABELS
+    assert set(RUN_LABELS) <= set(EXPECTED_LABELS)
 
 
 # ----------------------------------------------------------------------------- pieces

@@ -1,10 +1,13 @@
 """Caching under diffusers' context parallelism (Ulysses), two processes on gloo.
 
-Each test spawns two ranks (``torch.multiprocessing``, file init, a 60 s process-group
-timeout so a desync fails instead of hanging).  Every rank runs a tiny diffusers model
-with ``enable_parallelism(ContextParallelConfig(ulysses_degree=2))`` through our backend
-and writes what it saw; the test process compares that with a single-process run of the
-same policy.  Collectives are counted two ways: in the variant graphs
+The module spawns two ranks once (once per test run, shared by the xdist workers) (``torch.multiprocessing``, file init, a 60 s process-group
+timeout so a desync fails instead of hanging) and runs every test's scenario in them, one after
+the other (:data:`JOBS`): starting two processes that import torch and diffusers costs more than
+most scenarios, so one start serves them all, and each test reads its scenario's results.  Per
+scenario every rank builds a tiny diffusers model, calls
+``enable_parallelism(ContextParallelConfig(ulysses_degree=2))``, compiles it through our backend
+(dynamo reset first) and writes what it saw; the test compares that with a single-process run
+of the same policy.  A scenario that raises on a rank fails its own test with the traceback.  Collectives are counted two ways: in the variant graphs
 (``collectives_summary``) and at run time per step (``torch.profiler`` events of
 ``_c10d_functional::*`` ops, with their recorded shapes for bytes).
 
@@ -16,6 +19,7 @@ setup only -- the product never patches anything).
 from __future__ import annotations
 
 import datetime
+import functools
 import math
 import os
 import re
@@ -30,7 +34,7 @@ from specdiff_fx.config import POLICIES
 from specdiff_fx.passes.collectives import COLLECTIVE_OPS
 from specdiff_fx.testing.tiny_models import TinyCase, build_tiny
 
-pytestmark = pytest.mark.slow  # two spawned ranks per test: ~20 s each on 2 cores
+pytestmark = pytest.mark.slow  # one spawn of two ranks serves the module: ~2 minutes on 2 cores
 
 WORLD = 2
 TIMEOUT_S = 60
@@ -106,13 +110,10 @@ def _profiled_collectives(prof) -> tuple[dict[str, int], int]:
 
 
 # ----------------------------------------------------------------------------- one rank
-def _rank_main(rank: int, init_file: str, out_dir: str, family: str, config: dict,
-               backend_name: str, timesteps: list[float], trajectories: int, inspect: bool) -> None:
-    import torch.distributed as dist
-    from torch.profiler import ProfilerActivity, profile
+def _rank_main(rank: int, init_file: str, out_dir: str, jobs: list[dict], backend_name: str) -> None:
+    import traceback
 
-    from specdiff_fx import get_runtime
-    from specdiff_fx.inspect.collective_traffic import collectives_summary
+    import torch.distributed as dist
 
     torch.set_num_threads(1)
     device = f"cuda:{rank}" if backend_name == "nccl" else "cpu"
@@ -123,55 +124,136 @@ def _rank_main(rank: int, init_file: str, out_dir: str, family: str, config: dic
     dist.init_process_group(backend_name, init_method=f"file://{init_file}", rank=rank, world_size=WORLD,
                             timeout=datetime.timedelta(seconds=TIMEOUT_S))
     try:
-        from diffusers import ContextParallelConfig
-
-        case = CP_CASES[family]()
-        case.model.to(device)
-        case.model.enable_parallelism(config=ContextParallelConfig(ulysses_degree=WORLD))
-        backend = make_backend(**config)
-        model = torch.compile(case.model, backend=backend, fullgraph=True, dynamic=False)
-        outputs, step_collectives = [], []
-        with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            for _ in range(trajectories):
-                for t in timesteps:
-                    inputs = _to(case.make_inputs(batch=2, timestep=t), device)
-                    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
-                        out = case.output(model(**inputs))
-                    outputs.append(out.detach().cpu().clone())
-                    step_collectives.append(_profiled_collectives(prof))
-        runtime = get_runtime(model)
-        stats = runtime.stats()
-        graphs = {name: collectives_summary(g).as_dict() for name, g in runtime.graphs.items()}
-        report = ""
-        if inspect:
-            from specdiff_fx.inspect.report import inspect_runtime
-            from specdiff_fx.inspect.text import render_text
-
-            report = render_text(inspect_runtime(runtime, title=family))
-        torch.save({
-            "outputs": outputs,
-            "step_collectives": step_collectives,
-            "plan": stats["plan"],
-            "fallback": stats["fallback"],
-            "warnings": [str(w.message) for w in caught if str(w.message).startswith("specdiff")],
-            "graphs": graphs,
-            "codes": {name: g.code for name, g in runtime.graphs.items() if name != "original"},
-            "unique_graphs": torch._dynamo.utils.counters["stats"]["unique_graphs"],
-            "report": report,
-        }, os.path.join(out_dir, f"rank{rank}.pt"))
+        for job in jobs:
+            torch._dynamo.reset()
+            torch._dynamo.utils.counters.clear()
+            try:
+                result = _run_job(device, **job["run"])
+            except Exception:
+                result = {"error": traceback.format_exc()}
+            torch.save(result, os.path.join(out_dir, f"{job['name']}.rank{rank}.pt"))
+            dist.barrier()  # the next scenario starts together on every rank
     finally:
         dist.destroy_process_group()
 
 
-def run_ranks(tmp_path, family: str, config: dict, *, backend_name: str = "gloo",
-              timesteps=TIMESTEPS, trajectories: int = 2, inspect: bool = False) -> list[dict]:
+def _run_job(device: str, family: str, config: dict, timesteps: list[float], trajectories: int,
+             inspect: bool) -> dict:
+    """One scenario on this rank: the model, compiled through our backend, over ``trajectories``."""
+    from diffusers import ContextParallelConfig
+    from torch.profiler import ProfilerActivity, profile
+
+    from specdiff_fx import get_runtime
+    from specdiff_fx.inspect.collective_traffic import collectives_summary
+
+    case = CP_CASES[family]()
+    case.model.to(device)
+    case.model.enable_parallelism(config=ContextParallelConfig(ulysses_degree=WORLD))
+    backend = make_backend(**config)
+    model = torch.compile(case.model, backend=backend, fullgraph=True, dynamic=False)
+    outputs, step_collectives = [], []
+    with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(trajectories):
+            for t in timesteps:
+                inputs = _to(case.make_inputs(batch=2, timestep=t), device)
+                with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+                    out = case.output(model(**inputs))
+                outputs.append(out.detach().cpu().clone())
+                step_collectives.append(_profiled_collectives(prof))
+    runtime = get_runtime(model)
+    stats = runtime.stats()
+    graphs = {name: collectives_summary(g).as_dict() for name, g in runtime.graphs.items()}
+    report = ""
+    if inspect:
+        from specdiff_fx.inspect.report import inspect_runtime
+        from specdiff_fx.inspect.text import render_text
+
+        report = render_text(inspect_runtime(runtime, title=family))
+    return {
+        "outputs": outputs,
+        "step_collectives": step_collectives,
+        "plan": stats["plan"],
+        "fallback": stats["fallback"],
+        "warnings": [str(w.message) for w in caught if str(w.message).startswith("specdiff")],
+        "graphs": graphs,
+        "codes": {name: g.code for name, g in runtime.graphs.items() if name != "original"},
+        "unique_graphs": torch._dynamo.utils.counters["stats"]["unique_graphs"],
+        "report": report,
+    }
+
+
+def job(name: str, family: str, config: dict, *, timesteps=TIMESTEPS, trajectories: int = 2,
+        inspect: bool = False) -> dict:
+    return {"name": name, "run": dict(family=family, config=config, timesteps=list(timesteps),
+                                      trajectories=trajectories, inspect=inspect)}
+
+
+def spawn_ranks(tmp_path, jobs: list[dict], backend_name: str = "gloo") -> dict[str, list[dict]]:
+    """Run ``jobs`` in one spawn of ``WORLD`` ranks; each job's per-rank results by its name."""
     out_dir = tmp_path / "ranks"
     out_dir.mkdir()
-    mp.spawn(_rank_main, nprocs=WORLD, join=True,
-             args=(str(tmp_path / "pg_init"), str(out_dir), family, config, backend_name,
-                   list(timesteps), trajectories, inspect))
-    return [torch.load(out_dir / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    mp.spawn(_rank_main, nprocs=WORLD, join=True, args=(str(tmp_path / "pg_init"), str(out_dir), jobs, backend_name))
+    return load_ranks(tmp_path, jobs)
+
+
+def load_ranks(tmp_path, jobs: list[dict]) -> dict[str, list[dict]]:
+    out_dir = tmp_path / "ranks"
+    return {j["name"]: [torch.load(out_dir / f"{j['name']}.rank{r}.pt", weights_only=False) for r in range(WORLD)]
+            for j in jobs}
+
+
+def _ulysses_config(policy: str) -> dict:
+    # taylor in its default lite mode: one forecast per chain of blocks, whole blocks skipped
+    return dict(policy=policy, compiler="eager", **({"lite": True} if policy == "taylor" else {}))
+
+
+UNEVEN_TIMESTEPS = [1000.0, 970.0, 900.0, 750.0, 730.0, 500.0, 200.0, 190.0]
+UNEVEN_CONFIG = dict(policy="fora", compiler="eager", warmup_steps=1, interval=2)
+
+
+def _static_jobs() -> list[dict]:
+    jobs = [job(f"ulysses-{family}-{policy}", family, _ulysses_config(policy),
+                inspect=(family == "flux" and policy == "fora"))
+            for family in sorted(CP_CASES) for policy in CACHING_POLICIES]
+    jobs.append(job("uneven", "flux", UNEVEN_CONFIG, timesteps=UNEVEN_TIMESTEPS, trajectories=1))
+    if "taylor" in POLICIES:
+        jobs.append(job("qwen-probe", "qwen_image", dict(policy="taylor", compiler="eager", probe=True),
+                        trajectories=1))
+    jobs.append(job("specdiff-fallback", "flux", dict(policy="specdiff", compiler="eager"),
+                    timesteps=TIMESTEPS[:3], trajectories=1))
+    jobs.append(job("fora-inductor", "flux", dict(policy="fora", compiler="inductor"), timesteps=TIMESTEPS[:4],
+                    trajectories=1))
+    return jobs
+
+
+@pytest.fixture(scope="module")
+def cp_runs(tmp_path_factory):
+    """Every scenario of the module, run once in one spawn of the ranks.  Under pytest-xdist the
+    workers share the run (its base temp's parent is common to them): the first to take the
+    lock spawns the ranks and writes the results, the others wait and read them."""
+    from filelock import FileLock
+
+    jobs = _static_jobs()
+    if "taylor" in POLICIES:
+        for lite in (None, True):
+            jobs.append(job(f"tolerance-{lite}", "flux", _tolerance_setup(lite)[0], trajectories=1))
+    base = tmp_path_factory.getbasetemp()
+    root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    shared = root / "context_parallel_runs"
+    with FileLock(str(root / "context_parallel_runs.lock")):
+        if not (shared / "done").exists():
+            shared.mkdir(exist_ok=True)
+            spawn_ranks(shared, jobs)
+            (shared / "done").write_text("every job ran")
+    return load_ranks(shared, jobs)
+
+
+def ranks_of(cp_runs: dict, name: str) -> list[dict]:
+    ranks = cp_runs[name]
+    for r, rank in enumerate(ranks):
+        assert "error" not in rank, f"scenario {name!r} raised on rank {r}:\n{rank['error']}"
+    return ranks
 
 
 def single_process(family: str, config: dict, *, timesteps=TIMESTEPS, trajectories: int = 2):
@@ -220,11 +302,10 @@ def _full_and_cached_steps(rank):
 # ----------------------------------------------------------------------------- tests
 @pytest.mark.parametrize("policy", CACHING_POLICIES)
 @pytest.mark.parametrize("family", sorted(CP_CASES))
-def test_ulysses_caching_matches_single_process_and_skips_communication(tmp_path, family, policy):
-    # taylor in its default lite mode: one forecast per chain of blocks, whole blocks skipped
-    config = dict(policy=policy, compiler="eager", **({"lite": True} if policy == "taylor" else {}))
+def test_ulysses_caching_matches_single_process_and_skips_communication(cp_runs, family, policy):
+    config = _ulysses_config(policy)
     show = family == "flux" and policy == "fora"  # inspect's collectives table, once
-    ranks = run_ranks(tmp_path, family, config, inspect=show)
+    ranks = ranks_of(cp_runs, f"ulysses-{family}-{policy}")
     reference, ref_model = single_process(family, config)
     assert not any(r["warnings"] for r in ranks), [r["warnings"] for r in ranks]
     worst = _check_against_single_process(ranks, reference)
@@ -279,12 +360,11 @@ def test_ulysses_caching_matches_single_process_and_skips_communication(tmp_path
         print(table)
 
 
-def test_rank_plans_identical_over_uneven_timesteps(tmp_path):
+def test_rank_plans_identical_over_uneven_timesteps(cp_runs):
     """A schedule that depends only on the timestep agrees on every rank by construction;
     here with uneven spacing and a non-default schedule."""
-    timesteps = [1000.0, 970.0, 900.0, 750.0, 730.0, 500.0, 200.0, 190.0]
-    config = dict(policy="fora", compiler="eager", warmup_steps=1, interval=2)
-    ranks = run_ranks(tmp_path, "flux", config, timesteps=timesteps, trajectories=1)
+    timesteps, config = UNEVEN_TIMESTEPS, UNEVEN_CONFIG
+    ranks = ranks_of(cp_runs, "uneven")
     assert ranks[0]["plan"] == ranks[1]["plan"]
     assert [e["calls"] for e in ranks[0]["plan"]] == [
         ["full"], ["full"], ["reuse"], ["full"], ["reuse"], ["full"], ["reuse"], ["full"]]
@@ -298,11 +378,32 @@ def _errors(plan) -> list[float]:
 
 @pytest.mark.skipif("taylor" not in POLICIES, reason="policy taylor not available")
 @pytest.mark.parametrize("lite", [None, True], ids=["per_branch", "lite"])
-def test_taylor_tolerance_is_reduced_across_ranks(tmp_path, lite):
+def test_taylor_tolerance_is_reduced_across_ranks(cp_runs, lite):
     """taylor's tolerance compares the probe's forecast error with a threshold.  Each rank's
     probe sees only its shard; its error sums are all-reduced in the graph, so every rank
     reads the global error -- the one a single process measures -- and decides the same.
     Per branch (the probe's default) and in lite mode (the first block a chain of its own)."""
+    config, probe_plan, reference, tolerant_plan = _tolerance_setup(lite)
+    assert [e["calls"] for e in tolerant_plan] != [e["calls"] for e in probe_plan], \
+        "this tolerance refreshes a step in one process (or the test shows nothing)"
+
+    ranks = ranks_of(cp_runs, f"tolerance-{lite}")
+    worst = _check_against_single_process(ranks, reference)
+    assert worst <= 1e-6, worst
+    for rank in ranks:
+        assert not rank["warnings"], rank["warnings"]
+        assert [e["calls"] for e in rank["plan"]] == [e["calls"] for e in tolerant_plan]
+        torch.testing.assert_close(torch.tensor(_errors(rank["plan"])), torch.tensor(_errors(tolerant_plan)),
+                                   rtol=1e-4, atol=0)
+    assert _errors(ranks[0]["plan"]) == _errors(ranks[1]["plan"]), "every rank reads the same error"
+    graph = ranks[0]["graphs"]["forecast"]
+    assert graph["counts"].get("all_reduce") == 2  # the probe's two sums, nothing else
+
+
+@functools.cache
+def _tolerance_setup(lite):
+    """A tolerance between two of the probe's measured errors (one process), and the single-process
+    run under it: (config, the probe's plan, the reference outputs, the plan under the tolerance)."""
     from specdiff_fx import get_runtime
 
     _, probe_model = single_process("flux", dict(policy="taylor", compiler="eager", probe=True, lite=lite),
@@ -316,31 +417,17 @@ def test_taylor_tolerance_is_reduced_across_ranks(tmp_path, lite):
     config = dict(policy="taylor", compiler="eager", lite=lite,
                   tolerance=0.5 * (errors[middle - 1] + errors[middle]))
     reference, tolerant = single_process("flux", config, trajectories=1)
-    tolerant_plan = get_runtime(tolerant).stats()["plan"]
-    assert [e["calls"] for e in tolerant_plan] != [e["calls"] for e in probe_plan], \
-        "this tolerance refreshes a step in one process (or the test shows nothing)"
-
-    ranks = run_ranks(tmp_path, "flux", config, trajectories=1)
-    worst = _check_against_single_process(ranks, reference)
-    assert worst <= 1e-6, worst
-    for rank in ranks:
-        assert not rank["warnings"], rank["warnings"]
-        assert [e["calls"] for e in rank["plan"]] == [e["calls"] for e in tolerant_plan]
-        torch.testing.assert_close(torch.tensor(_errors(rank["plan"])), torch.tensor(_errors(tolerant_plan)),
-                                   rtol=1e-4, atol=0)
-    assert _errors(ranks[0]["plan"]) == _errors(ranks[1]["plan"]), "every rank reads the same error"
-    graph = ranks[0]["graphs"]["forecast"]
-    assert graph["counts"].get("all_reduce") == 2  # the probe's two sums, nothing else
+    return config, probe_plan, reference, get_runtime(tolerant).stats()["plan"]
 
 
 @pytest.mark.skipif("taylor" not in POLICIES, reason="policy taylor not available")
-def test_qwen_probe_step_reads_the_gathered_mask(tmp_path):
+def test_qwen_probe_step_reads_the_gathered_mask(cp_runs):
     """A forecast step that still computes a block (taylor's probe: the first block) keeps that
     block's attention, and so Qwen-Image's gathered text mask: diffusers all-gathers it into
     ``empty_like`` buffers with ``copy_``, and dead-code elimination must keep those copies
     (dropping them made the attention read uninitialized memory)."""
     config = dict(policy="taylor", compiler="eager", probe=True)
-    ranks = run_ranks(tmp_path, "qwen_image", config, trajectories=1)
+    ranks = ranks_of(cp_runs, "qwen-probe")
     reference, _ = single_process("qwen_image", config, trajectories=1)
     worst = _check_against_single_process(ranks, reference)
     assert worst <= 1e-6, worst
@@ -355,11 +442,10 @@ def test_qwen_probe_step_reads_the_gathered_mask(tmp_path):
           f"{ranks[0]['graphs']['forecast']['counts']}; max rel err vs 1 process {worst:.1e}")
 
 
-def test_specdiff_falls_back_loudly_under_context_parallelism(tmp_path):
+def test_specdiff_falls_back_loudly_under_context_parallelism(cp_runs):
     """Token selection per shard is not implemented: the graph compiles plain, with the reason."""
     timesteps = TIMESTEPS[:3]
-    ranks = run_ranks(tmp_path, "flux", dict(policy="specdiff", compiler="eager"),
-                      timesteps=timesteps, trajectories=1)
+    ranks = ranks_of(cp_runs, "specdiff-fallback")
     for rank in ranks:
         assert rank["fallback"] is not None and rank["fallback"].startswith("context parallelism")
         assert len(rank["warnings"]) == 1 and "context parallelism" in rank["warnings"][0]
@@ -373,11 +459,10 @@ def test_specdiff_falls_back_loudly_under_context_parallelism(tmp_path):
             assert rel_err(got, want) <= 1e-4, f"step {step}"
 
 
-def test_ulysses_fora_inductor(tmp_path):
+def test_ulysses_fora_inductor(cp_runs):
     """The one Inductor test: pruned variants compile and run with Inductor's collectives."""
-    config = dict(policy="fora", compiler="inductor")
     timesteps = TIMESTEPS[:4]  # full, full, reuse, reuse
-    ranks = run_ranks(tmp_path, "flux", config, timesteps=timesteps, trajectories=1)
+    ranks = ranks_of(cp_runs, "fora-inductor")
     reference, _ = single_process("flux", dict(policy="fora", compiler="eager"),
                                   timesteps=timesteps, trajectories=1)
     _check_against_single_process(ranks, reference)
@@ -391,7 +476,7 @@ def test_ulysses_fora_inductor(tmp_path):
                     reason="needs 2 GPUs (NCCL)")
 def test_ulysses_fora_nccl(tmp_path):
     config = dict(policy="fora", compiler="inductor")
-    ranks = run_ranks(tmp_path, "flux", config, backend_name="nccl", trajectories=1)
+    ranks = ranks_of(spawn_ranks(tmp_path, [job("nccl", "flux", config, trajectories=1)], backend_name="nccl"), "nccl")
     reference, _ = single_process("flux", dict(policy="fora", compiler="eager"), trajectories=1)
     for rank in ranks:
         for step, (got, want) in enumerate(zip(rank["outputs"], reference)):

@@ -7,8 +7,9 @@ import json
 import pytest
 import torch
 
-from specdiff_fx import compile_pipeline, get_runtime, restore_pipeline
 from tiny_pipelines import build_pipeline
+
+from specdiff_fx import compile_pipeline, get_runtime, restore_pipeline, tune_pipeline
 from specdiff_fx.tune import SPEED_SLACK, Schedule, StepCosts, candidate_schedules, configure, load_config, tune
 
 
@@ -176,3 +177,48 @@ def test_tune_cli_on_the_reference_model(tmp_path):
     assert "PSNR dB" in report.read_text() and png.read_bytes()[:4] == b"\x89PNG"
     method = tuned_method(str(out))
     assert method.label == "taylor-lite tuned speedup=1.5"
+
+
+# ----------------------------------------------------------------------------- a user's own pipeline
+@pytest.mark.parametrize("name, ask", [("flux", {"psnr": 25.0}), ("sd3", {"speedup": 1.5})])
+def test_tune_pipeline_on_the_users_own_calls_saves_a_config_that_reproduces_its_choice(name, ask, tmp_path):
+    """The user's calls of pipe(...), nothing hand-built: the saved config, in the sampler's time,
+    loaded into a fresh compile gives the chosen output again."""
+    case = build_pipeline(name)
+    steps = 10
+    calls = [dict(case.kwargs(seed), num_inference_steps=steps) for seed in (0, 1, 2, 3)]
+    compile_pipeline(case.pipe, policy="taylor", compiler="eager")
+    try:
+        result = tune_pipeline(case.pipe, calls, full_counts=[4, 5], timed=0, **ask)
+        chosen = result.chosen
+        assert {t.forecaster for t in result.trials} == {"taylor", "hermite", "fitted"}
+        assert all(3 <= t.full_steps < steps for t in result.trials)
+        if "psnr" in ask:
+            assert chosen.psnr >= 25.0 or result.notes
+        config = result.config
+        assert config["full_at"] and config["reset_steps"] == []
+        chosen_out = case(3, num_inference_steps=steps)  # the pipeline is left on the choice
+        assert get_runtime(getattr(case.pipe, case.denoisers[0])).stats()["full_steps"] == chosen.full_steps
+        path = tmp_path / "tuned.json"
+        result.save(str(path))
+    finally:
+        restore_pipeline(case.pipe)
+    compile_pipeline(case.pipe, load_config(str(path)), compiler="eager")
+    try:
+        assert torch.equal(case(3, num_inference_steps=steps), chosen_out)
+    finally:
+        restore_pipeline(case.pipe)
+
+
+def test_tune_pipeline_rejects_what_it_cannot_tune():
+    case = build_pipeline("sd3")
+    with pytest.raises(ValueError, match="at least two calls"):
+        tune_pipeline(case.pipe, [case.kwargs(0)], psnr=30)
+    with pytest.raises(ValueError, match="same num_inference_steps"):
+        tune_pipeline(case.pipe, [dict(case.kwargs(0), num_inference_steps=8), dict(case.kwargs(1))], psnr=30)
+    compile_pipeline(case.pipe, policy="fora", compiler="eager")
+    try:
+        with pytest.raises(ValueError, match="policy 'taylor'"):
+            tune_pipeline(case.pipe, [dict(case.kwargs(s), num_inference_steps=8) for s in (0, 1)], psnr=30)
+    finally:
+        restore_pipeline(case.pipe)
