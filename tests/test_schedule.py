@@ -155,3 +155,22 @@ def test_a_sampler_time_fit_serves_other_step_counts_and_warns_outside_them():
             case(0, num_inference_steps=14)
     finally:
         restore_pipeline(case.pipe)
+
+
+def test_full_at_on_a_clock_without_timesteps_says_so_once(capture):
+    """A block frame whose scheduler lists no timesteps has no progress: full_at cannot place its
+    points, and the runtime says so (its warm-up and reset steps still run full)."""
+    from specdiff_fx import make_backend
+    from specdiff_fx.runtime.step_tracker import StepEvent
+    from specdiff_fx.testing.tiny_models import build_tiny
+
+    case = build_tiny("dit", layers=1)
+    gm, inputs = capture(case.model, case.make_inputs(batch=1, timestep=500.0))
+    runtime = make_backend(policy="fora", compiler="eager", full_at=(0.5,)).build_runtime(gm, inputs)
+    blind = [StepEvent(trajectory=0, step=s, slot=0, timestep=float("nan"), new_trajectory=s == 0, new_step=True)
+             for s in range(3)]
+    with pytest.warns(RuntimeWarning, match="full_at needs each call's timestep"):
+        assert runtime._progress(blind[0]) == (None, None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        assert runtime._progress(blind[1]) == (None, None)  # once

@@ -118,7 +118,7 @@ class ForecastRuntime(CachingRuntime):
                               "(a block compiled on its own whose scheduler has no timestep list): every step "
                               "runs full; use forecast_variable='step'", RuntimeWarning, stacklevel=4)
             valid = False
-        progress, previous = self.progress.at(event)
+        progress, previous = self._progress(event)
         self._check_fitted_range(event.step)
         if self.calibration is not None:
             self.calibration.note_step((id(self), event.trajectory), event.step)

@@ -269,7 +269,7 @@ class CachingRuntime:
         slot = self.slots[event.slot]
         use_cache = (
             REUSE in self.variants
-            and not self.schedule.is_full(event.step, *self.progress.at(event))
+            and not self.schedule.is_full(event.step, *self._progress(event))
             and slot.valid_for(event.trajectory)
         )
         kind = REUSE if use_cache else FULL
@@ -277,6 +277,18 @@ class CachingRuntime:
         if kind == FULL:
             slot.stamp(event.trajectory, event.step)
         return out, kind, None
+
+    def _progress(self, event) -> tuple[float | None, float | None]:
+        """This step's and the previous step's progress (runtime/schedule.py).  A schedule with
+        ``full_at`` on a clock without timesteps cannot place its points: said once, and its
+        other full steps (warm-up, interval, reset steps) still run."""
+        progress, previous = self.progress.at(event)
+        if progress is None and getattr(self.schedule, "full_at", ()) and "no progress" not in self._warned:
+            self._warned.add("no progress")
+            warnings.warn("specdiff: full_at needs each call's timestep to place its points, and this frame's clock "
+                          "has none (a block compiled on its own whose scheduler has no timestep list): only the "
+                          "warm-up, interval and reset steps run full", RuntimeWarning, stacklevel=5)
+        return progress, previous
 
     # ------------------------------------------------------------------ state
     def reset(self) -> None:

@@ -121,7 +121,7 @@ class TokenRuntime(CachingRuntime):
         fresh_trajectory = not slot.valid_for(event.trajectory)
         if fresh_trajectory:
             slot.invalidate()  # another trajectory's ring timesteps and draft: start afresh
-        progress, previous = self.progress.at(event)
+        progress, previous = self._progress(event)
         if (fresh_trajectory or self.schedule.is_full(event.step, progress, previous)
                 or not slot.policy_state.ring_timesteps):
             return self._full_step(args, event, slot, fresh_trajectory)
