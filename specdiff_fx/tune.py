@@ -42,7 +42,7 @@ from .config import SpecDiffConfig
 from .quality import psnr
 from .runtime.forecast_runtime import ForecastRuntime
 from .runtime.forecasters import FORECASTERS, tune_candidates
-from .runtime.schedule import FullStepSchedule, progress
+from .runtime.schedule import FullStepSchedule
 
 log = logging.getLogger("specdiff_fx")
 
@@ -317,12 +317,8 @@ def step_progress(target: Any, num_steps: int) -> list[float] | None:
     ``num_steps`` steps with timesteps."""
     for backend in _backends(target):
         for rt in backend.all_runtimes():
-            tracked = getattr(rt, "progress", None)
-            timesteps = dict(tracked.timesteps) if tracked is not None else {}
-            if isinstance(rt, ForecastRuntime) and sorted(timesteps) == list(range(num_steps)):
-                first, last = timesteps[0], timesteps[num_steps - 1]
-                rising = tracked.direction == "up" or (tracked.direction == "auto" and last > first)
-                return [progress(timesteps[s], first, rising) for s in range(num_steps)]
+            if isinstance(rt, ForecastRuntime) and sorted(rt.progress.timesteps) == list(range(num_steps)):
+                return rt.progress.steps()
     return None
 
 

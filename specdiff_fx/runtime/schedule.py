@@ -69,6 +69,13 @@ class TrajectoryProgress:
         first, last = min(self.timesteps), max(self.timesteps)
         return self.timesteps[last] > self.timesteps[first]
 
+    def steps(self) -> list[float]:
+        """The progress of each step of the current trajectory seen so far, in step order."""
+        if not self.timesteps:
+            return []
+        first, rising = self.timesteps[min(self.timesteps)], self._rising()
+        return [progress(self.timesteps[s], first, rising) for s in sorted(self.timesteps)]
+
     def at(self, event) -> tuple[float | None, float | None]:
         t = getattr(event, "timestep", None)
         if t is None or not math.isfinite(t):
