@@ -76,7 +76,7 @@ def fit_forecaster(target: Any, run: Callable[[], Any], *, ridge: float = 1e-6, 
     for backend in backends:
         backend.config = backend.config.replace(forecaster="fitted", forecaster_options=options)
     for rt in runtimes:
-        rt.forecaster, rt.forecaster_options = "fitted", dict(backend.config.forecaster_options)
+        rt.forecaster, rt.forecaster_options = "fitted", dict(options)
         rt.reset()
     log.info("specdiff: fitted forecast coefficients (%s): %s", "sampler time" if sampler_time else "per step", table)
     return table
