@@ -10,18 +10,22 @@ never an exception inside dynamo, never a silently wrong result.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import weakref
 from typing import Any, Callable, Sequence
 
 import torch
 import torch.fx as fx
+from torch._dynamo.exc import RestartAnalysis
 
+from .buffers import ShapeBinding, symbolic_inputs
 from .config import SpecDiffConfig
 from .passes import count_kinds, find_graph_inputs, find_residual_branches
 from .passes.collectives import has_collectives, output_group
 from .passes.prune_collectives import prune_dead_collectives
 from .passes.rank_partials import has_rank_partials, reduce_rank_partials
+from .passes.specialize import scalar_inputs, specialize_graph
 from .policies import POLICIES, BuildContext, UnsupportedGraph
 from .runtime import FULL, ClockFollower, PipelineClock, CachingRuntime, StepClock, warn_fallback
 
@@ -36,15 +40,6 @@ class NothingToCache(UnsupportedGraph):
     """A frame with no residual branches: no loss of caching when the model's other frames
     cache (Lumina2's and HiDream's frames around their graph breaks), so its warning waits
     for them (CachingRuntime.settle_fallback_warning)."""
-
-
-def _has_symbolic_shapes(example_inputs: Sequence[Any]) -> bool:
-    for x in example_inputs:
-        if isinstance(x, torch.SymInt):
-            return True
-        if isinstance(x, torch.Tensor) and any(isinstance(s, torch.SymInt) for s in x.shape):
-            return True
-    return False
 
 
 class SpecDiffBackend:
@@ -68,19 +63,57 @@ class SpecDiffBackend:
 
     # ----------------------------------------------------------------- dynamo entry
     def __call__(self, gm: fx.GraphModule, example_inputs: Sequence[Any], **_: Any) -> Callable:
+        policy = POLICIES[self.config.policy]
+        dynamic = _is_dynamic(gm, example_inputs)
+        if dynamic and not policy.shape_general:
+            # a policy that builds at static sizes serves a dynamic graph by specializing it at
+            # each call's sizes (passes/specialize.py): one dynamo graph, a build per new size
+            log.info("specdiff: a dynamic graph under policy %s: its variants are built at each call's sizes",
+                     policy.name)
+            return ShapeSpecialized(self, gm, example_inputs)
+        runtime = self._runtime_for(gm, example_inputs, quiet=dynamic)
+        if dynamic and runtime.fallback is not None and not runtime.pending_warning:
+            # variants that do not build at symbolic sizes (a size the rewrite cannot keep
+            # symbolic) are built at each call's sizes instead, never a loss of caching
+            log.info("specdiff: a dynamic graph the %s variants do not build on symbolically (%s): built at each "
+                     "call's sizes instead", policy.name, runtime.fallback)
+            return ShapeSpecialized(self, gm, example_inputs)
+        self._register(runtime, example_inputs)
+        return runtime
+
+    def _runtime_for(self, gm: fx.GraphModule, example_inputs: Sequence[Any], quiet: bool = False) -> CachingRuntime:
+        """The runtime of one graph, or a plain compile naming why not (never an exception,
+        save dynamo's own requests to trace again).  ``quiet``: the caller may still cache
+        another way, so a fallback's warning is the caller's to give."""
         try:
             runtime = self.build_runtime(gm, example_inputs)
             # inspection sees the variants as compiled (see _for_context_parallel)
             runtime.graphs = {name: g if name == "original" else _for_context_parallel(g)
                               for name, g in runtime.graphs.items()}
         except UnsupportedGraph as exc:
-            runtime = self._fallback(gm, example_inputs, str(exc), deferred=isinstance(exc, NothingToCache))
+            runtime = self._fallback(gm, example_inputs, str(exc), deferred=isinstance(exc, NothingToCache),
+                                     quiet=quiet and not isinstance(exc, NothingToCache))
+        except RestartAnalysis:
+            # dynamo's own control flow (Inductor asks it to trace again, e.g. with float inputs
+            # specialized), not a failure: it calls this backend again with the new graph
+            raise
         except Exception as exc:  # a bug of ours must not break the user's compile
-            runtime = self._fallback(gm, example_inputs, f"internal error {type(exc).__name__}: {exc}")
-        self._register(runtime, example_inputs)
+            runtime = self._fallback(gm, example_inputs, f"internal error {type(exc).__name__}: {exc}", quiet=quiet)
         log.info("specdiff: %s graph (%d nodes): %s", self.config.policy, len(gm.graph.nodes),
                  f"fallback: {runtime.fallback}" if runtime.fallback else
                  f"variants {sorted(runtime.variants)}, {runtime.info.get('branches', 0)} branches")
+        return runtime
+
+    def specialized_runtime(self, gm: fx.GraphModule, args: Sequence[Any]) -> CachingRuntime:
+        """The runtime of dynamic graph ``gm`` at the sizes of call ``args`` (ShapeSpecialized)."""
+        try:
+            static = specialize_graph(gm, args)
+        except Exception as exc:
+            runtime = self._fallback(gm, args, f"the dynamic graph could not be specialized at this call's sizes: "
+                                               f"{type(exc).__name__}: {exc}")
+        else:
+            runtime = self._runtime_for(static, args)
+        self._register(runtime, args)
         return runtime
 
     def build_runtime(self, gm: fx.GraphModule, example_inputs: Sequence[Any]) -> CachingRuntime:
@@ -88,9 +121,12 @@ class SpecDiffBackend:
         then the policy's own :meth:`~specdiff_fx.policies.Policy.build`."""
         cfg = self.config
         policy = POLICIES[cfg.policy]
-        if _has_symbolic_shapes(example_inputs):
-            raise UnsupportedGraph("symbolic shapes; compile with dynamic=False")
         inputs = self._graph_inputs(gm)
+        # A dynamic graph (docs/design.md, "Shape-general variants"): the variants are built and
+        # compiled on its placeholders' fake values, sizes symbolic; the runtime allocates
+        # buffers at each call's sizes, read where the binding says.
+        dynamic = _is_dynamic(gm, example_inputs)
+        variant_examples = _symbolic_fakes(gm, example_inputs) if dynamic else example_inputs
         common = dict(
             timestep_index=inputs.timestep_index,
             signature_indices=inputs.user_indices,
@@ -100,8 +136,9 @@ class SpecDiffBackend:
             cudagraphs=cfg.cudagraphs,
             latent_index=_latent_input_index(gm, inputs),
             pipeline_clock=self.pipeline_clock,
+            shape_binding=ShapeBinding.of(variant_examples) if dynamic else None,
         )
-        ctx = BuildContext(gm=gm, example_inputs=example_inputs, inputs=inputs, config=cfg, common=common,
+        ctx = BuildContext(gm=gm, example_inputs=variant_examples, inputs=inputs, config=cfg, common=common,
                            compile=self.compile, forecast_calibration=self.forecast_calibration)
         if not policy.needs_branches:
             return policy.build(ctx)
@@ -159,16 +196,18 @@ class SpecDiffBackend:
         return compile_fx(gm, _static_fakes(example_inputs), config_patches=dict(self.config.inductor_config) or None)
 
     def _fallback(self, gm: fx.GraphModule, example_inputs: Sequence[Any], reason: str,
-                  deferred: bool = False) -> CachingRuntime:
+                  deferred: bool = False, quiet: bool = False) -> CachingRuntime:
         try:  # a plain graph that has the timestep still counts the model's steps for its other graphs
-            timestep_index = None if _has_symbolic_shapes(example_inputs) else self._graph_inputs(gm).timestep_index
+            timestep_index = self._graph_inputs(gm).timestep_index
         except Exception:
             timestep_index = None
         # A frame without blocks (Lumina2's embedding frame, the frames around its graph break) is
         # no loss of caching when the model's other frames cache: they may compile after it, so the
         # runtime settles the warning at its next call (CachingRuntime.settle_fallback_warning).
-        if not deferred:
+        if not deferred and not quiet:
             warn_fallback(reason)
+        if quiet:  # the caller caches another way (a dynamic graph built at each call's sizes)
+            return CachingRuntime(policy=self.config.policy, variants={FULL: gm}, fallback=reason)
         runtime = CachingRuntime(
             policy=self.config.policy,
             variants={FULL: self.compile(gm, example_inputs)},
@@ -219,6 +258,40 @@ class SpecDiffBackend:
                 if runtime.param_ptrs & params or (not runtime.param_ptrs and not params):
                     found.append(runtime)
         return found
+
+
+class ShapeSpecialized:
+    """What dynamo gets for a dynamic graph under a policy that builds at static sizes
+    (``Policy.shape_general`` off: token-level specdiff; or variants that do not build at
+    symbolic sizes).  Each call's sizes and int inputs (both become literals in a
+    specialization), read where the graph's symbols come from (:class:`~specdiff_fx.buffers.ShapeBinding`), pick a runtime
+    built on the graph specialized at those sizes (passes/specialize.py); the latest
+    ``max_shapes`` are kept.  Dynamo sees one graph for every size, so its recompile limit is
+    never what stops caching; each new size costs one build (with Inductor, a compile) inside
+    the call that first brings it (docs/design.md, "Shape-general variants")."""
+
+    max_shapes = 8
+
+    def __init__(self, backend: SpecDiffBackend, gm: fx.GraphModule, example_inputs: Sequence[Any]) -> None:
+        from collections import OrderedDict
+
+        self.backend, self.gm = backend, gm
+        self.binding = ShapeBinding.of(_symbolic_fakes(gm, example_inputs)).each_once()
+        self.scalars = scalar_inputs(gm)  # Python scalars dynamo made inputs: folded in, so keyed on
+        self.runtimes: OrderedDict[tuple, CachingRuntime] = OrderedDict()
+        self.builds = 0
+
+    def __call__(self, *args: Any) -> Any:
+        key = (self.binding.key(args), tuple(args[i].item() for i in self.scalars))
+        runtime = self.runtimes.get(key)
+        if runtime is None:
+            self.builds += 1
+            runtime = self.runtimes[key] = self.backend.specialized_runtime(self.gm, args)
+            if len(self.runtimes) > self.max_shapes:  # the least recently served size goes
+                self.runtimes.popitem(last=False)
+        else:
+            self.runtimes.move_to_end(key)
+        return runtime(*args)
 
 
 class ModelRuntime:
@@ -319,6 +392,50 @@ def _static_fakes(example_inputs: Sequence[Any]) -> list[Any]:
             else x for x in example_inputs]
 
 
+def _is_dynamic(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> bool:
+    """Dynamo traced ``gm`` with symbolic sizes.  Its example inputs are the real tensors (a
+    graph whose sizes are all tensor sizes has no SymInt among them): the placeholders' fake
+    values say it."""
+    values = [n.meta.get("example_value", n.meta.get("val")) for n in gm.graph.find_nodes(op="placeholder")]
+    return symbolic_inputs(example_inputs) or symbolic_inputs([v for v in values if v is not None])
+
+
+def _symbolic_fakes(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> list[Any]:
+    """A dynamic graph's example inputs as fake tensors of the compile's fake mode, each of the
+    symbolic sizes dynamo traced it with (its placeholder's fake value, remade in that mode: the
+    two modes share one shape environment, so the symbols are the same): the variants' buffers
+    are made in the same mode, of sizes in the same symbols, so verification and Inductor see
+    one consistent set of sizes."""
+    from torch._guards import TracingContext
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    context = TracingContext.try_get()
+    if context is None or context.fake_mode is None:
+        raise UnsupportedGraph("a dynamic graph compiled outside dynamo's tracing context")
+    mode = context.fake_mode
+    placeholders = list(gm.graph.find_nodes(op="placeholder"))
+    out = []
+    for x, node in zip(example_inputs, placeholders):
+        value = node.meta.get("example_value", node.meta.get("val"))
+        if isinstance(x, torch.Tensor) and not (isinstance(x, FakeTensor) and x.fake_mode is mode):
+            if not isinstance(value, torch.Tensor):
+                raise UnsupportedGraph(f"input {node.name!r} of a dynamic graph has no fake value")
+            with mode:
+                x = torch.empty_strided(value.size(), value.stride(), dtype=value.dtype, device=value.device,
+                                        requires_grad=value.requires_grad)
+        elif isinstance(value, torch.SymInt):
+            x = value
+        out.append(x)
+    return out
+
+
+def _sizes(value: torch.Tensor) -> tuple[int, ...]:
+    """A fake value's sizes at the example call (a symbolic size's hint): a dynamic graph's output
+    may write a size another way than its input (``2*(s0//2)`` for ``s0``), equal all the same."""
+    return tuple(int(s.node.hint) if isinstance(s, torch.SymInt) and s.node.hint is not None else int(s)
+                 for s in value.shape)
+
+
 def _latent_input_index(gm: fx.GraphModule, inputs) -> int | None:
     """The user input the model's first output predicts for (the latents), if any."""
     output = next(iter(gm.graph.find_nodes(op="output")))
@@ -330,8 +447,8 @@ def _latent_input_index(gm: fx.GraphModule, inputs) -> int | None:
     candidates = []
     for i in inputs.user_indices:
         value = placeholders[i].meta.get("example_value")
-        if isinstance(value, torch.Tensor) and value.dim() == meta.dim() and value.shape[0] == meta.shape[0] \
-                and tuple(value.shape[2:]) == tuple(meta.shape[2:]):
+        if isinstance(value, torch.Tensor) and value.dim() == meta.dim() \
+                and _sizes(value)[0] == _sizes(meta)[0] and _sizes(value)[2:] == _sizes(meta)[2:]:
             candidates.append(i)
     named = [i for i in candidates if "encoder" not in placeholders[i].name]
     return (named or [None])[0]
@@ -347,6 +464,45 @@ specdiff_backend = SpecDiffBackend()
 """The backend with the default configuration; also registered as ``backend="specdiff"``."""
 
 
+def compile_in_place(module: torch.nn.Module, backend: SpecDiffBackend, *, fullgraph: bool = False,
+                     dynamic: bool | None = False) -> None:
+    """``module.compile(backend=backend, ...)``; for a dynamic compile, each call traced with
+    distinct size symbols for distinct sizes.
+
+    Why: dynamo gives two sizes that are equal in the first call one symbol ("duck sizing"), and
+    when the model then fixes one of them (a linear layer's input channels, 16) the other is
+    fixed too: a first request whose token count equals a channel count (a 64 x 64 px Qwen-Image
+    request, 16 tokens and 16 channels; a 64-token prompt beside 64 latent channels) compiles a
+    graph for that token count alone, and the next size a second one.  Sizes traced apart keep
+    the count of graphs at one per batch class whatever the first request was.
+
+    Python floats stay specialized, as in a static compile: traced as symbolic floats, dynamo
+    turns them into 0-dim float32 tensors, and a guidance scale or a scheduler's sigma
+    computed in float32 instead of Python's float64 changes the image in its last bits."""
+    if dynamic is not True:
+        module.compile(backend=backend, fullgraph=fullgraph, dynamic=dynamic)
+        return
+    # sizes dynamic from the first call, Python numbers as dynamo's automatic default (static
+    # until they change): dynamic=True would also trace every int argument as a symbol, and
+    # dynamo answers ``i in [s0]`` wrongly (SD3's skip-layer guidance, skip_layers=[0], then skips
+    # no layer: a wrong image without a word)
+    module.compile(backend=backend, fullgraph=fullgraph, dynamic=None)
+    from torch.fx.experimental import _config as shape_config
+
+    compiled = module._compiled_call_impl
+
+    @functools.wraps(compiled)
+    def call(*args: Any, **kwargs: Any) -> Any:
+        for value in (*args, *kwargs.values()):
+            if isinstance(value, torch.Tensor) and value.dim():
+                torch._dynamo.maybe_mark_dynamic(value, list(range(value.dim())))
+        with shape_config.patch(use_duck_shape=False), torch._dynamo.config.patch(specialize_float=True):
+            return compiled(*args, **kwargs)
+
+    call.specdiff_compiled = compiled
+    module._compiled_call_impl = call
+
+
 def backend_of(model: Any) -> SpecDiffBackend:
     """The specdiff backend a model was compiled with: ``torch.compile(model, backend=...)``
     (an OptimizedModule) or ``model.compile(backend=...)`` in place (what compile_pipeline does)."""
@@ -356,7 +512,9 @@ def backend_of(model: Any) -> SpecDiffBackend:
         callback = model.dynamo_ctx.callback
     elif isinstance(model, torch.nn.Module) and getattr(model, "_compiled_call_impl", None) is not None:
         # nn.Module.compile keeps torch.compile(self._call_impl); its dynamo context is in the closure
-        cells = getattr(model._compiled_call_impl, "__closure__", None) or ()
+        impl = model._compiled_call_impl
+        impl = getattr(impl, "specdiff_compiled", impl)  # compile_in_place's call around it
+        cells = getattr(impl, "__closure__", None) or ()
         contexts = [c.cell_contents for c in cells if isinstance(c.cell_contents, _TorchDynamoContext)]
         if not contexts:
             raise TypeError("could not find the backend of this in-place compiled module")

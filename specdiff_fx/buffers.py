@@ -6,15 +6,26 @@ over in that order, and inspect reports their shapes and memory.  One type for a
 means no field-by-field conversion between layers, and the runtime learns what a buffer
 holds from its ``role`` and ``ring`` position, never by parsing its name.
 
-Imports torch and the standard library only: ``passes`` and ``runtime`` both import it.
+Shapes may be symbolic.  A graph dynamo traced with dynamic shapes (``dynamic=True``, or a
+second size under automatic dynamic) serves every size with one compiled variant, so a
+buffer's shape is then a sympy expression of the graph's size symbols (``s0*s1//256`` image
+tokens), not a number: the passes write it down as such, the build compiles against fake
+buffers of the symbolic size (:attr:`BufferSpec.example_shape`), and the runtime allocates
+each buffer at the sizes of the call it serves (:class:`ShapeBinding` reads them off the
+call's inputs; docs/design.md, "Shape-general variants").  Comparing shapes never evaluates
+a symbolic size, so no pass adds a guard that would specialize the user's graph.
+
+Imports torch, sympy and the standard library only: ``passes`` and ``runtime`` both import it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+import sympy
 import torch
 
 
@@ -68,11 +79,14 @@ class BufferSpec:
 
     name: str
     role: BufferRole
-    shape: tuple[int, ...]
+    shape: tuple[int | sympy.Expr, ...]
     dtype: torch.dtype
     device: torch.device
     branch: str = ""
     ring: int | None = None
+    example_shape: tuple = field(default=(), compare=False, repr=False)
+    """A symbolic spec's shape as the graph's own SymInts, to build its fake example from
+    (module docstring); empty for a static spec."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.role, BufferRole):
@@ -87,5 +101,137 @@ class BufferSpec:
                              f"with it (role {self.role.value!r}, ring {self.ring!r})")
 
     @property
+    def symbolic(self) -> bool:
+        """The shape depends on the sizes of the call (a dynamic graph's buffer)."""
+        return any(not isinstance(s, int) for s in self.shape)
+
+    def at(self, sizes: dict) -> "BufferSpec":
+        """This spec at the sizes of one call (``sizes``: size symbol -> int, from
+        :meth:`ShapeBinding.sizes`); a static spec is returned as it is."""
+        if not self.symbolic:
+            return self
+        shape = tuple(s if isinstance(s, int) else _concrete(s, sizes, self.name) for s in self.shape)
+        return dataclasses.replace(self, shape=shape, example_shape=())
+
+    @property
     def nbytes(self) -> int:
-        return math.prod(int(s) for s in self.shape) * torch.empty((), dtype=self.dtype).element_size()
+        """Bytes of the buffer (a symbolic one: at the sizes it was built with)."""
+        sizes = self.example_shape if self.symbolic else self.shape
+        return math.prod(_hint(s) for s in sizes) * torch.empty((), dtype=self.dtype).element_size()
+
+
+# ----------------------------------------------------------------------------- symbolic sizes
+def dim_expr(size) -> int | sympy.Expr:
+    """One size as an int, or as the sympy expression of a symbolic size (never evaluated, so
+    reading it adds no guard)."""
+    if isinstance(size, torch.SymInt):
+        size = size.node.expr
+    if isinstance(size, sympy.Expr):
+        return int(size) if size.is_number else size
+    return int(size)
+
+
+def shape_exprs(shape) -> tuple[int | sympy.Expr, ...]:
+    """A shape as :func:`dim_expr` of each size: hashable, comparable without guards."""
+    return tuple(dim_expr(s) for s in shape)
+
+
+def symbolic_example(shape) -> tuple:
+    """``shape`` kept as the graph's SymInts for :attr:`BufferSpec.example_shape` where it is
+    symbolic; () where it is static (nothing to keep)."""
+    return tuple(shape) if any(isinstance(s, torch.SymInt) and not s.node.expr.is_number for s in shape) else ()
+
+
+def is_symbolic(shape) -> bool:
+    return any(not isinstance(s, int) for s in shape_exprs(shape))
+
+
+def same_shape(a, b) -> bool:
+    """Two shapes are the same for every size the graph serves: equal as written (a size
+    written two ways reads as different, which costs a branch, never a guard)."""
+    return shape_exprs(a) == shape_exprs(b)
+
+
+def symbolic_inputs(values) -> bool:
+    """Some input is a SymInt or a tensor with a symbolic size (dynamo traced a dynamic graph)."""
+    for x in values:
+        if isinstance(x, torch.SymInt):
+            return True
+        if isinstance(x, torch.Tensor) and any(isinstance(s, torch.SymInt) for s in x.shape):
+            return True
+    return False
+
+
+def _hint(size) -> int:
+    if isinstance(size, torch.SymInt):
+        return int(size.node.hint) if size.node.hint is not None else 1
+    return int(size)
+
+
+def _concrete(expr: sympy.Expr, sizes: dict, name: str) -> int:
+    value = sympy.sympify(expr.xreplace(sizes))
+    if not value.is_number:
+        missing = sorted(str(s) for s in value.free_symbols)
+        raise ValueError(f"buffer {name!r}: size {expr} needs {', '.join(missing)}, which no input of the call gives")
+    return int(value)
+
+
+@dataclass(frozen=True)
+class ShapeBinding:
+    """Where each size symbol of a dynamic graph is read at call time: ``(symbol, input index,
+    dim)``, dim None for a SymInt input.  Built from the graph's placeholders (their fake
+    values carry the symbols; every place a symbol appears), then narrowed by :meth:`only` to
+    one source per symbol the buffers use, read on every call (a few attribute reads)."""
+
+    sources: tuple[tuple[sympy.Symbol, int, int | None], ...]
+
+    @classmethod
+    def of(cls, example_values) -> "ShapeBinding":
+        """The binding of a graph whose placeholders' fake values are ``example_values``."""
+        found = []
+        for i, v in enumerate(example_values):
+            if isinstance(v, torch.SymInt):
+                e = v.node.expr
+                if isinstance(e, sympy.Symbol):
+                    found.append((e, i, None))
+            elif isinstance(v, torch.Tensor):
+                for d, s in enumerate(v.shape):
+                    e = s.node.expr if isinstance(s, torch.SymInt) else None
+                    if isinstance(e, sympy.Symbol):
+                        found.append((e, i, d))
+        return cls(tuple(found))
+
+    @property
+    def symbols(self) -> frozenset:
+        """Every symbol the binding can read."""
+        return frozenset(s for s, _, _ in self.sources)
+
+    def only(self, specs) -> "ShapeBinding":
+        """The binding of the symbols ``specs`` use, each read from a tensor's size where one
+        gives it (ValueError naming a size no input gives)."""
+        self.check(specs)
+        used = frozenset(sym for spec in specs for s in spec.shape if not isinstance(s, int) for sym in s.free_symbols)
+        return ShapeBinding(tuple(src for src in self.each_once().sources if src[0] in used))
+
+    def each_once(self) -> "ShapeBinding":
+        """One source per symbol, a tensor's size where one gives it."""
+        chosen: dict = {}
+        for sym, i, d in sorted(self.sources, key=lambda src: src[2] is None):
+            chosen.setdefault(sym, (sym, i, d))
+        return ShapeBinding(tuple(chosen.values()))
+
+    def sizes(self, args) -> dict:
+        """Each symbol's value in this call."""
+        return {sym: int(args[i]) if d is None else int(args[i].shape[d]) for sym, i, d in self.sources}
+
+    def key(self, args) -> tuple:
+        """The call's sizes as a tuple (a change means buffers of other sizes)."""
+        return tuple(int(args[i]) if d is None else int(args[i].shape[d]) for _, i, d in self.sources)
+
+    def check(self, specs) -> None:
+        """Every size symbol in ``specs`` is read from an input (ValueError naming the first one not)."""
+        for spec in specs:
+            for s in spec.shape:
+                if not isinstance(s, int) and not s.free_symbols <= self.symbols:
+                    raise ValueError(f"buffer {spec.name!r} has size {s}, and no input of the graph gives "
+                                     f"{', '.join(sorted(map(str, s.free_symbols - self.symbols)))}")

@@ -32,7 +32,7 @@ from typing import Any, Sequence
 
 import torch
 
-from .backend import SpecDiffBackend, backend_of, make_backend
+from .backend import SpecDiffBackend, backend_of, compile_in_place, make_backend
 from .config import SpecDiffConfig
 from .regional import compile_blocks, regional_config
 from .runtime import Draft, PipelineClock
@@ -68,13 +68,20 @@ def denoiser_names(pipe: Any) -> list[str]:
 
 
 def compile_pipeline(pipe: Any, config: SpecDiffConfig | None = None, *, denoisers: Sequence[str] | None = None,
-                     fullgraph: bool = False, dynamic: bool = False, regional: bool = False,
+                     fullgraph: bool = False, dynamic: bool | None = False, regional: bool = False,
                      **overrides: Any) -> Any:
     """Compile ``pipe``'s denoisers with specdiff and drive their caches from the pipeline's
     own clock.  ``config`` / ``overrides``: as for :func:`~specdiff_fx.make_backend`.
     ``denoisers``: component names (default: every diffusers transformer or UNet it holds).
     ``fullgraph`` stays False by default: some models break the graph in their own code
     (Lumina2, HiDream), and their frames still cache (docs/design.md, graph breaks).
+    ``dynamic=True`` serves many shapes: each denoiser compiles to a few graphs that serve every
+    image size, prompt length, frame count and batch size (one for batch 1, dynamo's 0/1
+    specialization; Python ints a model takes, like Qwen-Image's latent grid, add one each the
+    first time they change), every policy caching (docs/design.md, "Shape-general variants";
+    docs/pipelines.md, "Serving many shapes").  The default, ``dynamic=False``, compiles a
+    static graph per shape: faster where a process serves one shape, and it stops compiling
+    after dynamo's ``recompile_limit`` shapes (said by a warning).
     ``regional``: compile each repeated block class once (diffusers' ``_repeated_blocks``, or
     the blocks of the model's stacks) instead of the whole model -- a cold start a fraction as
     long; fora and taylor cache per block, on the pipeline's clock (docs/pipelines.md,
@@ -127,7 +134,7 @@ def compile_pipeline(pipe: Any, config: SpecDiffConfig | None = None, *, denoise
         if regional:
             targets = compile_blocks(module, backend, fullgraph=fullgraph, dynamic=dynamic)
         else:
-            module.compile(backend=backend, fullgraph=fullgraph, dynamic=dynamic)
+            compile_in_place(module, backend, fullgraph=fullgraph, dynamic=dynamic)
             targets = [module]
         caching.compiled.extend(targets)
         caching.backends[name] = backend

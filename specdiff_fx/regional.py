@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from .backend import SpecDiffBackend, make_backend
+from .backend import SpecDiffBackend, compile_in_place, make_backend
 from .config import SpecDiffConfig
 from .policies import POLICIES
 from .runtime import PipelineClock
@@ -79,7 +79,7 @@ def compile_blocks(model: torch.nn.Module, backend: SpecDiffBackend, *, fullgrap
     blocks = repeated_blocks(model)
     backend.regional = True
     for block in blocks:
-        block.compile(backend=backend, fullgraph=fullgraph, dynamic=dynamic)
+        compile_in_place(block, backend, fullgraph=fullgraph, dynamic=dynamic)
     log.info("specdiff: %d blocks of %s compiled on their own (%s)", len(blocks), type(model).__name__,
              ", ".join(sorted({type(b).__name__ for b in blocks})))
     return blocks

@@ -260,8 +260,8 @@ def test_caching_that_stops_at_the_recompile_limit_says_so_once(regional):
     """Past dynamo's recompile limit a frame runs eagerly, uncompiled and uncached, with one torch
     log line as its only sign; the pipeline's clock sees scheduler steps that reached no compiled
     graph and warns once, and report() counts them."""
-    case = build_pipeline("flux")
-    compile_pipeline(case.pipe, policy="fora", compiler="eager", regional=regional, **SCHEDULES["fora"])
+    case = build_pipeline("flux")  # static graphs (dynamic=False): a graph per size
+    compile_pipeline(case.pipe, policy="fora", compiler="eager", regional=regional, dynamic=False, **SCHEDULES["fora"])
     with torch._dynamo.config.patch(recompile_limit=2), warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for size in (64, 96):  # two graphs per code object: both compiled, both cache

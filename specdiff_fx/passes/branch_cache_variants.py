@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from ..buffers import BufferRole, BufferSpec
+from ..buffers import BufferRole, BufferSpec, shape_exprs, symbolic_example
 from .graph_copy import (
     add_static_input,
     copy_graph_module,
@@ -53,7 +53,7 @@ def _cache_specs(gm: fx.GraphModule, branches: list[ResidualBranch],
                 name=f"specdiff_cache_{i}",
                 role=BRANCH_CACHE,
                 branch=br.name,
-                shape=tuple(int(s) for s in meta.shape),
+                shape=shape_exprs(meta.shape), example_shape=symbolic_example(meta.shape),
                 dtype=cache_dtype if cache_dtype is not None and meta.dtype.is_floating_point else meta.dtype,
                 device=meta.device,
             )

@@ -42,7 +42,7 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
-from ..buffers import BufferRole, BufferSpec
+from ..buffers import BufferRole, BufferSpec, shape_exprs, symbolic_example
 from .rank_partials import RANK_PARTIAL
 from .graph_copy import (
     add_static_input,
@@ -104,7 +104,8 @@ def _term_specs(gm: fx.GraphModule, targets: list, order: int,
         for j in range(order + 1):
             specs.append(BufferSpec(
                 name=f"specdiff_taylor_{i}_{j}", role=TAYLOR_TERM, branch=target.name,
-                shape=tuple(int(s) for s in meta.shape), dtype=cache_dtype or meta.dtype, device=meta.device,
+                shape=shape_exprs(meta.shape), example_shape=symbolic_example(meta.shape),
+                dtype=cache_dtype or meta.dtype, device=meta.device,
             ))
     return specs
 

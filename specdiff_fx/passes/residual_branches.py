@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 import torch.fx as fx
 import torch.nn.functional as F
 
+from ..buffers import same_shape, shape_exprs
 from .graph_queries import (
     ancestors,
     descendants,
@@ -85,7 +86,7 @@ def _same_shape(*nodes: fx.Node) -> bool:
     metas = [tensor_meta(n) for n in nodes]
     if any(m is None for m in metas):
         return False
-    return all(tuple(m.shape) == tuple(metas[0].shape) for m in metas)
+    return all(same_shape(m.shape, metas[0].shape) for m in metas)
 
 
 def _inside(path: str, owner: str) -> bool:
@@ -251,7 +252,7 @@ def find_residual_branches(gm: fx.GraphModule, *, frame_root_adds: bool = False)
                 body=tuple(n.name for n in sorted(body, key=order.__getitem__)),
                 modules=tuple(sorted({p for p in (module_path_of(n) for n in body) if p})),
                 attention_nodes=tuple(n.name for n in sorted(attention, key=order.__getitem__)),
-                shape=tuple(meta.shape) if meta is not None else (),
+                shape=shape_exprs(meta.shape) if meta is not None else (),
             )
         )
     return branches

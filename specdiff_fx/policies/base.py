@@ -112,6 +112,11 @@ class Policy:
     compiled on their own (regional compilation, steps from the pipeline's clock).  Policies
     whose steps need the timestep or the whole stack leave it off."""
 
+    shape_general: ClassVar[bool] = True
+    """The policy builds its variants on a dynamic graph, buffers sized symbolically (one build
+    serves every size).  Off: the backend specializes a dynamic graph at each call's sizes and
+    builds on that static copy (passes/specialize.py), a build per new size."""
+
     def resolve(self, values: dict[str, Any]) -> None:
         """Cross-field rules and defaults that depend on other fields, on the config's values
         (a dict, changed in place) when this is the config's policy.  Raise ValueError or
@@ -165,17 +170,31 @@ def verify_variants(graphs: dict[str, tuple[fx.GraphModule, Sequence[Any]]], ori
         log.debug("specdiff: %s variant verified on fake tensors (%d nodes)", name, len(graph.graph.nodes))
 
 
-def example_buffer(spec: BufferSpec, num_tokens: int | None = None) -> torch.Tensor:
+def example_buffer(spec: BufferSpec, fake_mode: Any = None) -> torch.Tensor:
     """An example value of a variant's buffer input to compile with: zeros, or valid distinct
-    token positions for an index buffer."""
+    token positions for an index buffer; in a dynamic graph's fake mode (``fake_mode``) a fake
+    tensor, of its symbolic shape where it has one."""
+    if spec.symbolic and fake_mode is None:
+        raise UnsupportedGraph(f"buffer {spec.name!r} has a symbolic shape and the graph's inputs no fake mode")
+    if fake_mode is not None:  # a dynamic graph's: every buffer a fake of the graph's own mode
+        with fake_mode:
+            return _example(spec, spec.example_shape if spec.symbolic else spec.shape)
+    return _example(spec, spec.shape)
+
+
+def _example(spec: BufferSpec, shape: tuple) -> torch.Tensor:
     if spec.role == BufferRole.INDEX:
-        return torch.arange(spec.shape[1], device=spec.device).expand(spec.shape).contiguous()
-    return torch.zeros(spec.shape, dtype=spec.dtype, device=spec.device)
+        return torch.arange(shape[1], device=spec.device).expand(shape).contiguous()
+    return torch.zeros(shape, dtype=spec.dtype, device=spec.device)
 
 
 def with_buffers(example_inputs: Sequence[Any], specs: Sequence[BufferSpec]) -> list[Any]:
-    """The graph's example inputs followed by an example of each buffer."""
-    return list(example_inputs) + [example_buffer(s) for s in specs]
+    """The graph's example inputs followed by an example of each buffer (a dynamic graph's
+    example inputs are its placeholders' fake values, backend.py)."""
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    fake_mode = next((x.fake_mode for x in example_inputs if isinstance(x, FakeTensor)), None)
+    return list(example_inputs) + [example_buffer(s, fake_mode) for s in specs]
 
 
 CACHE_DTYPES = ("bfloat16", "float16", "float32")

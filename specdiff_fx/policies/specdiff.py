@@ -34,6 +34,7 @@ from .flops import count_flops
 
 class SpecDiff(Policy):
     name = "specdiff"
+    shape_general = False  # the subset size k and every N-dependent constant are re-evaluated at a call's N
     order = 3
     summary = "partial steps compute the most important tokens; the others follow their history"
     fields = (

@@ -16,7 +16,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from ..buffers import BufferSpec
+from ..buffers import BufferSpec, ShapeBinding
 from ..variants import FULL, REUSE
 from .cuda_graphs import CudaGraphVariant
 from .events import EventSource, event_source
@@ -34,13 +34,15 @@ so the bound is far above any model's block count; it only keeps modules that ar
 holding caches forever."""
 
 
-def _signature(args: Sequence[Any], indices: Sequence[int]) -> tuple:
+def _signature(args: Sequence[Any], indices: Sequence[int], tensors_only: bool = False) -> tuple:
+    """What a call's cached state is valid for.  A dynamic graph's Python numbers are inputs that
+    change per call (an int timestep, a guidance scale), not a new graph: ``tensors_only``."""
     sig = []
     for i in indices:
         a = args[i]
         if isinstance(a, torch.Tensor):
             sig.append((tuple(a.shape), a.dtype, a.device))
-        else:
+        elif not tensors_only:
             sig.append((type(a), a))
     return tuple(sig)
 
@@ -111,6 +113,7 @@ class CachingRuntime:
         cudagraphs: bool = False,
         latent_index: int | None = None,
         pipeline_clock: PipelineClock | None = None,
+        shape_binding: ShapeBinding | None = None,
     ) -> None:
         if FULL not in variants:
             raise ValueError("a runtime needs a 'full' variant")
@@ -129,6 +132,9 @@ class CachingRuntime:
         self.info = dict(info or {})
         self.graphs = dict(graphs or {})  # the FX graphs behind each variant, for inspection
         self.buffer_specs = list(buffer_specs)
+        # a dynamic graph's sizes, read off each call (buffers.py): buffers sized per call; only
+        # the sizes the buffers use (a SymInt input may be a timestep, not a size)
+        self.shape_binding = shape_binding.only(self.buffer_specs) if shape_binding is not None else None
         # the runtime-owned buffers each variant is called with (subclasses set their own)
         self._variant_specs = {name: self.buffer_specs if fallback is None else [] for name in self.variants}
         self.timestep_direction = timestep_direction
@@ -151,7 +157,9 @@ class CachingRuntime:
                                     if isinstance(x, torch.nn.Parameter) and x.data_ptr())
         self.siblings: dict[int, CachingRuntime] = {}
         self.root = self  # the runtime dynamo called; a sibling's root is the one it was made from
-        self._initial_signature = _signature(example_inputs, self.signature_indices) if example_inputs else None
+        # a dynamic graph's first call sets the sizes its buffers are allocated at
+        self._initial_signature = (_signature(example_inputs, self.signature_indices)
+                                   if example_inputs and shape_binding is None else None)
         self._warned: set[str] = set()
         # a fallback whose warning waits for the model's other frames: asked at the next call
         # whether any of them caches (backend._fallback); None: said already, or nothing to say
@@ -224,11 +232,16 @@ class CachingRuntime:
             return self.variants[FULL](*args)
         start = time.perf_counter()
         self._variant_seconds[0] = 0.0
-        sig = _signature(args, self.signature_indices)
+        sig = _signature(args, self.signature_indices, tensors_only=self.shape_binding is not None)
+        if self.shape_binding is not None:
+            sig = (sig, self.shape_binding.key(args))
         if sig != self._signature:
-            # Dynamo guards make this rare; with dynamic shapes it is the last line of defence.
+            # A static graph: dynamo's guards make this rare, the last line of defence.  A dynamic
+            # graph: another request's sizes, whose buffers are of other sizes.
             self._signature = sig
             self.invalidate()
+            if self.shape_binding is not None:
+                self.slots.sizes = self.shape_binding.sizes(args)
         event = self.events.event(self, args)
         if event is None:  # no step to place the call in (no leader's step, no pipeline trajectory)
             return self._run_uncached(args)

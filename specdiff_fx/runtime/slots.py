@@ -8,6 +8,9 @@ whatever the policy.  Every runtime keeps the same contract with it:
   wrote it; a cache is read only where ``valid_for`` the current trajectory, so a stale read
   (another trajectory, a previous input signature) cannot happen.  ``invalidate()`` forgets the
   stamp and starts the policy's state afresh; the buffers stay, unread until written again.
+* **Buffers at the call's sizes.**  A dynamic graph's specs are symbolic (buffers.py); a slot
+  allocates each at the sizes of the calls it serves (``sizes``, set by the runtime when a
+  call's sizes change, after which every slot is new).
 * **Buffers found by their BufferSpec.**  A variant is called with the buffers of the specs its
   pass described; ``buffers(specs)`` hands them in that order, each allocated (zeros) the first
   time it is asked for.  A buffer is one per name: the variants of a policy that name the same
@@ -41,6 +44,8 @@ def _zeros(spec: BufferSpec) -> torch.Tensor:
     return torch.zeros(spec.shape, dtype=spec.dtype, device=spec.device)
 
 
+
+
 def _ring_key(spec: BufferSpec) -> tuple:
     return tuple(spec.shape), spec.dtype, spec.branch
 
@@ -48,8 +53,11 @@ def _ring_key(spec: BufferSpec) -> tuple:
 class SlotState:
     """Buffers, trajectory stamp and policy state of one call slot (module docstring)."""
 
-    def __init__(self, index: int, policy_state: Callable[[], Any] | None = None) -> None:
+    def __init__(self, index: int, policy_state: Callable[[], Any] | None = None,
+                 sizes: dict | None = None) -> None:
         self.index = index
+        # a dynamic graph's sizes in the calls this slot serves (buffers.py: symbolic specs)
+        self.sizes = sizes if sizes is not None else {}
         self.trajectory: int | None = None
         self.step: int | None = None
         self._policy_state = policy_state
@@ -79,7 +87,7 @@ class SlotState:
             return self.ring(spec)[spec.ring]
         held = self._buffers.get(spec.name)
         if held is None:
-            held = self._buffers[spec.name] = (spec, _zeros(spec))
+            held = self._buffers[spec.name] = (spec, _zeros(spec.at(self.sizes)))
         elif held[0] is not spec and (held[0].shape != spec.shape or held[0].dtype != spec.dtype):
             raise ValueError(f"buffer {spec.name!r} asked for as {spec.shape} {spec.dtype}, "
                              f"held as {held[0].shape} {held[0].dtype}")
@@ -103,7 +111,7 @@ class SlotState:
         key = _ring_key(spec)
         ring = self._rings.get(key)
         if ring is None:
-            ring = self._rings[key] = [_zeros(spec) for _ in range(RING)]
+            ring = self._rings[key] = [_zeros(spec.at(self.sizes)) for _ in range(RING)]
         return ring
 
     def rotate_rings(self) -> None:
@@ -145,11 +153,14 @@ class Slots:
     def __init__(self, policy_state: Callable[[], Any] | None = None) -> None:
         self._policy_state = policy_state
         self._slots: dict[int, SlotState] = {}
+        self.sizes: dict = {}
+        """A dynamic graph's sizes (size symbol -> int) for the slots made from here on; the
+        runtime sets them, after :meth:`clear`, when a call comes with other sizes."""
 
     def __getitem__(self, index: int) -> SlotState:
         slot = self._slots.get(index)
         if slot is None:
-            slot = self._slots[index] = SlotState(index, self._policy_state)
+            slot = self._slots[index] = SlotState(index, self._policy_state, self.sizes)
         return slot
 
     def __len__(self) -> int:
