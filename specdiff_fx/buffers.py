@@ -142,10 +142,6 @@ def symbolic_example(shape) -> tuple:
     return tuple(shape) if any(isinstance(s, torch.SymInt) and not s.node.expr.is_number for s in shape) else ()
 
 
-def is_symbolic(shape) -> bool:
-    return any(not isinstance(s, int) for s in shape_exprs(shape))
-
-
 def same_shape(a, b) -> bool:
     """Two shapes are the same for every size the graph serves: equal as written (a size
     written two ways reads as different, which costs a branch, never a guard)."""
