@@ -23,6 +23,15 @@ What is measured, on the user's machine and calls:
 Candidates are *global* schedules: for each count of full steps, the warm-up plus the other
 full steps spread by a power law over the trajectory (gaps growing, even, or shrinking),
 not only fixed intervals.
+
+**Several step counts** (:class:`OtherSteps`, ``specdiff-fx tune --steps 28,20,50``): a
+schedule is placed in the sampler's time, so the same config runs at any step count, but its
+quality there is not the quality at the count it was chosen on (a forecast spans more steps at
+50, fewer at 20).  Each candidate is then also scored at the other counts, the ``fitted``
+forecaster is fitted on all of them pooled, and a trial's PSNR is its lowest over the counts:
+the choice holds at every count it was tuned for, and the runtime warns when a trajectory
+falls outside them.  Speed is requested at the first count; each count's predicted speed-up
+comes from its own step costs.
 """
 
 from __future__ import annotations
@@ -104,14 +113,24 @@ def candidate_schedules(num_steps: int, full_counts: Sequence[int], warmups: Seq
 
 
 @dataclass
+class StepCountScore:
+    """A trial at one of the step counts it is tuned on: full steps, predicted speed-up, PSNR."""
+
+    full_steps: int
+    predicted_speedup: float
+    psnr: float
+
+
+@dataclass
 class Trial:
     schedule: Schedule
     forecaster: str
     options: dict
     full_steps: int
     predicted_speedup: float
-    psnr: float
+    psnr: float  # tuned on several step counts: the lowest over them (each in ``at_steps``)
     measured_speedup: float | None = None  # timed against the uncached run (tune(timer=...))
+    at_steps: dict[int, StepCountScore] = field(default_factory=dict)  # every step count, when several
 
     def config(self) -> dict:
         """Backend keyword arguments (JSON-ready) of this trial."""
@@ -145,6 +164,25 @@ class StepCosts:
 
 
 @dataclass
+class OtherSteps:
+    """Another step count a tuned config must hold at: ``run(batches)`` samples the calibration
+    batches at ``num_steps`` steps through the tuned target, ``reference[i]`` is batch ``i``'s
+    uncached output at that count, ``costs`` the step costs measured there."""
+
+    num_steps: int
+    run: Callable[[Sequence[int]], torch.Tensor]
+    reference: Sequence[torch.Tensor]
+    costs: StepCosts
+
+
+def full_steps_at(schedule: Schedule, progress: Sequence[float]) -> int:
+    """How many of a trajectory's steps ``schedule`` makes full, the trajectory's steps at
+    ``progress`` through the noise schedule (two points the same step reaches make one)."""
+    rule = FullStepSchedule(schedule.warmup, None, () if schedule.at else schedule.full, full_at=schedule.at)
+    return sum(rule.is_full(i, p, progress[i - 1] if i else None) for i, p in enumerate(progress))
+
+
+@dataclass
 class TuneResult:
     chosen: Trial
     trials: list[Trial]
@@ -157,23 +195,35 @@ class TuneResult:
         return self.chosen.config()
 
     def save(self, path: str) -> None:
-        """The chosen configuration as JSON: ``make_backend(**load_config(path))``-ready."""
+        """The chosen configuration as JSON: ``make_backend(**load_config(path))``-ready.  Tuned
+        on several step counts, ``at_steps`` holds the choice's full steps, predicted speed-up
+        and PSNR at each (``psnr``: the lowest of them)."""
+        chosen = self.chosen
+        data = {"config": self.config, "request": self.request, "predicted_speedup": chosen.predicted_speedup,
+                "measured_speedup": chosen.measured_speedup, "psnr": chosen.psnr, "costs": asdict(self.costs)}
+        if chosen.at_steps:
+            data["at_steps"] = {str(m): asdict(s) for m, s in chosen.at_steps.items()}
         with open(path, "w") as f:
-            json.dump({"config": self.config, "request": self.request, "predicted_speedup": self.chosen.predicted_speedup,
-                       "measured_speedup": self.chosen.measured_speedup, "psnr": self.chosen.psnr,
-                       "costs": asdict(self.costs)}, f, indent=2)
+            json.dump(data, f, indent=2)
 
     def table(self) -> str:
         from tabulate import tabulate
 
         rows = sorted(self.trials, key=lambda t: (-t.predicted_speedup, -t.psnr))
-        return tabulate([[("*" if t is self.chosen else ""), str(t.schedule), t.forecaster, t.full_steps,
-                          f"{t.predicted_speedup:.2f}x",
-                          "-" if t.measured_speedup is None else f"{t.measured_speedup:.2f}x", f"{t.psnr:.2f}"]
-                         for t in rows],
-                        headers=["", "schedule", "forecaster", "full", "predicted", "measured", "PSNR dB"],
-                        tablefmt="github")
-
+        counts = list(next((t.at_steps for t in self.trials if t.at_steps), {}))
+        headers = ["", "schedule", "forecaster", "full", "predicted", "measured", "PSNR dB"]
+        if counts:
+            headers = headers[:-1] + [h for m in counts for h in (f"full@{m}", f"pred.@{m}", f"PSNR@{m}")] + [
+                "min PSNR dB"]
+        table = []
+        for t in rows:
+            row = [("*" if t is self.chosen else ""), str(t.schedule), t.forecaster, t.full_steps,
+                   f"{t.predicted_speedup:.2f}x", "-" if t.measured_speedup is None else f"{t.measured_speedup:.2f}x"]
+            for m in counts:
+                s = t.at_steps[m]
+                row += [s.full_steps, f"{s.predicted_speedup:.2f}x", f"{s.psnr:.2f}"]
+            table.append(row + [f"{t.psnr:.2f}"])
+        return tabulate(table, headers=headers, tablefmt="github")
 
 
 def load_config(path: str) -> SpecDiffConfig:
@@ -231,7 +281,8 @@ def tune(target: Any, run: Callable[[Sequence[int]], torch.Tensor], reference: S
          fit_batches: Sequence[int] = (0,), eval_batches: Sequence[int] = (1,),
          schedules: Sequence[Schedule] | None = None, full_counts: Sequence[int] | None = None,
          forecasters: Sequence[tuple[str, dict]] = DEFAULT_FORECASTERS,
-         timer: Callable[[], float] | None = None, timed: int = 4) -> TuneResult:
+         timer: Callable[[], float] | None = None, timed: int = 4,
+         other_steps: Sequence[OtherSteps] = ()) -> TuneResult:
     """Try schedules × forecasters on ``target`` (compiled with policy ``taylor``, lite) and
     choose: with ``speedup``, the best PSNR among trials predicted at least that fast (within
     ``SPEED_SLACK``); with
@@ -242,7 +293,10 @@ def tune(target: Any, run: Callable[[Sequence[int]], torch.Tensor], reference: S
 
     ``timer()``, if given, times ``target`` as configured against the uncached run and returns the
     measured speed-up; then up to ``timed`` leading candidates are timed (see the module
-    docstring) and the choice goes by measured speed."""
+    docstring) and the choice goes by measured speed.
+
+    ``other_steps``: more step counts every candidate is scored at (the module docstring); the
+    calls must carry timesteps (the schedule has to be placed in the sampler's time)."""
     if (speedup is None) == (min_psnr is None):
         raise ValueError("tune: ask for exactly one of speedup= or min_psnr=")
     if set(fit_batches) & set(eval_batches):
@@ -257,8 +311,25 @@ def tune(target: Any, run: Callable[[Sequence[int]], torch.Tensor], reference: S
         run(fit_batches)
         progress = step_progress(target, n)
     if progress is None:
+        if other_steps:
+            raise ValueError("tune: the calls carry no timesteps, so a schedule cannot be placed in the sampler's "
+                             "time and scored at other step counts; tune each step count on its own")
         log.warning("specdiff tune: the calls carry no timesteps to place the schedule in the sampler's time; "
                     "the chosen config is in step indices and holds at %d steps only", n)
+    others = []  # (other step count, its steps' progress, the reference of its evaluation batches)
+    for other in other_steps:
+        if other.num_steps == n or other.num_steps in [o.num_steps for o, _, _ in others]:
+            raise ValueError(f"tune: step count {other.num_steps} given twice")
+        configure(target, warmup_steps=other.num_steps, interval=0, reset_steps=(), full_at=(), forecaster="taylor",
+                  forecaster_options={})
+        other.run(fit_batches)  # all full: shows this count's timesteps
+        steps = step_progress(target, other.num_steps)
+        if steps is None:
+            raise ValueError(f"tune: no trajectory of {other.num_steps} steps with timesteps ran")
+        others.append((other, steps, torch.cat([other.reference[i] for i in eval_batches])))
+
+    def fit_runs() -> list[torch.Tensor]:
+        return [run(fit_batches)] + [o.run(fit_batches) for o, _, _ in others]
 
     def score(scheds: Sequence[Schedule]) -> None:
         for sched in scheds:
@@ -267,14 +338,22 @@ def tune(target: Any, run: Callable[[Sequence[int]], torch.Tensor], reference: S
             for name, options in forecasters:
                 configure(target, forecaster="taylor", forecaster_options={}, **sched.config())
                 if FORECASTERS[name].fitted:
-                    table = fit_forecaster(target, lambda: run(fit_batches), sampler_time=bool(sched.at))
+                    table = fit_forecaster(target, fit_runs, sampler_time=bool(sched.at))
                     options = ({"coefficients_at": table} if sched.at else
                                {"coefficients": {int(k): list(v) for k, v in table.items()}})
                 else:
                     configure(target, forecaster=name, forecaster_options=dict(options))
-                trials.append(Trial(sched, name, options, full, costs.speedup(full), psnr(run(eval_batches), want)))
-                log.info("specdiff tune: %s %s: %.2fx predicted, %.2f dB", sched, name,
-                         trials[-1].predicted_speedup, trials[-1].psnr)
+                trial = Trial(sched, name, options, full, costs.speedup(full), psnr(run(eval_batches), want))
+                if others:
+                    trial.at_steps[n] = StepCountScore(full, trial.predicted_speedup, trial.psnr)
+                    for other, steps, other_want in others:
+                        m_full = full_steps_at(sched, steps)
+                        trial.at_steps[other.num_steps] = StepCountScore(
+                            m_full, other.costs.speedup(m_full), psnr(other.run(eval_batches), other_want))
+                    trial.psnr = min(s.psnr for s in trial.at_steps.values())
+                trials.append(trial)
+                log.info("specdiff tune: %s %s: %.2fx predicted, %.2f dB%s", sched, name, trial.predicted_speedup,
+                         trial.psnr, " (lowest over the step counts)" if others else "")
 
     if schedules is not None:
         score(schedules)
@@ -298,6 +377,8 @@ def tune(target: Any, run: Callable[[Sequence[int]], torch.Tensor], reference: S
     else:
         request = {"min_psnr": min_psnr}
         chosen, notes = _choose_for_quality(target, trials, min_psnr, timer, timed)
+    if others:
+        request["steps"] = [n] + [o.num_steps for o, _, _ in others]
     _apply(target, chosen)
     return TuneResult(chosen, trials, costs, request, notes)
 

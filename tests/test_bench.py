@@ -274,3 +274,33 @@ def _default_args():
     parser = argparse.ArgumentParser()
     command.add_arguments(parser)
     return parser.parse_args([])
+
+
+def test_rows_are_scored_on_other_requests_against_the_baseline_on_the_same_request(tmp_path, capsys):
+    """--across-guidance / --across-batch-size: the same seeds at other CFG scales and one image
+    per call.  At the run's own CFG the score repeats the row's own PSNR (same seeds, same
+    batches), so the column is the row's images on that request and nothing else."""
+    from specdiff_fx.cli import main
+
+    out = tmp_path / "bench.json"
+    guidance = command._default_guidance()
+    rc = main(["bench", "--quick", "--compiler", "eager", "--seeds", "4", "--batch-size", "2", "--no-progress",
+               "--json", str(out), "--methods", "fora interval=2",
+               "--across-guidance", f"1.5,{guidance:g},5", "--across-batch-size", "1"])
+    assert rc == 0
+    base, fora = json.loads(out.read_text())
+    names = ["CFG 1.5", f"CFG {guidance:g}", "CFG 5", "batch 1"]
+    assert list(base["across"]) == names and all(v is None for v in base["across"].values())
+    assert list(fora["across"]) == names
+    assert fora["across"][f"CFG {guidance:g}"] == pytest.approx(fora["psnr"], abs=1e-9)
+    others = [fora["across"][n] for n in ("CFG 1.5", "CFG 5", "batch 1")]
+    assert all(isinstance(v, float) and 5 < v < 200 for v in others), fora["across"]
+    assert len({round(v, 6) for v in others}) == 3  # three requests, three different images
+    stdout = capsys.readouterr().out
+    assert "PSNR dB on other requests" in stdout and "batch 1" in stdout
+    parser = argparse.ArgumentParser()
+    command.add_arguments(parser)
+    with pytest.raises(ValueError, match="divide"):
+        command._resolve(parser.parse_args(["--quick", "--seeds", "4", "--across-batch-size", "3"]))
+    with pytest.raises(ValueError, match="> 0"):
+        command._resolve(parser.parse_args(["--quick", "--across-guidance", "0"]))

@@ -10,7 +10,10 @@ import torch
 from tiny_pipelines import build_pipeline
 
 from specdiff_fx import compile_pipeline, get_runtime, restore_pipeline, tune_pipeline
-from specdiff_fx.tune import SPEED_SLACK, Schedule, StepCosts, candidate_schedules, configure, load_config, tune
+from specdiff_fx.quality import psnr
+from specdiff_fx.tune import (
+    SPEED_SLACK, OtherSteps, Schedule, StepCosts, candidate_schedules, configure, full_steps_at, load_config, tune,
+)
 
 
 @pytest.mark.parametrize("steps", [12, 28, 50])
@@ -152,6 +155,59 @@ def test_quality_request_tries_counts_from_the_fewest_up_and_stops_one_past_it()
     restore_pipeline(case.pipe)
 
 
+def test_tune_on_several_step_counts_scores_every_candidate_at_each_and_keeps_the_lowest(tmp_path):
+    """One config for 10, 6 and 14 steps: each trial's PSNR at each count is what a run at that
+    count gives, its full steps are what the runtime does there, the choice meets the quality
+    request at every count, and the fitted forecaster is fitted on all three counts pooled."""
+    seeds = (0, 1, 2)
+    case = build_pipeline("sd3")
+    counts = {m: [case(s, num_inference_steps=m) for s in seeds] for m in (STEPS, 6, 14)}
+    compile_pipeline(case.pipe, policy="taylor", lite=True, compiler="eager")
+    runtime = lambda: get_runtime(getattr(case.pipe, case.denoisers[0]))  # noqa: E731
+
+    def run_at(m):
+        return lambda batches: torch.cat([case(seeds[i], num_inference_steps=m) for i in batches])
+
+    costs = {m: StepCosts(uncached=m / 10, all_full=1.02 * m / 10, one_full=0.12 + 0.01 * m, num_steps=m)
+             for m in counts}
+    others = [OtherSteps(m, run_at(m), counts[m], costs[m]) for m in (6, 14)]
+    result = tune(case.pipe, run_at(STEPS), counts[STEPS], costs[STEPS], fit_batches=[0], eval_batches=[1, 2],
+                  full_counts=[4, 5], min_psnr=25.0, other_steps=others)
+    for t in result.trials:
+        assert list(t.at_steps) == [STEPS, 6, 14]
+        assert t.psnr == min(s.psnr for s in t.at_steps.values())
+        assert t.at_steps[STEPS].full_steps == t.full_steps
+        assert t.at_steps[14].predicted_speedup == pytest.approx(costs[14].speedup(t.at_steps[14].full_steps))
+    chosen = result.chosen
+    assert chosen.psnr >= 25.0, result.table()
+    assert chosen.predicted_speedup == max(t.predicted_speedup for t in result.trials if t.psnr >= 25.0)
+    assert "PSNR@6" in result.table() and result.request == {"min_psnr": 25.0, "steps": [STEPS, 6, 14]}
+    # the target is left on the choice: at each count a run gives the recorded full steps and PSNR
+    for m, score in chosen.at_steps.items():
+        before = runtime().stats()["full_steps"]
+        out = run_at(m)([1, 2])
+        assert runtime().stats()["full_steps"] - before == 2 * score.full_steps, m
+        assert psnr(out, torch.cat(counts[m][1:])) == pytest.approx(score.psnr, abs=1e-9), m
+    path = tmp_path / "tuned.json"
+    result.save(str(path))
+    saved = json.loads(path.read_text())
+    assert set(saved["at_steps"]) == {"10", "6", "14"} and saved["psnr"] == chosen.psnr
+    if chosen.forecaster == "fitted":
+        assert saved["config"]["forecaster_options"]["coefficients_at"]["step_counts"] == [6, STEPS, 14]
+    with pytest.raises(ValueError, match="given twice"):
+        tune(case.pipe, run_at(STEPS), counts[STEPS], costs[STEPS], fit_batches=[0], eval_batches=[1], min_psnr=20.0,
+             other_steps=[OtherSteps(STEPS, run_at(STEPS), counts[STEPS], costs[STEPS])])
+    restore_pipeline(case.pipe)
+
+
+def test_full_steps_at_counts_the_steps_a_schedule_makes_full():
+    schedule = Schedule(2, (4, 6), (0.3, 0.5))
+    even = [i / 10 for i in range(10)]  # progress 0, 0.1, ..., 0.9: 0.3 at step 3, 0.5 at step 5
+    assert full_steps_at(schedule, even) == 4
+    assert full_steps_at(schedule, [0.0, 0.4, 0.8]) == 3  # both points reached by steps 1 and 2; warm-up 0, 1
+    assert full_steps_at(Schedule(2, (4, 6)), even) == 4  # in step indices
+
+
 def test_tune_refuses_unclear_requests():
     costs = StepCosts(1.0, 1.0, 0.1, 10)
     with pytest.raises(ValueError, match="exactly one"):
@@ -168,15 +224,16 @@ def test_tune_cli_on_the_reference_model(tmp_path):
     from specdiff_fx.cli import main
 
     out, report, png = tmp_path / "t.json", tmp_path / "t.md", tmp_path / "t.png"
-    rc = main(["tune", "--speedup", "1.5", "--steps", "8", "--seeds", "4", "--batch-size", "2", "--threads", "1",
+    rc = main(["tune", "--speedup", "1.5", "--steps", "8,6", "--seeds", "4", "--batch-size", "2", "--threads", "1",
                "--compiler", "eager", "--repeats", "1", "--full-counts", "4,5", "--out", str(out),
                "--report", str(report), "--plot", str(png)])
     assert rc == 0
     saved = json.loads(out.read_text())
     assert saved["config"]["policy"] == "taylor" and saved["config"]["warmup_steps"] >= 2
-    assert "PSNR dB" in report.read_text() and png.read_bytes()[:4] == b"\x89PNG"
+    assert "PSNR@6" in report.read_text() and png.read_bytes()[:4] == b"\x89PNG"
+    assert set(saved["at_steps"]) == {"8", "6"} and saved["psnr"] == min(s["psnr"] for s in saved["at_steps"].values())
     method = tuned_method(str(out))
-    assert method.label == "taylor-lite tuned speedup=1.5"
+    assert method.label == "taylor-lite tuned speedup=1.5, steps=[8, 6]"
 
 
 # ----------------------------------------------------------------------------- a user's own pipeline

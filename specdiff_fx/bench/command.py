@@ -15,7 +15,12 @@ classes).  Every row runs the same workload; the uncached baseline runs first, i
   real images from ``reference.data``;
 - peak memory (see ``metrics.peak_memory_mb``), compile seconds (the first sample call minus the
   same call warm),
-  dynamo recompilations (``metrics.CompileCounter``).
+  dynamo recompilations (``metrics.CompileCounter``);
+- with ``--across-guidance`` / ``--across-batch-size``: each row's PSNR on requests it was not
+  set up (or tuned) for, against the baseline on the same requests: the same seeds at other CFG
+  scales, and sampled at another batch size.  A config tuned at one CFG and batch can lose its
+  quality elsewhere; these columns say how far it travels.  They are measured after the timed
+  runs, so they never enter the speed-up.
 """
 
 from __future__ import annotations
@@ -35,12 +40,13 @@ from typing import Callable
 import torch
 
 from ..device_sync import synchronize as _sync
+from ..quality import psnr
 from .methods import COMPILERS, Method, Prepared, SkipMethod, StepCounts, Workload, make_groups
 
 ROW_KEYS = ("method", "label", "family", "status", "reason", "config", "speedup", "time_s", "times_s",
             "baseline_time_s", "baseline_times_s", "ms_per_image",
             "psnr", "ssim", "accuracy", "fd", "peak_mem_mb", "compile_s", "recompiles", "graphs",
-            "steps", "full_steps", "partial_steps", "identical_to_baseline", "info", "workload")
+            "steps", "full_steps", "partial_steps", "identical_to_baseline", "across", "info", "workload")
 CALIBRATION_SEED_OFFSET = 10_000
 REAL_DATA_SEED = 777
 
@@ -94,6 +100,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--batch-size", type=int, default=1,
                    help="images per sample() call (default 1; must divide --seeds)")
     g.add_argument("--guidance", type=float, help="CFG scale (default: reference.model.sample's default)")
+    g.add_argument("--across-guidance", type=_floats, default=[], metavar="LIST",
+                   help="also each row's PSNR with the same seeds at these CFG scales (e.g. 1.5,3,5), against the "
+                        "baseline at each: how far a config travels (not timed)")
+    g.add_argument("--across-batch-size", type=int, metavar="N",
+                   help="also each row's PSNR with the same seeds sampled N images per call (e.g. 1; with "
+                        "torch.compile a new input shape, so each row compiles once more; not timed)")
     g.add_argument("--repeats", type=int, help="timed repeats of the workload, median reported (default 3; quick 1)")
     g.add_argument("--threads", type=int,
                    help="torch threads, pinned (default 2; quick 1: on shared cores 2 threads can stall badly)")
@@ -183,6 +195,10 @@ def _resolve(args: argparse.Namespace) -> argparse.Namespace:
         raise ValueError(f"--seeds ({args.seeds}) must be a multiple of --batch-size ({args.batch_size})")
     if args.real_images < 2:
         raise ValueError("--real-images must be >= 2")
+    if any(g <= 0 for g in args.across_guidance):
+        raise ValueError("--across-guidance scales must be > 0")
+    if args.across_batch_size is not None and (args.across_batch_size < 1 or args.seeds % args.across_batch_size):
+        raise ValueError(f"--across-batch-size must be >= 1 and divide --seeds ({args.seeds})")
     return args
 
 
@@ -302,12 +318,44 @@ class Bench:
         self.real_features = features(real, self.classifier)
         self.counter = CompileCounter()
         self.reference: torch.Tensor | None = None
+        self.across = self._across_workloads(args, shape)
+        self.across_reference: dict[str, torch.Tensor] = {}
         # the paired baseline's own copy: third-party caches hook or patch the model they are given
         self.pair_transformer = copy.deepcopy(self.model.transformer)
         self.workload_info = dict(steps=args.steps, seeds=args.seeds, batch_size=args.batch_size,
                                   guidance=args.guidance, repeats=args.repeats, threads=args.threads,
                                   device=str(self.device), compiler=args.compiler,
                                   model=self.model_description, torch=torch.__version__)
+
+    def _across_workloads(self, args: argparse.Namespace, shape: tuple[int, ...]) -> dict[str, Workload]:
+        """The other requests each row is scored on, by column name: the run's seeds at each
+        ``--across-guidance`` scale, and at ``--across-batch-size`` images per call."""
+        import dataclasses
+
+        out = {f"CFG {g:g}": dataclasses.replace(self.workload, guidance_scale=g) for g in args.across_guidance}
+        if args.across_batch_size is not None:
+            groups = make_groups(args.seeds, args.across_batch_size, self.model.num_classes, shape)
+            out[f"batch {args.across_batch_size}"] = dataclasses.replace(self.workload, groups=groups)
+        return out
+
+    def _quality_across(self, prepared: Prepared, phase, is_baseline: bool) -> dict[str, float | None]:
+        """PSNR of the prepared method on each request of :attr:`across` against the baseline's
+        images of the same request (the baseline row records those; its own entries are None,
+        as are a row's on a request where its images equal the baseline's)."""
+        out: dict[str, float | None] = {}
+        for name, wl in self.across.items():
+            phase(f"quality at {name}")
+            images = []
+            for group in wl.groups:
+                with prepared.sample_context():
+                    images.append(wl.run_group(prepared.denoiser, group, prepared.callback).cpu())
+            images = torch.cat(images)
+            if is_baseline:
+                self.across_reference[name] = images
+                out[name] = None
+            else:
+                out[name] = _finite(psnr(images, self.across_reference[name]))
+        return out
 
     # ------------------------------------------------------------------ one row
     def run(self, method: Method, progress=None) -> dict:
@@ -427,6 +475,7 @@ class Bench:
         q = quality(images, self.reference, self.labels, self.real_features, self.classifier)
         if is_baseline:
             self.reference = images
+        across = self._quality_across(prepared, phase, is_baseline)
         trajectories = args.repeats * len(wl.groups)
         warm_images = sum(g[0].numel() for g in self.warmup_groups)
         info = {k: v for k, v in prepared.info().items() if v is not None}
@@ -454,6 +503,7 @@ class Bench:
             full_steps=_per_trajectory(counts, "full", trajectories, args.steps, method.family),
             partial_steps=counts.partial / trajectories if counts.steps else None,
             identical_to_baseline=q["psnr"] is not None and math.isinf(q["psnr"]),
+            across=across,
             info=info,
         )
         return row
@@ -498,6 +548,25 @@ def format_table(rows: list[dict]) -> str:
     headers = ["method", "config", "speed-up", "PSNR dB", "SSIM", "acc", "FD", "full steps",
                "peak MiB", "compile s", "recompiles"]
     return tabulate(table, headers=headers, maxcolwidths=[None, 48] + [None] * 9, disable_numparse=True)
+
+
+def format_across(rows: list[dict]) -> str:
+    """The rows' PSNR on the other requests (``--across-*``), one column per request; the
+    run's own request first, for comparison."""
+    from tabulate import tabulate
+
+    names = next((list(r["across"]) for r in rows if r["status"] == "ok" and r.get("across")), [])
+    if not names:
+        return ""
+    workload = rows[0]["workload"]
+    own = f"CFG {workload['guidance']:g}, batch {workload['batch_size']} (timed)"
+    table = []
+    for r in rows:
+        if r["status"] != "ok" or r["family"] == "baseline":
+            continue
+        own_psnr = "inf" if r["identical_to_baseline"] else _fmt(r["psnr"], ".2f")
+        table.append([r["label"], own_psnr] + [_fmt(r["across"].get(n), ".2f", "inf") for n in names])
+    return tabulate(table, headers=["method", own] + names, disable_numparse=True)
 
 
 def write_json(rows: list[dict], path: str) -> None:
@@ -558,6 +627,10 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(old_threads)
     print()
     print(format_table(rows))
+    across = format_across(rows)
+    if across:
+        print(f"\nPSNR dB on other requests (same seeds, against the baseline on the same request; not timed):\n"
+              f"{across}")
     notes = [r for r in rows if r["status"] != "ok"]
     if notes:
         print(f"\n{len(notes)} row(s) did not run; see their reason above.")
