@@ -84,12 +84,12 @@ class Recorder:
         return cache.clone()
 
 
-def make_runtime(**kw):
+def make_runtime(schedule=FullStepSchedule(1, 2), **kw):
     rec = Recorder()
     spec = BufferSpec("c0", "branch_cache", (2,), torch.float32, torch.device("cpu"))
     rt = CachingRuntime(
         policy="fora", variants={FULL: rec.full, REUSE: rec.reuse}, buffer_specs=[spec],
-        schedule=FullStepSchedule(1, 2), timestep_index=1, signature_indices=[0],
+        schedule=schedule, timestep_index=1, signature_indices=[0],
         example_inputs=[torch.ones(2), torch.tensor(1.0)], **kw,
     )
     return rt, rec
@@ -105,6 +105,25 @@ def test_runtime_follows_schedule_and_counts():
     assert (s["steps"], s["full_steps"], s["cached_steps"], s["trajectories"]) == (4, 3, 1, 1)
     assert [e["calls"] for e in s["plan"]] == [[FULL], [FULL], [REUSE], [FULL]]
     assert "latest trajectory" in rt.report()
+
+
+@pytest.mark.parametrize("warmup, length, warns", [
+    (3, 3, True),     # 3-step trajectories inside the warm-up: the inferred clock may be splitting a longer one
+    (14, 14, False),  # every step of 14-step trajectories full, as the schedule asks (a tuner's reference run)
+])
+def test_an_inferred_clock_that_caches_nothing_warns_unless_the_schedule_asked_for_it(warmup, length, warns):
+    import warnings
+
+    rt, rec = make_runtime(schedule=FullStepSchedule(warmup, None))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(5 if length == 3 else 2):
+            for t in range(length, 0, -1):
+                rt(torch.ones(2), torch.tensor(float(t)))
+        rt(torch.ones(2), torch.tensor(float(length)))  # the next trajectory's first call checks the last
+    said = [str(w.message) for w in caught if "none cached" in str(w.message)]
+    assert rt.clock_source == "inferred" and rt.stats()["cached_steps"] == 0 and set(rec.calls) == {FULL}
+    assert len(said) == (1 if warns else 0), said
 
 
 def test_runtime_never_reads_a_cache_from_another_signature():
