@@ -46,7 +46,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from .backend import SpecDiffBackend, backend_of
-from .calibrate import fit_forecaster
+from .calibrate import fit_forecaster, refine_forecaster
 from .config import SpecDiffConfig
 from .quality import psnr
 from .runtime.forecast_runtime import ForecastRuntime
@@ -131,6 +131,11 @@ class Trial:
     psnr: float  # tuned on several step counts: the lowest over them (each in ``at_steps``)
     measured_speedup: float | None = None  # timed against the uncached run (tune(timer=...))
     at_steps: dict[int, StepCountScore] = field(default_factory=dict)  # every step count, when several
+    refined: bool = False  # fitted, then refined on the final outputs (tune(refine=...))
+
+    @property
+    def forecaster_label(self) -> str:
+        return self.forecaster + (" (refined)" if self.refined else "")
 
     def config(self) -> dict:
         """Backend keyword arguments (JSON-ready) of this trial."""
@@ -201,6 +206,8 @@ class TuneResult:
         chosen = self.chosen
         data = {"config": self.config, "request": self.request, "predicted_speedup": chosen.predicted_speedup,
                 "measured_speedup": chosen.measured_speedup, "psnr": chosen.psnr, "costs": asdict(self.costs)}
+        if chosen.refined:
+            data["refined"] = True
         if chosen.at_steps:
             data["at_steps"] = {str(m): asdict(s) for m, s in chosen.at_steps.items()}
         with open(path, "w") as f:
@@ -217,7 +224,7 @@ class TuneResult:
                 "min PSNR dB"]
         table = []
         for t in rows:
-            row = [("*" if t is self.chosen else ""), str(t.schedule), t.forecaster, t.full_steps,
+            row = [("*" if t is self.chosen else ""), str(t.schedule), t.forecaster_label, t.full_steps,
                    f"{t.predicted_speedup:.2f}x", "-" if t.measured_speedup is None else f"{t.measured_speedup:.2f}x"]
             for m in counts:
                 s = t.at_steps[m]
@@ -282,7 +289,7 @@ def tune(target: Any, run: Callable[[Sequence[int]], torch.Tensor], reference: S
          schedules: Sequence[Schedule] | None = None, full_counts: Sequence[int] | None = None,
          forecasters: Sequence[tuple[str, dict]] = DEFAULT_FORECASTERS,
          timer: Callable[[], float] | None = None, timed: int = 4,
-         other_steps: Sequence[OtherSteps] = ()) -> TuneResult:
+         other_steps: Sequence[OtherSteps] = (), refine: int = 0) -> TuneResult:
     """Try schedules × forecasters on ``target`` (compiled with policy ``taylor``, lite) and
     choose: with ``speedup``, the best PSNR among trials predicted at least that fast (within
     ``SPEED_SLACK``); with
@@ -296,7 +303,13 @@ def tune(target: Any, run: Callable[[Sequence[int]], torch.Tensor], reference: S
     docstring) and the choice goes by measured speed.
 
     ``other_steps``: more step counts every candidate is scored at (the module docstring); the
-    calls must carry timesteps (the schedule has to be placed in the sampler's time)."""
+    calls must carry timesteps (the schedule has to be placed in the sampler's time).
+
+    ``refine``: the best ``refine`` fitted trials of each group of candidates scored together (a
+    full-step count, or ``schedules``) are refined on the fit batches' final outputs
+    (:func:`specdiff_fx.calibrate.refine_forecaster`), each a trial of its own, scored on the
+    evaluation batches like the rest.  It costs a few hundred cached runs of the fit batches
+    per refined trial."""
     if (speedup is None) == (min_psnr is None):
         raise ValueError("tune: ask for exactly one of speedup= or min_psnr=")
     if set(fit_batches) & set(eval_batches):
@@ -331,10 +344,28 @@ def tune(target: Any, run: Callable[[Sequence[int]], torch.Tensor], reference: S
     def fit_runs() -> list[torch.Tensor]:
         return [run(fit_batches)] + [o.run(fit_batches) for o, _, _ in others]
 
+    fit_reference = [torch.cat([reference[i] for i in fit_batches])] + [
+        torch.cat([o.reference[i] for i in fit_batches]) for o, _, _ in others]
+
+    def evaluate(sched: Schedule, name: str, options: dict, refined: bool = False) -> Trial:
+        """The target as configured, scored on the evaluation batches (at every step count)."""
+        full = sched.full_steps(n)
+        trial = Trial(sched, name, options, full, costs.speedup(full), psnr(run(eval_batches), want), refined=refined)
+        if others:
+            trial.at_steps[n] = StepCountScore(full, trial.predicted_speedup, trial.psnr)
+            for other, steps, other_want in others:
+                m_full = full_steps_at(sched, steps)
+                trial.at_steps[other.num_steps] = StepCountScore(
+                    m_full, other.costs.speedup(m_full), psnr(other.run(eval_batches), other_want))
+            trial.psnr = min(s.psnr for s in trial.at_steps.values())
+        log.info("specdiff tune: %s %s%s: %.2fx predicted, %.2f dB%s", sched, name, " (refined)" if refined else "",
+                 trial.predicted_speedup, trial.psnr, " (lowest over the step counts)" if others else "")
+        return trial
+
     def score(scheds: Sequence[Schedule]) -> None:
+        fitted: list[Trial] = []
         for sched in scheds:
             sched = sched.in_sampler_time(progress)
-            full = sched.full_steps(n)
             for name, options in forecasters:
                 configure(target, forecaster="taylor", forecaster_options={}, **sched.config())
                 if FORECASTERS[name].fitted:
@@ -343,17 +374,13 @@ def tune(target: Any, run: Callable[[Sequence[int]], torch.Tensor], reference: S
                                {"coefficients": {int(k): list(v) for k, v in table.items()}})
                 else:
                     configure(target, forecaster=name, forecaster_options=dict(options))
-                trial = Trial(sched, name, options, full, costs.speedup(full), psnr(run(eval_batches), want))
-                if others:
-                    trial.at_steps[n] = StepCountScore(full, trial.predicted_speedup, trial.psnr)
-                    for other, steps, other_want in others:
-                        m_full = full_steps_at(sched, steps)
-                        trial.at_steps[other.num_steps] = StepCountScore(
-                            m_full, other.costs.speedup(m_full), psnr(other.run(eval_batches), other_want))
-                    trial.psnr = min(s.psnr for s in trial.at_steps.values())
-                trials.append(trial)
-                log.info("specdiff tune: %s %s: %.2fx predicted, %.2f dB%s", sched, name, trial.predicted_speedup,
-                         trial.psnr, " (lowest over the step counts)" if others else "")
+                trials.append(evaluate(sched, name, options))
+                if FORECASTERS[name].fitted:
+                    fitted.append(trials[-1])
+        for t in sorted(fitted, key=lambda t: -t.psnr)[:refine]:
+            _apply(target, t)
+            options = refine_forecaster(target, fit_runs, fit_reference)
+            trials.append(evaluate(t.schedule, t.forecaster, options, refined=True))
 
     if schedules is not None:
         score(schedules)
@@ -379,6 +406,8 @@ def tune(target: Any, run: Callable[[Sequence[int]], torch.Tensor], reference: S
         chosen, notes = _choose_for_quality(target, trials, min_psnr, timer, timed)
     if others:
         request["steps"] = [n] + [o.num_steps for o, _, _ in others]
+    if refine:
+        request["refine"] = refine
     _apply(target, chosen)
     return TuneResult(chosen, trials, costs, request, notes)
 

@@ -12,7 +12,8 @@ from tiny_pipelines import build_pipeline
 from specdiff_fx import compile_pipeline, get_runtime, restore_pipeline, tune_pipeline
 from specdiff_fx.quality import psnr
 from specdiff_fx.tune import (
-    SPEED_SLACK, OtherSteps, Schedule, StepCosts, candidate_schedules, configure, full_steps_at, load_config, tune,
+    SPEED_SLACK, OtherSteps, Schedule, StepCosts, _apply, candidate_schedules, configure, full_steps_at, load_config,
+    tune,
 )
 
 
@@ -279,3 +280,60 @@ def test_tune_pipeline_rejects_what_it_cannot_tune():
             tune_pipeline(case.pipe, [dict(case.kwargs(s), num_inference_steps=8) for s in (0, 1)], psnr=30)
     finally:
         restore_pipeline(case.pipe)
+
+
+# ----------------------------------------------------------------------------- refining the fit on the images
+@pytest.mark.parametrize("sampler_time", [False, True])
+def test_refine_forecaster_lowers_the_output_error_and_leaves_the_target_on_its_table(sampler_time):
+    """Refinement searches the fitted table on the final outputs of the calibration calls: the
+    error of those outputs falls (never rises), the target runs the returned table, and the
+    table keeps its form (per step, or in the sampler's time)."""
+    from specdiff_fx import fit_forecaster, refine_forecaster
+
+    case, reference, run = _setup()
+    configure(case.pipe, warmup_steps=2, interval=0, reset_steps=(5,), full_at=())
+    fit_forecaster(case.pipe, lambda: run([0, 1]), sampler_time=sampler_time)
+    want = torch.cat(reference[:2])
+    before = float(torch.mean((run([0, 1]) - want) ** 2))
+    runtime = get_runtime(getattr(case.pipe, case.denoisers[0]))
+    fitted = dict(runtime.forecaster_options)
+    options = refine_forecaster(case.pipe, lambda: run([0, 1]), want, sweeps=2)
+    after = float(torch.mean((run([0, 1]) - want) ** 2))
+    assert after < before, (before, after)
+    assert set(options) == set(fitted) == {"coefficients_at" if sampler_time else "coefficients"}
+    assert runtime.stats()["forecaster"] == "fitted" and runtime.forecaster_options == options != fitted
+    restore_pipeline(case.pipe)
+
+
+def test_refine_forecaster_needs_a_fitted_forecaster():
+    from specdiff_fx import refine_forecaster
+
+    case, reference, run = _setup()
+    run([0])
+    with pytest.raises(ValueError, match="fit_forecaster first"):
+        refine_forecaster(case.pipe, lambda: run([0]), reference[0])
+    restore_pipeline(case.pipe)
+
+
+def test_tune_refines_the_best_fitted_trials_as_trials_of_their_own(tmp_path):
+    case, reference, run = _setup()
+    costs = StepCosts(uncached=1.0, all_full=1.02, one_full=0.12, num_steps=STEPS)
+    result = tune(case.pipe, run, reference, costs, fit_batches=[0], eval_batches=[1, 2], full_counts=[4],
+                  forecasters=(("fitted", {}),), min_psnr=99.0, refine=1)
+    refined = [t for t in result.trials if t.refined]
+    plain = [t for t in result.trials if not t.refined]
+    assert len(refined) == 1 and refined[0].schedule == max(plain, key=lambda t: t.psnr).schedule
+    source = next(t for t in plain if t.schedule == refined[0].schedule)
+    assert refined[0].options != source.options and refined[0].forecaster == "fitted"
+    assert "fitted (refined)" in result.table() and result.request["refine"] == 1
+    # a refined choice saves a config that reproduces it
+    result.chosen = refined[0]
+    _apply(case.pipe, refined[0])
+    chosen_out = run([1])
+    path = tmp_path / "refined.json"
+    result.save(str(path))
+    assert json.loads(path.read_text())["refined"] is True
+    restore_pipeline(case.pipe)
+    compile_pipeline(case.pipe, load_config(str(path)), compiler="eager")
+    assert torch.equal(run([1]), chosen_out)
+    restore_pipeline(case.pipe)

@@ -229,10 +229,13 @@ def tuned_method(path: str, regional: bool = False) -> Method:
         saved = json.load(f)
     cfg = dict(saved["config"])
     request = ", ".join(f"{k}={v}" for k, v in saved.get("request", {}).items())
-    full = ",".join(map(str, cfg.get("reset_steps", [])))
+    if cfg.get("full_at"):  # in the sampler's time: progress points
+        full = "full_at=" + ",".join(f"{p:g}" for p in cfg["full_at"])
+    else:
+        full = "full=" + ",".join(map(str, cfg.get("reset_steps", [])))
     label = f"taylor-lite{'-regional' if regional else ''} tuned {request}"
-    config = (f"specdiff-fx tune {request} ({os.path.basename(path)}): warmup={cfg.get('warmup_steps')} full={full} "
-              f"forecaster={cfg.get('forecaster')}")
+    config = (f"specdiff-fx tune {request} ({os.path.basename(path)}): warmup={cfg.get('warmup_steps')} {full} "
+              f"forecaster={cfg.get('forecaster')}" + (" (refined)" if saved.get("refined") else ""))
     name = "taylor-lite-regional-tuned" if regional else "taylor-lite-tuned"
     return _backend_method(name, label, config, regional=regional, **cfg)
 

@@ -46,6 +46,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--timed", type=int, default=4,
                         help="leading candidates timed against the uncached run before choosing (default 4; 0: "
                              "choose by the step-cost model alone)")
+    parser.add_argument("--refine", type=int, default=0, metavar="N",
+                        help="refine the N best fitted candidates of each full-step count on the fit images' final "
+                             "outputs (specdiff_fx.calibrate.refine_forecaster; a few hundred cached runs each; "
+                             "default 0)")
     parser.add_argument("--out", default="tuned.json", help="where to save the chosen config (default tuned.json)")
     parser.add_argument("--report", metavar="PATH", help="write the trials as a Markdown table")
     parser.add_argument("--plot", metavar="PATH", help="write the trials' speed/PSNR plot as PNG")
@@ -112,7 +116,8 @@ def run(args: argparse.Namespace) -> int:
     result = tune(target, lambda batches: sample_with(target, batches), reference, costs,
                   speedup=args.speedup, min_psnr=args.psnr, fit_batches=range(half),
                   eval_batches=range(half, len(groups)), full_counts=counts,
-                  timer=None if args.timed == 0 else timer, timed=args.timed, other_steps=others)
+                  timer=None if args.timed == 0 else timer, timed=args.timed, other_steps=others,
+                  refine=args.refine)
     print(f"model: {description}; {','.join(map(str, args.steps))} steps, {args.seeds} calibration images "
           f"(seeds {TUNE_SEED_OFFSET}+), threads {args.threads}, compiler {args.compiler}")
     for c in [costs] + [o.costs for o in others]:
@@ -123,7 +128,7 @@ def run(args: argparse.Namespace) -> int:
         print("note:", note)
     chosen = result.chosen
     measured = "" if chosen.measured_speedup is None else f", measured {chosen.measured_speedup:.2f}x"
-    print(f"\nchosen: {chosen.schedule} forecaster={chosen.forecaster}: predicted {chosen.predicted_speedup:.2f}x"
+    print(f"\nchosen: {chosen.schedule} forecaster={chosen.forecaster_label}: predicted {chosen.predicted_speedup:.2f}x"
           f"{measured}, {chosen.psnr:.2f} dB on the scoring images")
     for m, score in chosen.at_steps.items():
         print(f"  at {m} steps: {score.full_steps} full, predicted {score.predicted_speedup:.2f}x, {score.psnr:.2f} dB")
