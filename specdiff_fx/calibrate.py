@@ -116,6 +116,9 @@ def _table_values(options: dict) -> tuple[list[float], Callable[[list[float]], d
     return values, build
 
 
+MAX_MOVES = 8  # moves of one value in one direction per sweep (refine_forecaster)
+
+
 def refine_forecaster(target: Any, run: Callable[[], Any], reference: Any, *, sweeps: int = 4,
                       first_step: float = 0.5) -> dict:
     """Refine the ``fitted`` forecaster ``target`` runs (after :func:`fit_forecaster`) on the final
@@ -157,17 +160,17 @@ def refine_forecaster(target: Any, run: Callable[[], Any], reference: Any, *, sw
     for _ in range(sweeps):
         for i in range(len(values)):
             for sign in (1.0, -1.0):
-                moved = False
-                while True:
+                moves = 0
+                while moves < MAX_MOVES:  # each move grows with |x|: bounded, as a diverging table is
                     trial = list(values)
                     trial[i] += sign * d * max(abs(values[i]), 0.5)
-                    e = error(trial)
+                    e = error(trial)  # NaN (a diverging forecast) is never kept
                     trials += 1
                     if not e < best:
                         break
-                    values, best, moved = trial, e, True
-                if moved:
-                    break  # this direction helped: the other cannot from here
+                    values, best, moves = trial, e, moves + 1
+                if moves:
+                    break  # this way helped; the other way is tried again next sweep
         d /= 2
     options = build(values)
     point(options)
