@@ -314,6 +314,8 @@ def tune(target: Any, run: Callable[[Sequence[int]], torch.Tensor], reference: S
         raise ValueError("tune: ask for exactly one of speedup= or min_psnr=")
     if set(fit_batches) & set(eval_batches):
         raise ValueError("tune: fit and evaluation batches must differ (a fit scored on its own data flatters it)")
+    if refine < 0:
+        raise ValueError(f"tune: refine must be >= 0 (fitted trials to refine per group), got {refine}")
     n = costs.num_steps
     want = torch.cat([reference[i] for i in eval_batches])
     trials: list[Trial] = []

@@ -217,6 +217,8 @@ def test_tune_refuses_unclear_requests():
         tune(None, None, [], costs, speedup=2.0, min_psnr=30.0)
     with pytest.raises(ValueError, match="must differ"):
         tune(None, None, [], costs, speedup=2.0, fit_batches=[0], eval_batches=[0])
+    with pytest.raises(ValueError, match="refine must be >= 0"):
+        tune(None, None, [], costs, speedup=2.0, refine=-1)
 
 
 @pytest.mark.slow
