@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 import logging
+import re
 import weakref
 from typing import Any, Callable, Sequence
 
@@ -276,7 +278,14 @@ class ShapeSpecialized:
         from collections import OrderedDict
 
         self.backend, self.gm = backend, gm
-        self.binding = ShapeBinding.of(_symbolic_fakes(gm, example_inputs)).each_once()
+        # keyed on every symbol the graph computes with: a SymInt input no node uses is left
+        # out (the storage offset of ``t = scheduler.timesteps[i]``, another each step, would
+        # otherwise build a runtime per step: an img2img call started at step 2 is traced with
+        # it symbolic)
+        placeholders = list(gm.graph.find_nodes(op="placeholder"))
+        binding = ShapeBinding.of(_symbolic_fakes(gm, example_inputs)).each_once()
+        self.binding = ShapeBinding(tuple(src for src in binding.sources
+                                          if src[2] is not None or placeholders[src[1]].users))
         self.scalars = scalar_inputs(gm)  # Python scalars dynamo made inputs: folded in, so keyed on
         self.runtimes: OrderedDict[tuple, CachingRuntime] = OrderedDict()
         self.builds = 0
@@ -467,40 +476,104 @@ specdiff_backend = SpecDiffBackend()
 def compile_in_place(module: torch.nn.Module, backend: SpecDiffBackend, *, fullgraph: bool = False,
                      dynamic: bool | None = False) -> None:
     """``module.compile(backend=backend, ...)``; for a dynamic compile, each call traced with
-    distinct size symbols for distinct sizes.
+    distinct size symbols for distinct sizes, and the call's size ints symbolic from the start.
 
-    Why: dynamo gives two sizes that are equal in the first call one symbol ("duck sizing"), and
-    when the model then fixes one of them (a linear layer's input channels, 16) the other is
-    fixed too: a first request whose token count equals a channel count (a 64 x 64 px Qwen-Image
-    request, 16 tokens and 16 channels; a 64-token prompt beside 64 latent channels) compiles a
-    graph for that token count alone, and the next size a second one.  Sizes traced apart keep
-    the count of graphs at one per batch class whatever the first request was.
+    Why each choice of a dynamic compile:
 
-    Python floats stay specialized, as in a static compile: traced as symbolic floats, dynamo
-    turns them into 0-dim float32 tensors, and a guidance scale or a scheduler's sigma
-    computed in float32 instead of Python's float64 changes the image in its last bits."""
+    * Tensor sizes (of tensors in tuples, lists and dicts too) are dynamic from the first call
+      and traced apart (no "duck sizing"): dynamo
+      gives two sizes that are equal in the first call one symbol, and when the model then fixes
+      one of them (a linear layer's input channels, 16) the other is fixed too: a first request
+      whose token count equals a channel count (a 64 x 64 px Qwen-Image request, 16 tokens and
+      16 channels) compiles a graph for that token count alone, and the next size a second one.
+    * Ints that are arguments of their own or sit in tuples (Qwen-Image's ``img_shapes``, a
+      list of ``(frames, height, width)``; LTX's ``num_frames``/``height``/``width``) are sizes:
+      symbolic from the first call (:func:`size_int_sources`).  Left to dynamo's automatic
+      default they are traced as constants until they change, one int at a time, and each
+      change compiles one more graph; with the token count tied to them, the first graph is
+      also specialized to its token count.
+    * Every other int (in a list, a dict, an attribute) stays a constant, as in a static
+      compile: a new value compiles a new graph.  Dynamo 2.13 answers ``i in [s0]`` wrongly
+      when ``s0`` is a symbolic int (SD3's skip-layer guidance, ``skip_layers=[0]`` traced as
+      ``[s0]``, then skips no layer: a wrong image without a word), so a list of ints must
+      never become symbolic, which dynamo's automatic default would make it on its second value.
+    * Python floats stay specialized: traced as symbolic floats, dynamo turns them into 0-dim
+      float32 tensors, and a guidance scale or a scheduler's sigma computed in float32 instead
+      of Python's float64 changes the image in its last bits."""
     if dynamic is not True:
         module.compile(backend=backend, fullgraph=fullgraph, dynamic=dynamic)
         return
-    # sizes dynamic from the first call, Python numbers as dynamo's automatic default (static
-    # until they change): dynamic=True would also trace every int argument as a symbol, and
-    # dynamo answers ``i in [s0]`` wrongly (SD3's skip-layer guidance, skip_layers=[0], then skips
-    # no layer: a wrong image without a word)
     module.compile(backend=backend, fullgraph=fullgraph, dynamic=None)
     from torch.fx.experimental import _config as shape_config
 
     compiled = module._compiled_call_impl
+    try:
+        parameters = list(inspect.signature(module.forward).parameters)
+    except (TypeError, ValueError):
+        parameters = []
 
     @functools.wraps(compiled)
     def call(*args: Any, **kwargs: Any) -> Any:
-        for value in (*args, *kwargs.values()):
-            if isinstance(value, torch.Tensor) and value.dim():
+        for value in _nested_tensors((*args, *kwargs.values())):
+            if value.dim():
                 torch._dynamo.maybe_mark_dynamic(value, list(range(value.dim())))
-        with shape_config.patch(use_duck_shape=False), torch._dynamo.config.patch(specialize_float=True):
+        sources = ",".join(size_int_sources(args, kwargs, parameters))
+        with shape_config.patch(use_duck_shape=False), \
+                torch._dynamo.config.patch(specialize_float=True, specialize_int=True), \
+                torch.compiler.config.patch(dynamic_sources=sources):
             return compiled(*args, **kwargs)
 
     call.specdiff_compiled = compiled
     module._compiled_call_impl = call
+
+
+def _nested_tensors(value: Any):
+    """The tensors in ``value``, however nested in tuples, lists and dicts (a block's
+    ``image_rotary_emb=(cos, sin)``: sized by the token count like the hidden states)."""
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, (tuple, list)):
+        for item in value:
+            yield from _nested_tensors(item)
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from _nested_tensors(item)
+
+
+def size_int_sources(args: Sequence[Any], kwargs: dict[str, Any], parameters: Sequence[str] = ()) -> list[str]:
+    """Patterns for ``torch.compiler.config.dynamic_sources`` naming a call's size ints: ints
+    passed as arguments of their own and ints inside tuples, however nested (in lists, dicts,
+    tuples).  Ints in lists, sets or dicts that are not inside a tuple are indices or options
+    (``skip_layers=[7, 8]``) and are left out (compile_in_place says why).
+
+    Dynamo names a frame's inputs after the frame's locals: ``L['img_shapes'][0][0][1]`` in a
+    plain ``forward``, ``L['kwargs']['img_shapes'][0][0][1]`` in a decorated one (diffusers'
+    LoRA-scale wrapper), ``L['args'][2]`` for a positional one there; each pattern matches the
+    path at the end of any such name."""
+    out: list[str] = []
+
+    def walk(value: Any, path: str, top: bool, in_tuple: bool) -> None:
+        if type(value) is int:
+            if top or in_tuple:
+                out.append(f".*{re.escape(path)}$")
+        elif isinstance(value, tuple):
+            for i, item in enumerate(value):
+                walk(item, f"{path}[{i}]", False, True)
+        elif isinstance(value, list):
+            for i, item in enumerate(value):
+                walk(item, f"{path}[{i}]", False, in_tuple)
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                if isinstance(key, str) and key.isidentifier():
+                    walk(item, f"{path}[{key!r}]", False, in_tuple)
+
+    for i, value in enumerate(args):
+        walk(value, f"['args'][{i}]", True, False)
+        if i < len(parameters):  # forward's own name for it, where the frame is forward itself
+            walk(value, f"[{parameters[i]!r}]", True, False)
+    for name, value in kwargs.items():
+        walk(value, f"[{name!r}]", True, False)
+    return out
 
 
 def backend_of(model: Any) -> SpecDiffBackend:

@@ -143,9 +143,28 @@ def symbolic_example(shape) -> tuple:
 
 
 def same_shape(a, b) -> bool:
-    """Two shapes are the same for every size the graph serves: equal as written (a size
-    written two ways reads as different, which costs a branch, never a guard)."""
-    return shape_exprs(a) == shape_exprs(b)
+    """Two shapes are the same for every size the graph serves: equal as written, or, for the
+    graph's own SymInts, equal by what its shape environment knows already (the guards dynamo
+    recorded while tracing).  Neither way adds a guard.
+
+    Why the second: an add of ``x`` (..., 16) and ``gate * f`` (..., E) where E is written
+    ``s0*s1 - 2*((s0*s1 + 2)//3)`` (Chroma's modulation, a third of a flattened embedding)
+    is traced only with E == 16 guarded: the same size, written two ways.  Compared as
+    written, the block's residual branch would be missed and the block would not cache."""
+    if len(a) != len(b):
+        return False
+    if shape_exprs(a) == shape_exprs(b):
+        return True
+    from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+    for x, y in zip(a, b):
+        if dim_expr(x) == dim_expr(y):
+            continue
+        if not (isinstance(x, torch.SymInt) or isinstance(y, torch.SymInt)):
+            return False
+        if not statically_known_true(x == y):
+            return False
+    return True
 
 
 def symbolic_inputs(values) -> bool:

@@ -68,7 +68,7 @@ def denoiser_names(pipe: Any) -> list[str]:
 
 
 def compile_pipeline(pipe: Any, config: SpecDiffConfig | None = None, *, denoisers: Sequence[str] | None = None,
-                     fullgraph: bool = False, dynamic: bool | None = False, regional: bool = False,
+                     fullgraph: bool = False, dynamic: bool | None = True, regional: bool = False,
                      **overrides: Any) -> Any:
     """Compile ``pipe``'s denoisers with specdiff and drive their caches from the pipeline's
     own clock.  ``config`` / ``overrides``: as for :func:`~specdiff_fx.make_backend`.

@@ -29,6 +29,15 @@ def _source_name(node: fx.Node) -> str:
     return source.name if source is not None and hasattr(source, "name") else ""
 
 
+def _is_size(node: fx.Node) -> bool:
+    """A placeholder holding a size (a symbolic int of a dynamic graph, read off a tensor
+    input or passed as an int), not a tensor."""
+    value = node.meta.get("example_value", node.meta.get("val"))
+    if isinstance(value, (int, torch.SymInt)) and not isinstance(value, bool):
+        return True
+    return bool(re.search(r"\.(size|stride)\(\)", _source_name(node)))
+
+
 _SINUSOIDS = {torch.sin, torch.cos, "sin", "cos"}
 
 
@@ -58,19 +67,26 @@ def find_graph_inputs(gm: fx.GraphModule, timestep_hint: str | None = None) -> G
     user = []
     for i, node in enumerate(nodes):
         src = _source_name(node)
+        if _is_size(node) and not node.users:
+            # a size dynamo lifted that no node computes with (the storage offset of
+            # ``t = scheduler.timesteps[i]``, another each step): not what the call is about
+            continue
         if src and not _MODULE_SOURCE.match(src):
             user.append(i)
         elif not src and not node.name.startswith(("l_self_", "L_self_")):
             user.append(i)
     hint = (timestep_hint or "timestep").lower()
-    matches = [i for i in user if hint in (_source_name(nodes[i]) + " " + nodes[i].name).lower()]
+    # a size of the timestep tensor (``L['timestep'].size()[0]``, a dynamic graph's batch
+    # symbol) names it too, and is not it
+    tensors = [i for i in user if not _is_size(nodes[i])]
+    matches = [i for i in tensors if hint in (_source_name(nodes[i]) + " " + nodes[i].name).lower()]
     exact = [i for i in matches if re.search(rf"\b{re.escape(hint)}\b|'{re.escape(hint)}'|_{re.escape(hint)}_$",
                                              _source_name(nodes[i]) + " " + nodes[i].name)]
     chosen = (exact or matches or [None])[0]
     if chosen is None and timestep_hint is None:
         # passed positionally (``unet(latents, t, ...)`` under a ``*args`` wrapper arrives as
         # ``L['args'][1]``): the input that feeds a sinusoidal timestep embedding
-        chosen = next((i for i in user if _feeds_time_embedding(nodes[i])), None)
+        chosen = next((i for i in tensors if _feeds_time_embedding(nodes[i])), None)
     return GraphInputs(
         names=tuple(n.name for n in nodes),
         user_indices=tuple(user),
