@@ -214,7 +214,7 @@ def test_the_runtime_writes_the_forecasters_coefficients_per_step(name):
             s: (0.5 * a, 0.0) for s, a in ((s, a1) for s, (a1, _) in _taylor_table(case.steps, 1).items())}}),
     }
     for label, extra in runs.items():
-        compile_pipeline(case.pipe, policy="taylor", compiler="eager", **SCHEDULE, **extra)
+        compile_pipeline(case.pipe, policy="taylor", compiler="eager", dynamic=False, **SCHEDULE, **extra)
         outs[label] = case(0)
         stats = get_runtime(getattr(case.pipe, case.denoisers[0])).stats()
         assert stats["forecaster"] == extra["forecaster"] and stats["cached_steps"] > 0
@@ -227,7 +227,7 @@ def test_the_runtime_writes_the_forecasters_coefficients_per_step(name):
 def test_calibration_runs_exact_steps_then_switches_to_the_fitted_table(name):
     case = build_pipeline(name)
     plain = case(0)
-    compile_pipeline(case.pipe, policy="taylor", compiler="eager", **SCHEDULE)
+    compile_pipeline(case.pipe, policy="taylor", compiler="eager", dynamic=False, **SCHEDULE)
     calibrated = []
     table = fit_forecaster(case.pipe, lambda: calibrated.append(case(0)))
     # every step of the calibration run computed the network: the pipeline's own output
@@ -245,11 +245,11 @@ def test_calibration_runs_exact_steps_then_switches_to_the_fitted_table(name):
 
 def test_fit_forecaster_errors_are_clear():
     case = build_pipeline("sd3")
-    compile_pipeline(case.pipe, policy="fora", compiler="eager")
+    compile_pipeline(case.pipe, policy="fora", compiler="eager", dynamic=False)
     with pytest.raises(ValueError, match="policy 'taylor'"):
         fit_forecaster(case.pipe, lambda: case(0))
     restore_pipeline(case.pipe)
-    compile_pipeline(case.pipe, policy="taylor", compiler="eager", interval=1)
+    compile_pipeline(case.pipe, policy="taylor", compiler="eager", dynamic=False, interval=1)
     with pytest.raises(ValueError, match="no cached step"):
         fit_forecaster(case.pipe, lambda: case(0))
     restore_pipeline(case.pipe)

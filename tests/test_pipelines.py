@@ -26,6 +26,13 @@ SCHEDULES = {
     "taylor": dict(warmup_steps=2, interval=3),
     "specdiff": dict(warmup_steps=2, reset_steps=()),
 }
+# compile_pipeline's default is a dynamic compile: the policies whose variants it builds two
+# ways (fora: once for every size; specdiff: per size, in its runtime) run it on every pipeline;
+# off and taylor (taylor builds as fora does) take the static compile, so both ways of compiling
+# meet every pipeline while the suite traces each pipeline dynamically only twice (a dynamic
+# trace costs about three static ones on these models); the tests of the clock below, at one
+# shape each, compile static for the same reason
+DYNAMIC = {"off": False, "fora": True, "taylor": False, "specdiff": True}
 # documented fallbacks (README, support matrix): pipeline -> what the warning names
 SPECDIFF_FALLBACKS = {
     "sana": "linear attention",
@@ -90,7 +97,7 @@ def _run_compiled(case, policy, **config):
 def test_pipeline_policy(name, policy):
     case = build_pipeline(name)
     plain = case(0)
-    first, other, again, stats_one, fallbacks = _run_compiled(case, policy, compiler="eager")
+    first, other, again, stats_one, fallbacks = _run_compiled(case, policy, compiler="eager", dynamic=DYNAMIC[policy])
     assert torch.isfinite(first).all() and torch.isfinite(other).all()
     assert torch.equal(first, again), "the same seed twice (another call in between) must give the same output"
     if policy == "off":
@@ -137,11 +144,11 @@ def test_refine_after_a_full_call_equals_the_refine_alone():
     for policy in ("fora", "taylor", "specdiff"):
         torch._dynamo.reset()
         alone = build_pipeline("flux_img2img")
-        compile_pipeline(alone.pipe, policy=policy, compiler="eager", **SCHEDULES[policy])
+        compile_pipeline(alone.pipe, policy=policy, compiler="eager", dynamic=False, **SCHEDULES[policy])
         refine_alone = alone(0, strength=0.08)
         torch._dynamo.reset()
         case = build_pipeline("flux_img2img")
-        compile_pipeline(case.pipe, policy=policy, compiler="eager", **SCHEDULES[policy])
+        compile_pipeline(case.pipe, policy=policy, compiler="eager", dynamic=False, **SCHEDULES[policy])
         case(0)
         refine = case(0, strength=0.08)
         assert torch.equal(refine, refine_alone), policy
@@ -150,7 +157,7 @@ def test_refine_after_a_full_call_equals_the_refine_alone():
 
 def test_one_step_calls_are_trajectories_with_constant_memory():
     case = build_pipeline("flux")
-    compile_pipeline(case.pipe, policy="fora", compiler="eager")
+    compile_pipeline(case.pipe, policy="fora", compiler="eager", dynamic=False)
     outs, sizes = [], []
     for _ in range(4):
         outs.append(case(0, num_inference_steps=1))
@@ -164,7 +171,7 @@ def test_one_step_calls_are_trajectories_with_constant_memory():
 def test_wan22_experts_each_have_their_own_runtime_and_warm_up():
     case = build_pipeline("wan22")
     plain = case(0)
-    compile_pipeline(case.pipe, policy="fora", compiler="eager", warmup_steps=1, interval=2)
+    compile_pipeline(case.pipe, policy="fora", compiler="eager", dynamic=False, warmup_steps=1, interval=2)
     case(0)
     first, second = get_runtime(case.pipe.transformer), get_runtime(case.pipe.transformer_2)
     assert first.primary is not second.primary
@@ -178,7 +185,7 @@ def test_a_scheduler_swapped_in_after_compile_drives_the_clock():
     from diffusers import FlowMatchHeunDiscreteScheduler
 
     case = build_pipeline("sd3")
-    compile_pipeline(case.pipe, policy="fora", compiler="eager", **SCHEDULES["fora"])
+    compile_pipeline(case.pipe, policy="fora", compiler="eager", dynamic=False, **SCHEDULES["fora"])
     case(0)
     old = case.pipe.scheduler
     case.pipe.scheduler = FlowMatchHeunDiscreteScheduler.from_config(old.config)
@@ -211,7 +218,7 @@ def test_draft_advances_with_the_pipelines_scheduler():
     """specdiff's draft on a DDPM pipeline (HunyuanDiT) steps a copy of the pipeline's scheduler with
     a generator of its own: deterministic, and the user's global random state untouched."""
     case = build_pipeline("hunyuan_dit")
-    compile_pipeline(case.pipe, policy="specdiff", compiler="eager", **SCHEDULES["specdiff"])
+    compile_pipeline(case.pipe, policy="specdiff", compiler="eager", dynamic=False, **SCHEDULES["specdiff"])
     torch.manual_seed(123)
     out = case(0)
     after = torch.rand(1)
@@ -344,7 +351,7 @@ def test_specdiff_draft_follows_the_pipelines_scheduler(scheduler):
 
     case = build_pipeline("pixart_sigma")
     case.pipe.scheduler = getattr(diffusers, scheduler).from_config(case.pipe.scheduler.config)
-    compile_pipeline(case.pipe, policy="specdiff", compiler="eager", **SCHEDULES["specdiff"])
+    compile_pipeline(case.pipe, policy="specdiff", compiler="eager", dynamic=False, **SCHEDULES["specdiff"])
     out = case(0)
     assert torch.isfinite(out).all() and torch.equal(case(0), out)
     stats = get_runtime(case.pipe.transformer).stats()

@@ -147,22 +147,24 @@ def test_regional_lora_changes_each_equal_a_fresh_compile():
         lambda p: (p.unfuse_lora(), p.unload_lora_weights()),
     ]
 
-    def run(applied):
+    def compiled(applied):
+        """A pipeline in the LoRA state ``applied`` leaves, then compiled (reset dynamo first)."""
         torch._dynamo.reset()
         case = build_pipeline("flux")
-        compile_pipeline(case.pipe, policy="taylor", compiler="eager", regional=True, **SCHEDULES["taylor"])
-        outs = []
         for change in applied:
             change(case.pipe)
-            outs.append(case(0))
-        return case, outs
+        compile_pipeline(case.pipe, policy="taylor", compiler="eager", regional=True, **SCHEDULES["taylor"])
+        return case
 
-    case, served = run(changes)
+    case = compiled([])
+    served = []
+    for change in changes:
+        change(case.pipe)
+        served.append(case(0))
     assert not torch.equal(served[0], served[-1]), "the LoRA changed the output"
     assert all(rt.stats()["cached_steps"] > 0 for rt in _block_runtimes(case.pipe.transformer))
-    for i in range(len(changes)):  # (each run resets dynamo: the served pipeline's runtimes go)
-        _, fresh = run(changes[: i + 1])
-        assert torch.equal(served[i], fresh[-1]), i
+    for i in range(len(changes)):  # (each compile resets dynamo: the served pipeline's runtimes go)
+        assert torch.equal(served[i], compiled(changes[: i + 1])(0)), i
 
 
 def test_specdiff_regional_warns_once_and_runs_uncached():

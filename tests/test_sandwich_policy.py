@@ -51,14 +51,16 @@ def test_through_the_pipeline(name):
     plain = case(0)
     outs = {}
     for policy, extra in (("sandwich", dict(front_blocks=1, back_blocks=0)), ("taylor", dict(lite=True))):
-        compile_pipeline(case.pipe, policy=policy, compiler="eager", warmup_steps=2, interval=0, reset_steps=(), **extra)
+        compile_pipeline(case.pipe, policy=policy, compiler="eager", dynamic=False, warmup_steps=2, interval=0,
+                         reset_steps=(), **extra)
         with warnings.catch_warnings():
             warnings.simplefilter("error", RuntimeWarning)  # no fallback
             outs[policy] = case(0)
         stats = get_runtime(getattr(case.pipe, case.denoisers[0])).stats()
         assert stats["policy"] == policy and stats["cached_steps"] > 0 and stats["fallback"] is None
         restore_pipeline(case.pipe)
-    compile_pipeline(case.pipe, policy="sandwich", compiler="eager", interval=1, front_blocks=1, back_blocks=0)
+    compile_pipeline(case.pipe, policy="sandwich", compiler="eager", dynamic=False, interval=1, front_blocks=1,
+                     back_blocks=0)
     torch.testing.assert_close(case(0), plain, atol=1e-5, rtol=1e-5)  # every step full: exact
     restore_pipeline(case.pipe)
     err = {p: ((o - plain).norm() / plain.norm()).item() for p, o in outs.items()}

@@ -117,7 +117,8 @@ def test_full_at_lands_on_the_first_step_past_each_point_at_any_step_count(name)
     from specdiff_fx import compile_pipeline, restore_pipeline
 
     case = build_pipeline(name)
-    compile_pipeline(case.pipe, policy="taylor", compiler="eager", warmup_steps=1, interval=0, full_at=(0.3, 0.6))
+    compile_pipeline(case.pipe, policy="taylor", compiler="eager", dynamic=False, warmup_steps=1, interval=0,
+                     full_at=(0.3, 0.6))
     try:
         for n in (6, 10):
             case(0, num_inference_steps=n)
@@ -137,7 +138,7 @@ def test_a_sampler_time_fit_serves_other_step_counts_and_warns_outside_them():
 
     case = build_pipeline("sd3")
     schedule = dict(warmup_steps=2, interval=0, full_at=(0.5,))
-    compile_pipeline(case.pipe, policy="taylor", compiler="eager", **schedule)
+    compile_pipeline(case.pipe, policy="taylor", compiler="eager", dynamic=False, **schedule)
     try:
         taylor = case(0, num_inference_steps=8)
         table = fit_forecaster(case.pipe, lambda: [case(s, num_inference_steps=n) for s, n in ((1, 6), (2, 10))],

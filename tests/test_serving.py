@@ -2,8 +2,8 @@
 
 What must hold (docs/design.md, "Shape-general variants"), through the real pipelines:
 
-* ``compile_pipeline(pipe)`` (``dynamic=True``, the default) compiles each denoiser to a number of dynamo graphs that does not grow
-  with the number of image sizes, prompt lengths and batch sizes: 2 (batch 1, dynamo's 0/1
+* ``compile_pipeline(pipe)`` (``dynamic=True``, the default) compiles each denoiser to a number of dynamo graphs
+  that does not grow with the number of image sizes, prompt lengths and batch sizes: 2 (batch 1, dynamo's 0/1
   specialization, and larger batches), FLUX and Qwen-Image alike (Qwen-Image's latent grid,
   Python ints in ``img_shapes``, is symbolic from the first call);
 * every policy caches on every call: fora and taylor with one set of variants for every size
@@ -43,15 +43,23 @@ def _qwen_prompt(length: int, seed: int) -> dict:
                 negative_prompt_embeds=torch.randn(1, length, 12, generator=g), negative_prompt_embeds_mask=ones.clone())
 
 
+def _flux_prompt(length: int) -> dict:
+    g = torch.Generator().manual_seed(length)
+    return dict(prompt_embeds=torch.randn(1, length, 12, generator=g),
+                pooled_prompt_embeds=torch.randn(1, 10, generator=g))
+
+
 def _requests(name: str) -> list[dict]:
-    """What the service is asked, in turn: ten sizes, then (Qwen-Image) ten prompt lengths, then
-    batches of two and three images.  Qwen-Image's prompts are trimmed to their tokens, as its
+    """What the service is asked, in turn: ten sizes, then ten prompt lengths, then batches of
+    two and three images.  Qwen-Image's prompts are trimmed to their tokens, as its
     pipeline encodes a prompt (a padded mask, from a batch of prompts of other lengths, is
     another code path of the model: test_a_padded_text_mask_is_one_code_path_more)."""
     prompt = (lambda n: _qwen_prompt(n, seed=n)) if name == "qwen_image" else (lambda n: {})
     out = [dict(height=h, width=w, **prompt(8)) for h, w in SIZES]
     if name == "qwen_image":
         out += [dict(height=64, width=96, **prompt(n)) for n in PROMPT_LENGTHS]
+    else:  # FLUX pads its T5 prompt to a fixed length; embeddings of one's own have any length
+        out += [dict(height=64, width=96, **_flux_prompt(n)) for n in PROMPT_LENGTHS]
     out.append(dict(height=96, width=96, num_images_per_prompt=2, **prompt(8)))
     out.append(dict(height=64, width=128, num_images_per_prompt=3, **prompt(5)))
     return out

@@ -46,7 +46,7 @@ STEPS = 10
 def _setup(name="sd3", seeds=(0, 1, 2)):
     case = build_pipeline(name)
     reference = [case(s, num_inference_steps=STEPS) for s in seeds]
-    compile_pipeline(case.pipe, policy="taylor", lite=True, compiler="eager")
+    compile_pipeline(case.pipe, policy="taylor", lite=True, compiler="eager", dynamic=False)
 
     def run(batches):
         return torch.cat([case(seeds[i], num_inference_steps=STEPS) for i in batches])
@@ -104,7 +104,7 @@ def test_tune_chooses_by_the_request_and_its_saved_config_reproduces_the_choice(
         assert set(saved["forecaster_options"]) == {"coefficients_at"}
         assert saved["forecaster_options"]["coefficients_at"]["step_counts"] == [steps]
     restore_pipeline(case.pipe)
-    compile_pipeline(case.pipe, load_config(str(path)), compiler="eager")
+    compile_pipeline(case.pipe, load_config(str(path)), compiler="eager", dynamic=False)
     assert torch.equal(run([1]), chosen_out)
     restore_pipeline(case.pipe)
 
@@ -163,7 +163,7 @@ def test_tune_on_several_step_counts_scores_every_candidate_at_each_and_keeps_th
     seeds = (0, 1, 2)
     case = build_pipeline("sd3")
     counts = {m: [case(s, num_inference_steps=m) for s in seeds] for m in (STEPS, 6, 14)}
-    compile_pipeline(case.pipe, policy="taylor", lite=True, compiler="eager")
+    compile_pipeline(case.pipe, policy="taylor", lite=True, compiler="eager", dynamic=False)
     runtime = lambda: get_runtime(getattr(case.pipe, case.denoisers[0]))  # noqa: E731
 
     def run_at(m):
@@ -247,7 +247,7 @@ def test_tune_pipeline_on_the_users_own_calls_saves_a_config_that_reproduces_its
     case = build_pipeline(name)
     steps = 10
     calls = [dict(case.kwargs(seed), num_inference_steps=steps) for seed in (0, 1, 2, 3)]
-    compile_pipeline(case.pipe, policy="taylor", compiler="eager")
+    compile_pipeline(case.pipe, policy="taylor", compiler="eager", dynamic=False)
     try:
         result = tune_pipeline(case.pipe, calls, full_counts=[4, 5], timed=0, **ask)
         chosen = result.chosen
@@ -263,7 +263,7 @@ def test_tune_pipeline_on_the_users_own_calls_saves_a_config_that_reproduces_its
         result.save(str(path))
     finally:
         restore_pipeline(case.pipe)
-    compile_pipeline(case.pipe, load_config(str(path)), compiler="eager")
+    compile_pipeline(case.pipe, load_config(str(path)), compiler="eager", dynamic=False)
     try:
         assert torch.equal(case(3, num_inference_steps=steps), chosen_out)
     finally:
@@ -276,7 +276,7 @@ def test_tune_pipeline_rejects_what_it_cannot_tune():
         tune_pipeline(case.pipe, [case.kwargs(0)], psnr=30)
     with pytest.raises(ValueError, match="same num_inference_steps"):
         tune_pipeline(case.pipe, [dict(case.kwargs(0), num_inference_steps=8), dict(case.kwargs(1))], psnr=30)
-    compile_pipeline(case.pipe, policy="fora", compiler="eager")
+    compile_pipeline(case.pipe, policy="fora", compiler="eager", dynamic=False)
     try:
         with pytest.raises(ValueError, match="policy 'taylor'"):
             tune_pipeline(case.pipe, [dict(case.kwargs(s), num_inference_steps=8) for s in (0, 1)], psnr=30)
@@ -336,6 +336,6 @@ def test_tune_refines_the_best_fitted_trials_as_trials_of_their_own(tmp_path):
     result.save(str(path))
     assert json.loads(path.read_text())["refined"] is True
     restore_pipeline(case.pipe)
-    compile_pipeline(case.pipe, load_config(str(path)), compiler="eager")
+    compile_pipeline(case.pipe, load_config(str(path)), compiler="eager", dynamic=False)
     assert torch.equal(run([1]), chosen_out)
     restore_pipeline(case.pipe)
