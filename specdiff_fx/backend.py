@@ -481,11 +481,11 @@ def compile_in_place(module: torch.nn.Module, backend: SpecDiffBackend, *, fullg
     Why each choice of a dynamic compile:
 
     * Tensor sizes (of tensors in tuples, lists and dicts too) are dynamic from the first call
-      and traced apart (no "duck sizing"): dynamo
-      gives two sizes that are equal in the first call one symbol, and when the model then fixes
-      one of them (a linear layer's input channels, 16) the other is fixed too: a first request
-      whose token count equals a channel count (a 64 x 64 px Qwen-Image request, 16 tokens and
-      16 channels) compiles a graph for that token count alone, and the next size a second one.
+      and traced apart (no "duck sizing"): dynamo gives two sizes that are equal in the first
+      call one symbol, and when the model then fixes one of them (a linear layer's input
+      channels, 16) the other is fixed too: a first request whose token count equals a channel
+      count (a 64 x 64 px Qwen-Image request, 16 tokens and 16 channels) compiles a graph for
+      that token count alone, and the next size a second one.
     * Ints that are arguments of their own or sit in tuples (Qwen-Image's ``img_shapes``, a
       list of ``(frames, height, width)``; LTX's ``num_frames``/``height``/``width``) are sizes:
       symbolic from the first call (:func:`size_int_sources`).  Left to dynamo's automatic

@@ -75,13 +75,13 @@ def compile_pipeline(pipe: Any, config: SpecDiffConfig | None = None, *, denoise
     ``denoisers``: component names (default: every diffusers transformer or UNet it holds).
     ``fullgraph`` stays False by default: some models break the graph in their own code
     (Lumina2, HiDream), and their frames still cache (docs/design.md, graph breaks).
-    ``dynamic=True`` serves many shapes: each denoiser compiles to a few graphs that serve every
-    image size, prompt length, frame count and batch size (one for batch 1, dynamo's 0/1
-    specialization; Python ints a model takes, like Qwen-Image's latent grid, add one each the
-    first time they change), every policy caching (docs/design.md, "Shape-general variants";
-    docs/pipelines.md, "Serving many shapes").  The default, ``dynamic=False``, compiles a
-    static graph per shape: faster where a process serves one shape, and it stops compiling
-    after dynamo's ``recompile_limit`` shapes (said by a warning).
+    ``dynamic=True`` (the default) serves many shapes: each denoiser compiles to two graphs
+    that serve every image size, prompt length, frame count and batch size (batch 1, dynamo's
+    0/1 specialization, and larger batches; a code path of the model's own, like Qwen-Image's
+    text mask, one more), every policy caching (docs/design.md, "Shape-general variants";
+    docs/pipelines.md, "Serving many shapes").  ``dynamic=False`` compiles a static graph per
+    shape: a cached step a fraction of a millisecond faster where a process serves one shape,
+    and it stops compiling after dynamo's ``recompile_limit`` shapes (said by a warning).
     ``regional``: compile each repeated block class once (diffusers' ``_repeated_blocks``, or
     the blocks of the model's stacks) instead of the whole model -- a cold start a fraction as
     long; fora and taylor cache per block, on the pipeline's clock (docs/pipelines.md,
