@@ -25,6 +25,7 @@ from .buffers import ShapeBinding, symbolic_inputs
 from .config import SpecDiffConfig
 from .passes import count_kinds, find_graph_inputs, find_residual_branches
 from .passes.collectives import has_collectives, output_group
+from .passes.graph_inputs import is_unused_size
 from .passes.prune_collectives import prune_dead_collectives
 from .passes.rank_partials import has_rank_partials, reduce_rank_partials
 from .passes.specialize import scalar_inputs, specialize_graph
@@ -278,14 +279,12 @@ class ShapeSpecialized:
         from collections import OrderedDict
 
         self.backend, self.gm = backend, gm
-        # keyed on every symbol the graph computes with: a SymInt input no node uses is left
-        # out (the storage offset of ``t = scheduler.timesteps[i]``, another each step, would
-        # otherwise build a runtime per step: an img2img call started at step 2 is traced with
-        # it symbolic)
+        # keyed on every symbol the graph computes with (an unused size, another each step,
+        # would build a runtime per step)
         placeholders = list(gm.graph.find_nodes(op="placeholder"))
         binding = ShapeBinding.of(_symbolic_fakes(gm, example_inputs)).each_once()
         self.binding = ShapeBinding(tuple(src for src in binding.sources
-                                          if src[2] is not None or placeholders[src[1]].users))
+                                          if src[2] is not None or not is_unused_size(placeholders[src[1]])))
         self.scalars = scalar_inputs(gm)  # Python scalars dynamo made inputs: folded in, so keyed on
         self.runtimes: OrderedDict[tuple, CachingRuntime] = OrderedDict()
         self.builds = 0

@@ -38,6 +38,13 @@ def _is_size(node: fx.Node) -> bool:
     return bool(re.search(r"\.(size|stride)\(\)", _source_name(node)))
 
 
+def is_unused_size(node: fx.Node) -> bool:
+    """A size dynamo lifted as an input that no node computes with (the storage offset of
+    ``t = scheduler.timesteps[i]``, another each step, when an img2img call's first trace starts
+    past step 0): not what the call is about, neither a user input nor a key of a build."""
+    return _is_size(node) and not node.users
+
+
 _SINUSOIDS = {torch.sin, torch.cos, "sin", "cos"}
 
 
@@ -67,9 +74,7 @@ def find_graph_inputs(gm: fx.GraphModule, timestep_hint: str | None = None) -> G
     user = []
     for i, node in enumerate(nodes):
         src = _source_name(node)
-        if _is_size(node) and not node.users:
-            # a size dynamo lifted that no node computes with (the storage offset of
-            # ``t = scheduler.timesteps[i]``, another each step): not what the call is about
+        if is_unused_size(node):
             continue
         if src and not _MODULE_SOURCE.match(src):
             user.append(i)
